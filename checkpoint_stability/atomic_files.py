@@ -1,0 +1,58 @@
+"""Crash-safe file replacement: a reader sees the old content or the new, never a mix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content.
+
+    The bytes go to ``.<name>.tmp-<pid>`` in the same directory (``os.replace`` is only atomic within
+    one file system), are fsynced, renamed over ``path``, and the directory is fsynced so the rename
+    itself survives a power loss. Raises ``OSError`` on failure, leaving ``path`` untouched.
+
+    Example::
+
+        atomic_write_bytes("run/state.json", b'{"step": 3}\\n')
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text.
+
+    Example::
+
+        atomic_write_text("run/notes.txt", "resumed at step 3000\\n")
+    """
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        # Some platforms (Windows) cannot open directories; the rename has happened regardless.
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some file systems reject fsync on directories; durability of the entry is then best effort.
+        pass
+    finally:
+        os.close(fd)

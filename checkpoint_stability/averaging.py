@@ -1,0 +1,192 @@
+"""WindowAverage: the uniform mean of the snapshots in the window, kept up to date in O(P) per snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from checkpoint_stability.state import CapturedState
+
+
+class WindowAverage:
+    """Running uniform mean over a sliding window of state dicts.
+
+    Each new snapshot is added to a running sum and the snapshot leaving the window is subtracted,
+    so an update costs O(P) whatever the window size. Floating tensors (parameters and floating
+    buffers, as ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` treats them) are averaged;
+    non-floating ones (step counters, integer buffers) are taken from the newest snapshot.
+
+    Add-and-subtract in a float32 sum lets rounding error random-walk, so every ``resum_every``
+    updates the sum is rebuilt exactly from the window's snapshots (summed in float64, one tensor at a
+    time), which bounds the drift. With a storage dtype the sum adds exactly the stored (rounded)
+    values, so subtracting an evicted snapshot read back from disk cancels what was added.
+
+    Example::
+
+        >>> import torch
+        >>> from checkpoint_stability.averaging import WindowAverage
+        >>> from checkpoint_stability.state import CapturedState
+        >>> average = WindowAverage(resum_every=100)
+        >>> a = CapturedState({"w": torch.tensor([1.0, 2.0])})
+        >>> b = CapturedState({"w": torch.tensor([3.0, 6.0])})
+        >>> average.update(a)
+        >>> average.update(b)
+        >>> average.mean()["w"]
+        tensor([2., 4.])
+        >>> average.update(CapturedState({"w": torch.tensor([5.0, 0.0])}), evicted=[lambda: a])
+        >>> average.mean()["w"], average.count
+        (tensor([4., 3.]), 2)
+    """
+
+    def __init__(self, accumulator_dtype: torch.dtype = torch.float32, resum_every: int | None = None):
+        if accumulator_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"accumulator_dtype must be torch.float32 or torch.float64, got {accumulator_dtype}"
+            )
+        if resum_every is not None and (
+            isinstance(resum_every, bool) or not isinstance(resum_every, int) or resum_every < 1
+        ):
+            raise ValueError(f"resum_every must be None or an integer >= 1, got {resum_every!r}")
+        self.accumulator_dtype = accumulator_dtype
+        self.resum_every = resum_every
+        self._sum: dict[str, torch.Tensor] = {}
+        self._newest: dict[str, torch.Tensor] = {}  # non-floating tensors of the newest snapshot
+        self._dtypes: dict[str, torch.dtype] = {}  # dtype of each floating tensor as given
+        self._aliases: dict[str, str] = {}
+        self._count = 0
+        self._updates_since_resum = 0
+        self._stale = False
+
+    @property
+    def count(self) -> int:
+        """How many snapshots the average currently holds."""
+        return self._count
+
+    def invalidate(self) -> None:
+        """Mark the running sum untrustworthy (a commit failed half-way); the next update re-sums."""
+        self._stale = True
+
+    def update(
+        self,
+        added: CapturedState,
+        evicted: Sequence[Callable[[], Mapping[str, torch.Tensor]]] = (),
+        window: Callable[[], Sequence[Mapping[str, torch.Tensor]]] | None = None,
+    ) -> None:
+        """Add ``added`` and subtract the snapshots produced by the ``evicted`` loaders.
+
+        ``window`` loads the whole new window (``added`` last); it is used instead of the incremental
+        path when a periodic exact re-sum is due or the sum is stale.
+        """
+        self._updates_since_resum += 1
+        due = self.resum_every is not None and self._updates_since_resum >= self.resum_every
+        if window is not None and (self._stale or due):
+            self.reset(window(), aliases=added.aliases)
+            return
+        if self._stale:
+            raise RuntimeError("the window average is stale and no window loader was given to re-sum it")
+        self._check_keys(added.tensors)
+        for name, tensor in added.tensors.items():
+            if tensor.is_floating_point():
+                if name in self._sum:
+                    self._sum[name].add_(tensor)
+                else:
+                    self._sum[name] = tensor.to(self.accumulator_dtype, copy=True)
+                    self._dtypes[name] = tensor.dtype
+            else:
+                self._newest[name] = tensor
+        self._aliases = dict(added.aliases)
+        self._count += 1
+        for load in evicted:
+            old = load()
+            tensors = old.tensors if isinstance(old, CapturedState) else old
+            for name, total in self._sum.items():
+                total.sub_(tensors[name])
+            self._count -= 1
+
+    def reset(
+        self, sources: Sequence[Mapping[str, torch.Tensor]], aliases: Mapping[str, str] | None = None
+    ) -> None:
+        """Rebuild the sum exactly from ``sources`` (oldest first): float64, one tensor at a time."""
+        self._sum, self._newest, self._dtypes = {}, {}, {}
+        self._count = len(sources)
+        self._updates_since_resum = 0
+        self._stale = False
+        self._aliases = dict(aliases or {})
+        if not sources:
+            return
+        newest = sources[-1]
+        names = _canonical_names(newest)
+        for index, source in enumerate(sources[:-1]):
+            other = _canonical_names(source)
+            if set(other) != set(names):
+                raise ValueError(_key_mismatch(f"window snapshot {index}", other, names))
+        for name in names:
+            reference = newest[name]
+            if not reference.is_floating_point():
+                self._newest[name] = reference
+                continue
+            exact = torch.zeros(reference.shape, dtype=torch.float64)
+            for source in sources:
+                exact.add_(source[name])
+            self._sum[name] = exact.to(self.accumulator_dtype)
+            self._dtypes[name] = reference.dtype
+
+    def mean(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The averaged state dict (aliases included, tied to their canonical tensor).
+
+        Floating tensors come back in ``dtype`` if given, else in the dtype they were pushed in.
+        """
+        if self._count == 0:
+            raise RuntimeError("the window average holds no snapshot yet")
+        out: dict[str, torch.Tensor] = {}
+        for name, total in self._sum.items():
+            out[name] = (total / self._count).to(dtype or self._dtypes[name])
+        out.update(self._newest)
+        for alias, canonical in self._aliases.items():
+            out[alias] = out[canonical]
+        return out
+
+    @torch.no_grad()
+    def copy_into(self, targets: Mapping[str, torch.Tensor]) -> None:
+        """Write the average into live tensors in place, one tensor at a time (no full extra copy)."""
+        if self._count == 0:
+            raise RuntimeError("the window average holds no snapshot yet")
+        missing = [n for n in targets if self._aliases.get(n, n) not in self._sum and n not in self._newest]
+        if missing:
+            raise KeyError(f"the window average has no tensor for model entries: {missing[:5]}")
+        for name, target in targets.items():
+            canonical = self._aliases.get(name, name)
+            if canonical in self._sum:
+                target.copy_(self._sum[canonical] / self._count)
+            else:
+                target.copy_(self._newest[canonical])
+
+    def _check_keys(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self._count == 0:
+            return
+        known = set(self._sum) | set(self._newest)
+        if set(tensors) != known:
+            raise ValueError(_key_mismatch("the new snapshot", list(tensors), sorted(known)))
+        for name, total in self._sum.items():
+            if tuple(tensors[name].shape) != tuple(total.shape):
+                raise ValueError(
+                    f"the new snapshot's {name!r} has shape {tuple(tensors[name].shape)}, "
+                    f"the window's has {tuple(total.shape)}"
+                )
+
+
+def _canonical_names(source: Mapping) -> list[str]:
+    if isinstance(source, CapturedState):
+        return list(source.tensors)
+    canonical = getattr(source, "canonical_keys", None)
+    return list(canonical()) if canonical else list(source)
+
+
+def _key_mismatch(what: str, got: Sequence[str], expected: Sequence[str]) -> str:
+    extra = sorted(set(got) - set(expected))[:5]
+    missing = sorted(set(expected) - set(got))[:5]
+    return (
+        f"{what} does not match the other snapshots' state-dict keys "
+        f"(unexpected: {extra}, missing: {missing}); was the model changed mid-run?"
+    )

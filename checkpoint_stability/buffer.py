@@ -1,0 +1,438 @@
+"""SnapshotBuffer: the rolling on-disk window of the newest snapshots (safetensors + manifest.json)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from checkpoint_stability.atomic_files import atomic_write_bytes
+from checkpoint_stability.state import CapturedState, capture_state
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def snapshot_file_name(step: int) -> str:
+    return f"step-{step:08d}.safetensors"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot could not be written or read back; ``step`` names it."""
+
+    def __init__(self, step: int | None, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class CorruptSnapshotError(SnapshotError):
+    """A buffered file is missing, truncated, fails its checksum, or is not ours."""
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """One buffered snapshot as the manifest records it."""
+
+    step: int
+    file: str
+    sha256: str
+    bytes: int
+    time: float
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# Called by the writer thread after a snapshot's file is durable and before the manifest commits it:
+# (added snapshot, loaders of the evicted snapshots, loader of the whole new window). The window
+# average hangs here, so an evicted file is deleted only after the average has subtracted it.
+WindowListener = Callable[
+    [CapturedState, Sequence[Callable[[], CapturedState]], Callable[[], list[Mapping]]], None
+]
+
+
+class SnapshotBuffer:
+    """The last ``window`` snapshots of a model, on disk, crash-safe.
+
+    Each snapshot is a safetensors file written to a temporary name, fsynced and renamed; then
+    ``manifest.json`` (step, file name, sha256, size, tied-tensor aliases of each snapshot) is
+    rewritten the same way. The manifest is the truth: on open, files it does not name are removed,
+    and entries whose file is missing, truncated, a symlink, not a plain ``step-*.safetensors`` name, or
+    fails its checksum are dropped with one warning each.
+
+    ``push`` copies the weights to CPU on the caller's thread (the only blocking part) and leaves the
+    file writing to one background thread. At most one write is in flight: the next ``push`` waits for
+    it, so memory stays bounded at one extra copy of the weights.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from checkpoint_stability.buffer import SnapshotBuffer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     buffer = SnapshotBuffer(d, window=3)
+        ...     for step in (10, 20, 30, 40):
+        ...         _ = buffer.push(step, model.state_dict())
+        ...     buffer.wait()
+        ...     buffer.steps
+        ...     buffer.close()
+        [20, 30, 40]
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        window: int,
+        *,
+        storage_dtype: torch.dtype | None = None,
+        listener: WindowListener | None = None,
+    ):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        self.directory = Path(directory)
+        self.window = window
+        self.storage_dtype = storage_dtype
+        self.listener = listener
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._entries: list[SnapshotEntry] = []
+        self._open()
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def entries(self) -> list[SnapshotEntry]:
+        """Committed snapshots, oldest first (a write still in flight is not among them)."""
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def steps(self) -> list[int]:
+        return [entry.step for entry in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def entry(self, step: int) -> SnapshotEntry:
+        for entry in self.entries:
+            if entry.step == step:
+                return entry
+        raise KeyError(f"no buffered snapshot at step {step}; buffered steps: {self.steps}")
+
+    def load(self, step: int) -> CapturedState:
+        """Read one snapshot back, verified against its checksum, with ties restored as aliases."""
+        entry = self.entry(step)
+        data = self._read_verified(entry)
+        return CapturedState(safetensors_load(data), dict(entry.aliases))
+
+    def open_lazy(self, step: int) -> LazySnapshot:
+        """A verified snapshot whose tensors are read one at a time (memory-mapped)."""
+        entry = self.entry(step)
+        self._read_verified(entry)
+        return LazySnapshot(self.directory / entry.file, entry.aliases)
+
+    # ------------------------------------------------------------------ writing
+
+    def push(self, step: int, state_dict: Mapping[str, torch.Tensor]) -> CapturedState:
+        """Snapshot ``state_dict`` at ``step``: copy it to CPU now, write it in the background.
+
+        Waits first for the previous write (and raises its error, if it failed). Returns the CPU copy,
+        which stays valid and unchanged. The snapshot that falls out of the window is deleted once the
+        listener has seen it.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        self.wait()
+        newest = self.steps[-1] if self._entries else None
+        if newest is not None and step <= newest:
+            raise ValueError(
+                f"step {step} is not newer than the newest buffered snapshot ({newest}); "
+                "call truncate_after(step - 1) first when resuming from an earlier step"
+            )
+        captured = capture_state(state_dict, self.storage_dtype)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
+        self._pending = self._executor.submit(self._commit, step, captured)
+        return captured
+
+    def wait(self) -> None:
+        """Block until the write in flight is committed; raise its ``SnapshotError`` if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def truncate_after(self, step: int) -> list[int]:
+        """Drop snapshots newer than ``step`` (resuming from ``step``); returns the dropped steps."""
+        self.wait()
+        with self._lock:
+            keep = [e for e in self._entries if e.step <= step]
+            dropped = [e for e in self._entries if e.step > step]
+            if not dropped:
+                return []
+            self._write_manifest(keep)
+            self._entries = keep
+        for entry in dropped:
+            self._remove(self.directory / entry.file)
+        return [entry.step for entry in dropped]
+
+    def drop(self, step: int, reason: str) -> None:
+        """Remove one snapshot from the window (e.g. found corrupt), with a warning naming it."""
+        with self._lock:
+            keep = [e for e in self._entries if e.step != step]
+            gone = [e for e in self._entries if e.step == step]
+            if not gone:
+                return
+            self._write_manifest(keep)
+            self._entries = keep
+        logger.warning("dropping buffered snapshot %s: %s", self.directory / gone[0].file, reason)
+        self._remove(self.directory / gone[0].file)
+
+    def close(self) -> None:
+        """Finish the write in flight and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def window_sources(self, steps: Sequence[int] | None = None) -> list[LazySnapshot]:
+        """Lazy, verified readers for the buffered snapshots; corrupt ones are dropped with a warning."""
+        sources = []
+        for entry in self.entries:
+            if steps is not None and entry.step not in steps:
+                continue
+            try:
+                sources.append(self.open_lazy(entry.step))
+            except CorruptSnapshotError as error:
+                self.drop(entry.step, str(error))
+        return sources
+
+    # ------------------------------------------------------------------ internals
+
+    def _commit(self, step: int, captured: CapturedState) -> None:
+        name = snapshot_file_name(step)
+        path = self.directory / name
+        try:
+            data = safetensors_save(
+                captured.tensors, metadata={"step": str(step), "aliases": json.dumps(captured.aliases)}
+            )
+            atomic_write_bytes(path, data)
+        except Exception as error:
+            raise SnapshotError(step, f"could not write snapshot {path}: {error!r}") from error
+        entry = SnapshotEntry(
+            step=step,
+            file=name,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+            time=time.time(),
+            aliases=dict(captured.aliases),
+        )
+        del data
+        with self._lock:
+            window = [*self._entries, entry]
+        keep, evicted = window[-self.window :], window[: -self.window]
+        try:
+            if self.listener is not None:
+                self.listener(
+                    captured,
+                    [self._loader(e.step) for e in evicted],
+                    lambda: self._window_with(keep, entry, captured),
+                )
+            with self._lock:
+                self._write_manifest(keep)
+                self._entries = keep
+        except Exception as error:
+            self._remove(path)
+            if isinstance(error, SnapshotError):
+                raise
+            raise SnapshotError(step, f"could not commit snapshot {path}: {error!r}") from error
+        for old in evicted:
+            self._remove(self.directory / old.file)
+
+    def _loader(self, step: int) -> Callable[[], CapturedState]:
+        return lambda: self.load(step)
+
+    def _window_with(
+        self, keep: list[SnapshotEntry], new: SnapshotEntry, captured: CapturedState
+    ) -> list[Mapping]:
+        sources: list[Mapping] = []
+        for entry in list(keep):
+            if entry.step == new.step:
+                sources.append(captured)
+                continue
+            try:
+                sources.append(self.open_lazy(entry.step))
+            except CorruptSnapshotError as error:
+                # Leaves the window that the manifest is about to commit.
+                keep.remove(entry)
+                logger.warning("dropping buffered snapshot %s: %s", self.directory / entry.file, error)
+                self._remove(self.directory / entry.file)
+        return sources
+
+    def _read_verified(self, entry: SnapshotEntry) -> bytes:
+        path = self.directory / entry.file
+        problem = _unsafe_entry_problem(self.directory, entry.file)
+        if problem:
+            raise CorruptSnapshotError(entry.step, f"{path}: {problem}")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
+        if len(data) != entry.bytes:
+            raise CorruptSnapshotError(
+                entry.step, f"{path}: {len(data)} bytes on disk, manifest says {entry.bytes} (truncated?)"
+            )
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise CorruptSnapshotError(entry.step, f"{path}: sha256 does not match the manifest")
+        return data
+
+    def _write_manifest(self, entries: list[SnapshotEntry]) -> None:
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "window": self.window,
+            "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype),
+            "snapshots": [e.to_json() for e in entries],
+        }
+        atomic_write_bytes(self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+    def _remove(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:  # a leftover is removed on the next open
+            logger.warning("could not delete %s: %s", path, error)
+
+    def _open(self) -> None:
+        if self.directory.is_symlink():
+            raise ValueError(f"buffer directory {self.directory} is a symlink; refusing to use it")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for child in self.directory.iterdir():
+            if _TEMPORARY_NAME.match(child.name) and not child.is_symlink() and child.is_file():
+                logger.info("removing stray temporary file %s", child)
+                self._remove(child)
+        entries, changed = self._read_manifest()
+        if len(entries) > self.window:
+            entries, changed = entries[-self.window :], True
+        named = {e.file for e in entries}
+        for child in self.directory.iterdir():
+            # Written but never committed (a crash before the manifest switch), or evicted and not yet
+            # deleted: either way not part of the acknowledged window.
+            orphan = _SNAPSHOT_NAME.match(child.name) and child.name not in named
+            if orphan and (child.is_symlink() or child.is_file()):
+                logger.info("removing snapshot file not named by the manifest: %s", child)
+                self._remove(child)
+        self._entries = entries
+        if changed:
+            self._write_manifest(entries)
+
+    def _read_manifest(self) -> tuple[list[SnapshotEntry], bool]:
+        path = self.directory / MANIFEST
+        if path.is_symlink():
+            logger.warning("manifest %s is a symlink; ignoring it and starting an empty buffer", path)
+            path.unlink()
+            return [], True
+        if not path.exists():
+            return [], False
+        try:
+            raw = json.loads(path.read_text())
+            snapshots = raw["snapshots"]
+            if not isinstance(snapshots, list):
+                raise TypeError("'snapshots' is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("manifest %s is unreadable (%s); starting an empty buffer", path, error)
+            return [], True
+        entries: list[SnapshotEntry] = []
+        changed = False
+        for item in snapshots:
+            try:
+                entry = SnapshotEntry(
+                    step=int(item["step"]),
+                    file=str(item["file"]),
+                    sha256=str(item["sha256"]),
+                    bytes=int(item["bytes"]),
+                    time=float(item.get("time", 0.0)),
+                    aliases={str(k): str(v) for k, v in dict(item.get("aliases", {})).items()},
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                logger.warning("manifest %s: dropping malformed entry %r (%s)", path, item, error)
+                changed = True
+                continue
+            problem = _unsafe_entry_problem(self.directory, entry.file)
+            match = _SNAPSHOT_NAME.match(entry.file)
+            if problem is None and (match is None or int(match.group(1)) != entry.step):
+                problem = f"file name does not match step {entry.step}"
+            if problem is None and entries and entry.step <= entries[-1].step:
+                problem = "steps in the manifest are not increasing"
+            if problem is None:
+                try:
+                    self._read_verified(entry)
+                except CorruptSnapshotError as error:
+                    problem = str(error)
+            if problem is not None:
+                logger.warning("dropping buffered snapshot %r from %s: %s", entry.file, path, problem)
+                changed = True
+                continue
+            entries.append(entry)
+        return entries, changed
+
+
+class LazySnapshot(Mapping):
+    """Read-only mapping over a verified snapshot file; each tensor is read when asked for."""
+
+    def __init__(self, path: Path, aliases: Mapping[str, str]):
+        self.path = path
+        self.aliases = dict(aliases)
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = list(handle.keys())
+        self._handle = None
+
+    def _open(self):
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), framework="pt")
+        return self._handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
+        if name not in self._keys:
+            raise KeyError(name)
+        return self._open().get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def canonical_keys(self) -> list[str]:
+        return list(self._keys)
+
+
+def _unsafe_entry_problem(directory: Path, name: str) -> str | None:
+    """Why a manifest file name must not be followed, or None if it is a plain snapshot file here."""
+    if not _SNAPSHOT_NAME.match(name) or os.path.basename(name) != name:
+        return "not a plain step-*.safetensors name inside the buffer directory"
+    path = directory / name
+    if path.is_symlink():
+        return "is a symlink"
+    if not path.is_file():
+        return "file is missing"
+    return None

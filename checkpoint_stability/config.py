@@ -1,0 +1,188 @@
+"""Every setting of checkpoint-stability, validated once and shared by the monitor and both callbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ENSEMBLE_CHOICES = ("vote", "mean_prob")
+ON_ERROR_CHOICES = ("warn", "raise")
+SELECT_CHOICES = ("avg", "raw", "any")
+SELECT_MODE_CHOICES = ("max", "min")
+ACCUMULATOR_CHOICES = ("float32", "float64")
+SIMILARITY_CHOICES = ("exact", "char_f1")
+STORAGE_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class StabilityConfig:
+    """Settings of a stability monitor.
+
+    Every field is validated when the config is built; a bad value raises ``ValueError`` naming the
+    setting and what is allowed. Both framework callbacks accept the same fields as keyword arguments.
+
+    Example::
+
+        >>> from checkpoint_stability import StabilityConfig
+        >>> config = StabilityConfig(window=5, every_n_steps=100, storage_dtype="bfloat16")
+        >>> config.storage_dtype
+        torch.bfloat16
+    """
+
+    window: int = 20
+    """How many of the newest snapshots the average and the ensemble combine (the paper sweeps 2-20)."""
+
+    every_n_steps: int = 500
+    """Take a snapshot, and evaluate, every this many optimizer steps."""
+
+    average_every: int = 1
+    """Evaluate the window average at every this many snapshots (the average itself is always kept
+    up to date; this only thins out the ``avg`` evaluations, which cost one extra evaluation pass)."""
+
+    ensemble: str | None = "vote"
+    """How the window's cached per-example outputs are combined: ``"vote"`` (majority, any task) or
+    ``"mean_prob"`` (mean choice probability, multiple-choice tasks only); ``None`` turns ``ens`` off."""
+
+    horizon: int = 20
+    """Live MTV and IS in each record are computed over this many trailing evaluations of the series."""
+
+    storage_dtype: torch.dtype | str | None = None
+    """dtype the buffered snapshots are stored in (e.g. ``"bfloat16"`` halves the disk); ``None`` keeps
+    the dtype the model trains in. Only floating tensors are cast."""
+
+    accumulator_dtype: str = "float32"
+    """dtype of the running window sum: ``"float32"`` (re-summed exactly every ``resum_every`` updates so
+    rounding cannot drift) or ``"float64"``."""
+
+    resum_every: int | None = None
+    """Re-sum the average from the buffered files every this many updates; ``None`` means ``window``."""
+
+    similarity: str = "exact"
+    """How IS compares two outputs of one example: ``"exact"`` match or ``"char_f1"`` (free-form text)."""
+
+    on_error: str = "warn"
+    """``"warn"``: a fault at run time (disk full, a failing task, a corrupt snapshot) is logged once, the
+    snapshot or task is skipped, and an error line goes to the history; ``"raise"``: it is fatal."""
+
+    select: str | None = "avg"
+    """Which variant may become the exported best model: ``"avg"``, ``"raw"``, ``"any"``; ``None``
+    disables selection and export."""
+
+    select_metric: str = "mean"
+    """The score that decides the best model: ``"mean"`` (mean over tasks) or one task's name."""
+
+    select_mode: str = "max"
+    """``"max"`` if a higher score is better, ``"min"`` otherwise."""
+
+    min_snapshots: int = 2
+    """Selection starts once the buffer holds this many snapshots (an average of two early snapshots
+    should not win by accident)."""
+
+    dirpath: str | os.PathLike | None = None
+    """Run directory (buffer, history, exports). The framework callbacks default to
+    ``<root>/stability``; the framework-free monitor needs it."""
+
+    console: bool = True
+    """Print a one-line summary per snapshot (rank 0)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars (to the framework's destination when there is one, else
+    ``<dirpath>/tensorboard``)."""
+
+    extra: dict = field(default_factory=dict, repr=False)
+    """Reserved for adapters; not validated."""
+
+    def __post_init__(self) -> None:
+        _require_int("window", self.window, minimum=1)
+        _require_int("every_n_steps", self.every_n_steps, minimum=1)
+        _require_int("average_every", self.average_every, minimum=1)
+        _require_int("horizon", self.horizon, minimum=2)
+        _require_int("min_snapshots", self.min_snapshots, minimum=1)
+        if self.resum_every is not None:
+            _require_int("resum_every", self.resum_every, minimum=1)
+        _require_choice("ensemble", self.ensemble, (*ENSEMBLE_CHOICES, None))
+        _require_choice("on_error", self.on_error, ON_ERROR_CHOICES)
+        _require_choice("select", self.select, (*SELECT_CHOICES, None))
+        _require_choice("select_mode", self.select_mode, SELECT_MODE_CHOICES)
+        _require_choice("accumulator_dtype", self.accumulator_dtype, ACCUMULATOR_CHOICES)
+        _require_choice("similarity", self.similarity, SIMILARITY_CHOICES)
+        if not isinstance(self.select_metric, str) or not self.select_metric:
+            raise ValueError(f"select_metric must be 'mean' or a task name, got {self.select_metric!r}")
+        self.storage_dtype = _parse_storage_dtype(self.storage_dtype)
+        if self.dirpath is not None:
+            if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
+                raise ValueError(f"dirpath must be a non-empty path or None, got {self.dirpath!r}")
+            self.dirpath = Path(self.dirpath)
+        for name in ("console", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def resum_interval(self) -> int:
+        return self.resum_every if self.resum_every is not None else self.window
+
+    @property
+    def accumulator_torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.accumulator_dtype == "float64" else torch.float32
+
+    def replace(self, **changes) -> StabilityConfig:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        """The settings as JSON-serialisable values (for the run directory and callback state)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if isinstance(value, torch.dtype):
+                value = _dtype_name(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+
+def _require_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _require_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {shown}; got {value!r}")
+
+
+def _parse_storage_dtype(value) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        if value in STORAGE_DTYPES.values():
+            return value
+    elif isinstance(value, str):
+        key = value.removeprefix("torch.")
+        if key in STORAGE_DTYPES:
+            return STORAGE_DTYPES[key]
+    allowed = ", ".join(repr(k) for k in STORAGE_DTYPES)
+    raise ValueError(f"storage_dtype must be None (as trained) or one of {allowed}; got {value!r}")

@@ -1,0 +1,624 @@
+"""The append-only, crash-tolerant on-disk history of a run's evaluation results.
+
+Layout under a run directory ``root``::
+
+    history.jsonl               one JSON object per line: score lines {"step", "task", "variant",
+                                "window", "n_models", "score", "mtv", "is", "time"} and error lines
+                                {"step", "phase", "task", "variant", "error"} (told apart by "error")
+    examples/<task>.meta.json   written once per task: {"task", "kind", "metric", "example_ids", "targets"}
+    examples/<task>.jsonl       one line per (step, variant, window):
+                                {"step", "variant", "window", "outputs", "correct", "choice_logprobs"?}
+
+A training run can be killed (kill -9) at any instant and resumed from an earlier step, so:
+
+* every line is written with a single ``write`` followed by ``fsync``; a crash can leave at most one torn,
+  newline-less last line, which the next reader drops and truncates away so new lines do not glue onto it;
+* files that are rewritten (meta files, :meth:`History.truncate_after`) go through a temporary file and
+  ``os.replace``, so readers see either the old or the new content, never a mix;
+* reading never fails on damaged content: unreadable lines are skipped with a warning and left in place.
+
+Write failures raise ``OSError``; whether that stops the run is the caller's decision. JSON only, no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import numbers
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from checkpoint_stability.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
+from checkpoint_stability.tasks.base import validate_task_name as _validate_name
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.jsonl"
+EXAMPLES_DIR = "examples"
+SCORE_KEYS = ("step", "task", "variant", "window", "n_models", "score", "mtv", "is", "time")
+ERROR_KEYS = ("step", "phase", "task", "variant", "error")
+META_KEYS = ("task", "kind", "metric", "example_ids", "targets")
+
+_META_SUFFIX = ".meta.json"
+
+
+def validate_task_name(task: object) -> str:
+    """A task name that is safe as a file name under ``examples/`` (``"mean"`` allowed: aggregates)."""
+    return _validate_name(task, allow_reserved=True)
+
+_OUTPUTS_SUFFIX = ".jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(value: object, name: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        allowed = "a finite float or None" if optional else "a finite float"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def _name(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain JSON types; numpy/torch values are converted through their ``tolist()``."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        if not math.isfinite(f):
+            raise ValueError(
+                f"{where} contains the non-finite float {f!r}; only finite floats are allowed "
+                "(log-probabilities, which may be -inf, belong in choice_logprobs)"
+            )
+        return f
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{where} contains a dict with non-string keys; JSON objects need string keys")
+        return {k: _plain(v, where) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist(), where)
+    raise ValueError(f"{where} contains {type(value).__name__} {value!r}, which is not JSON-serializable")
+
+
+def _encode_logprobs(value: Any, where: str) -> Any:
+    """Nested lists of floats; -inf becomes null because strict JSON has no infinities."""
+    if isinstance(value, (list, tuple)):
+        return [_encode_logprobs(v, where) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, numbers.Number):
+        return _encode_logprobs(value.tolist(), where)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where} must hold (nested lists of) floats, got {type(value).__name__} {value!r}")
+    f = float(value)
+    if math.isnan(f) or f == math.inf:
+        # null already means -inf, so +inf could not round-trip; a log-probability is never > 0 anyway.
+        raise ValueError(f"{where} contains {f!r}; log-probabilities must be finite floats or -inf")
+    return None if f == -math.inf else f
+
+
+class _Bad(Exception):
+    """A line that parsed as JSON but is not a valid record of its file."""
+
+
+def _decode_logprobs(value: Any) -> Any:
+    if value is None:
+        return -math.inf
+    if isinstance(value, list):
+        return [_decode_logprobs(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    # json.loads accepts NaN/Infinity by default; nothing here writes them, so such a line is damaged.
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _loads_object(raw: bytes) -> dict | None:
+    try:
+        obj = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def _is_finite(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_history_line(obj: dict) -> dict:
+    if "error" in obj:
+        ok = (
+            all(k in obj for k in ERROR_KEYS)
+            and _is_int(obj["step"], 0)
+            and isinstance(obj["phase"], str)
+            and isinstance(obj["task"], (str, type(None)))
+            and isinstance(obj["variant"], (str, type(None)))
+            and isinstance(obj["error"], str)
+        )
+    else:
+        ok = (
+            all(k in obj for k in SCORE_KEYS)
+            and _is_int(obj["step"], 0)
+            and isinstance(obj["task"], str)
+            and isinstance(obj["variant"], str)
+            and _is_int(obj["window"], 1)
+            and _is_int(obj["n_models"], 1)
+            and _is_finite(obj["score"])
+            and (obj["mtv"] is None or _is_finite(obj["mtv"]))
+            and (obj["is"] is None or _is_finite(obj["is"]))
+            and _is_finite(obj["time"])
+        )
+    if not ok:
+        raise _Bad
+    return obj
+
+
+def _check_outputs_line(obj: dict) -> dict:
+    ok = (
+        _is_int(obj.get("step"), 0)
+        and isinstance(obj.get("variant"), str)
+        and _is_int(obj.get("window"), 1)
+        and isinstance(obj.get("outputs"), list)
+        and isinstance(obj.get("correct"), list)
+    )
+    if not ok:
+        raise _Bad
+    if "choice_logprobs" in obj:
+        if not isinstance(obj["choice_logprobs"], list):
+            raise _Bad
+        obj["choice_logprobs"] = _decode_logprobs(obj["choice_logprobs"])
+    return obj
+
+
+def _check_meta(obj: dict | None, task: str) -> dict | None:
+    if (
+        obj is None
+        or not all(k in obj for k in META_KEYS)
+        or obj["task"] != task
+        or not isinstance(obj["kind"], str)
+        or not isinstance(obj["metric"], str)
+        or not isinstance(obj["example_ids"], list)
+        or not isinstance(obj["targets"], list)
+    ):
+        return None
+    return obj
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------------------------ jsonl file
+
+
+class _JsonlFile:
+    """One append-only JSONL file and the valid records it holds, kept identical to the disk."""
+
+    def __init__(self, path: Path, check: Callable[[dict], dict]):
+        self.path = path
+        self._check = check
+        # True when the file ends without "\n" and could not be repaired: the next append starts one.
+        self._needs_newline = False
+        self.items: list[dict] = []
+        self._load()
+
+    def _parse(self, raw: bytes) -> dict | None:
+        obj = _loads_object(raw)
+        if obj is None:
+            return None
+        try:
+            return self._check(obj)
+        except _Bad:
+            return None
+
+    def _read_lines(self) -> tuple[bytes, list[bytes], bytes]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return b"", [], b""
+        *lines, tail = data.split(b"\n")
+        return data, lines, tail
+
+    def _load(self) -> None:
+        data, lines, tail = self._read_lines()
+        bad = 0
+        for raw in lines:
+            if raw.strip():
+                item = self._parse(raw)
+                if item is None:
+                    bad += 1
+                else:
+                    self.items.append(item)
+        cut_at = None
+        unterminated = False
+        if tail.strip():
+            obj = _loads_object(tail)
+            if obj is None:
+                # Every line is written as "{...}\n" in one go, so a newline-less unparsable tail is the
+                # prefix of a line whose write was interrupted: it never held a complete record.
+                logger.info("%s: dropping a torn last line left by an interrupted write", self.path)
+                cut_at = len(data) - len(tail)
+            else:
+                item = self._parse(tail)
+                if item is None:
+                    bad += 1
+                else:
+                    self.items.append(item)
+                unterminated = True
+        elif tail:
+            cut_at = len(data) - len(tail)  # whitespace residue: harmless, but would precede the next line
+        if bad:
+            logger.warning("%s: skipped %d damaged line(s); they are left in the file", self.path, bad)
+        try:
+            if cut_at is not None:
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut_at)
+                    f.flush()
+                    os.fsync(f.fileno())
+            elif unterminated:
+                self._write(b"\n")
+        except OSError as e:
+            logger.warning("%s: could not repair the end of the file (%s); appending after it", self.path, e)
+            self._needs_newline = True
+
+    def _write(self, data: bytes) -> None:
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                # Do not leave half a line behind: the next append would glue onto it.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+        if created:
+            fsync_directory(self.path.parent)
+
+    def append(self, lines: list[str]) -> None:
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        if self._needs_newline:
+            data = b"\n" + data
+        # Parse back what was written, so memory holds exactly what a fresh reader would see.
+        items = [self._check(json.loads(line)) for line in lines]
+        self._write(data)
+        self._needs_newline = False
+        self.items.extend(items)
+
+    def drop_after(self, step: int) -> int:
+        _, lines, tail = self._read_lines()
+        if tail.strip() and _loads_object(tail) is not None:
+            lines.append(tail)  # a torn tail (unparsable) is dropped by the rewrite
+        kept: list[bytes] = []
+        dropped = 0
+        for raw in lines:
+            if not raw.strip():
+                continue
+            item = self._parse(raw)
+            if item is not None and item["step"] > step:
+                dropped += 1
+            else:
+                kept.append(raw)  # damaged lines stay, byte for byte
+        if dropped:
+            atomic_write_bytes(self.path, b"".join(raw + b"\n" for raw in kept))
+            self._needs_newline = False
+        self.items = [item for item in self.items if item["step"] <= step]
+        return dropped
+
+
+# --------------------------------------------------------------------------------------------------- history
+
+
+class History:
+    """Append-only history of a run's scores, errors and per-example outputs, safe against kill -9.
+
+    Opening a run directory loads everything in it (creating it if missing) and repairs a line torn by
+    a crash. Every append is fsynced before it returns; after any call the in-memory view equals what a
+    fresh ``History(root)`` would read. One process writes a run directory (e.g. rank 0); calls from
+    several threads of that process are serialized.
+
+    Example::
+
+        h = History("runs/exp1")
+        h.append({"step": 1000, "task": "hellaswag", "variant": "avg", "window": 4, "n_models": 4,
+                  "score": 0.41, "mtv": 0.012, "is": None})
+        h.write_meta("hellaswag", kind="multiple_choice", metric="acc", example_ids=[0, 1], targets=[2, 0])
+        h.append_outputs("hellaswag", 1000, "avg", 4, outputs=[2, 1], correct=[True, False],
+                         choice_logprobs=[[-1.2, -3.0, -0.5], [-2.0, -0.1, float("-inf")]])
+        resume_from = 1000
+        h.truncate_after(resume_from)          # drop results of steps the resumed run will redo
+        [r["score"] for r in h.records(task="hellaswag", variant="avg")]
+
+    In ``choice_logprobs``, ``-inf`` (an impossible choice) is stored as JSON ``null`` and read back as
+    ``float("-inf")``; NaN and ``+inf`` are rejected.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._examples_dir = self.root / EXAMPLES_DIR
+        self._examples_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._history = _JsonlFile(self.root / HISTORY_FILE, _check_history_line)
+        self._outputs: dict[str, _JsonlFile] = {}
+        self._metas: dict[str, dict] = {}
+        for path in sorted(self._examples_dir.iterdir()):
+            name = path.name
+            if name.endswith(_META_SUFFIX):
+                task = self._task_from_file_name(name[: -len(_META_SUFFIX)])
+                if task is not None:
+                    meta = self._read_meta(path, task)
+                    if meta is not None:
+                        self._metas[task] = meta
+            elif name.endswith(_OUTPUTS_SUFFIX):
+                task = self._task_from_file_name(name[: -len(_OUTPUTS_SUFFIX)])
+                if task is not None and path.is_file():
+                    self._outputs[task] = _JsonlFile(path, _check_outputs_line)
+
+    @staticmethod
+    def _task_from_file_name(stem: str) -> str | None:
+        try:
+            return validate_task_name(stem)
+        except ValueError:
+            return None  # not ours (hidden or temporary file)
+
+    @staticmethod
+    def _read_meta(path: Path, task: str) -> dict | None:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            logger.warning("%s: cannot read the task's meta file (%s); ignoring it", path, e)
+            return None
+        meta = _check_meta(_loads_object(raw), task)
+        if meta is None:
+            logger.warning("%s: the task's meta file is damaged; ignoring it", path)
+        return meta
+
+    # ---------------------------------------------------------------------------------------------- reading
+
+    def records(
+        self, task: str | None = None, variant: str | None = None, window: int | None = None
+    ) -> list[dict]:
+        """Score records in file order (error lines excluded), optionally filtered."""
+        with self._lock:
+            return [
+                dict(r)
+                for r in self._history.items
+                if "error" not in r
+                and (task is None or r["task"] == task)
+                and (variant is None or r["variant"] == variant)
+                and (window is None or r["window"] == window)
+            ]
+
+    def errors(self) -> list[dict]:
+        """Error lines in file order."""
+        with self._lock:
+            return [dict(r) for r in self._history.items if "error" in r]
+
+    def last_step(self) -> int | None:
+        """The largest step of any score, error or examples line; None if there is none."""
+        with self._lock:
+            steps = [r["step"] for r in self._history.items]
+            for f in self._outputs.values():
+                steps.extend(item["step"] for item in f.items)
+            return max(steps, default=None)
+
+    def meta(self, task: str) -> dict | None:
+        """The task's meta record, or None if it was never written."""
+        validate_task_name(task)
+        with self._lock:
+            meta = self._metas.get(task)
+            return None if meta is None else dict(meta)
+
+    def outputs(self, task: str, variant: str | None = None, window: int | None = None) -> list[dict]:
+        """The task's examples lines in file order, optionally filtered. The inner lists are shared."""
+        validate_task_name(task)
+        with self._lock:
+            f = self._outputs.get(task)
+            if f is None:
+                return []
+            return [
+                dict(item)
+                for item in f.items
+                if (variant is None or item["variant"] == variant)
+                and (window is None or item["window"] == window)
+            ]
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    @staticmethod
+    def _score_line(record: object, where: str) -> str:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} must be a dict, got {type(record).__name__}")
+        for key in SCORE_KEYS:
+            if key not in record and key != "time":
+                raise ValueError(
+                    f"{where} is missing the key {key!r}; required keys: {', '.join(SCORE_KEYS)}"
+                )
+        for key in record:
+            if key not in SCORE_KEYS:
+                raise ValueError(
+                    f"{where} has the unexpected key {key!r}; allowed keys: {', '.join(SCORE_KEYS)}"
+                )
+        line = {
+            "step": _int(record["step"], f"{where}['step']", 0),
+            "task": validate_task_name(record["task"]),
+            "variant": _name(record["variant"], f"{where}['variant']"),
+            "window": _int(record["window"], f"{where}['window']", 1),
+            "n_models": _int(record["n_models"], f"{where}['n_models']", 1),
+            "score": _float(record["score"], f"{where}['score']"),
+            "mtv": _float(record["mtv"], f"{where}['mtv']", optional=True),
+            "is": _float(record["is"], f"{where}['is']", optional=True),
+            "time": _float(record.get("time", time.time()), f"{where}['time']"),
+        }
+        return _dumps(line)
+
+    def append(self, record: dict) -> None:
+        """Append one score record; ``time`` defaults to now. Raises ValueError on a malformed record."""
+        line = self._score_line(record, "history record")
+        with self._lock:
+            self._history.append([line])
+
+    def append_many(self, records: Sequence[dict]) -> None:
+        """Append several score records with a single write and fsync; all are validated first."""
+        if isinstance(records, (dict, str, bytes)) or not isinstance(records, Sequence):
+            raise ValueError(f"records must be a list of dicts, got {type(records).__name__}")
+        lines = [self._score_line(r, f"history record [{i}]") for i, r in enumerate(records)]
+        if lines:
+            with self._lock:
+                self._history.append(lines)
+
+    def append_error(
+        self, step: int, phase: str, error: str, task: str | None = None, variant: str | None = None
+    ) -> None:
+        """Record a failure (``error`` is the message; non-strings are converted with ``str``)."""
+        for value, name in ((task, "task"), (variant, "variant")):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        line = {
+            "step": _int(step, "step", 0),
+            "phase": _name(phase, "phase"),
+            "task": task,
+            "variant": variant,
+            "error": error if isinstance(error, str) else str(error),
+        }
+        with self._lock:
+            self._history.append([_dumps(line)])
+
+    def write_meta(self, task: str, kind: str, metric: str, example_ids: list, targets: list) -> None:
+        """Write the task's meta file once (atomically). Same content again: no-op; different: ValueError."""
+        validate_task_name(task)
+        _name(kind, "kind")
+        _name(metric, "metric")
+        meta = {
+            "task": task,
+            "kind": kind,
+            "metric": metric,
+            "example_ids": _plain(example_ids, "example_ids"),
+            "targets": _plain(targets, "targets"),
+        }
+        for name in ("example_ids", "targets"):
+            if not isinstance(meta[name], list):
+                raise ValueError(f"{name} must be a list, got {type(meta[name]).__name__}")
+        if len(meta["example_ids"]) != len(meta["targets"]):
+            raise ValueError(
+                f"example_ids and targets must have the same length, got {len(meta['example_ids'])} "
+                f"and {len(meta['targets'])}"
+            )
+        text = _dumps(meta) + "\n"
+        meta = json.loads(text)
+        path = self._examples_dir / f"{task}{_META_SUFFIX}"
+        with self._lock:
+            old = self._metas.get(task)
+            if old is not None:
+                if old["example_ids"] != meta["example_ids"] or old["targets"] != meta["targets"]:
+                    raise ValueError(
+                        f"the examples of task {task!r} changed since the run directory was created "
+                        f"({path} holds different example_ids/targets); results would not be comparable. "
+                        "Use a new run directory (dirpath) or a new task name."
+                    )
+                if old["kind"] != meta["kind"] or old["metric"] != meta["metric"]:
+                    raise ValueError(
+                        f"task {task!r} was recorded with kind={old['kind']!r}, metric={old['metric']!r} in "
+                        f"{path}, now kind={kind!r}, metric={metric!r}; use a new run directory (dirpath) "
+                        "or a new task name."
+                    )
+                return
+            if path.exists():
+                logger.warning("%s: replacing a damaged meta file", path)
+            atomic_write_text(path, text)
+            self._metas[task] = meta
+
+    def append_outputs(
+        self,
+        task: str,
+        step: int,
+        variant: str,
+        window: int,
+        outputs: list,
+        correct: list,
+        choice_logprobs: list | None = None,
+    ) -> None:
+        """Append the per-example results of one (step, variant, window) evaluation of ``task``.
+
+        ``outputs``, ``correct`` and ``choice_logprobs`` are aligned with each other (and with the meta's
+        ``example_ids`` when it was written); ``choice_logprobs`` entries may be ``-inf``.
+        """
+        validate_task_name(task)
+        line: dict[str, Any] = {
+            "step": _int(step, "step", 0),
+            "variant": _name(variant, "variant"),
+            "window": _int(window, "window", 1),
+            "outputs": _plain(outputs, "outputs"),
+            "correct": _plain(correct, "correct"),
+        }
+        if choice_logprobs is not None:
+            line["choice_logprobs"] = _encode_logprobs(choice_logprobs, "choice_logprobs")
+        for name, value in line.items():
+            if name not in ("step", "variant", "window") and not isinstance(value, list):
+                raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+        n = len(line["outputs"])
+        for name in ("correct", "choice_logprobs"):
+            if name in line and len(line[name]) != n:
+                raise ValueError(f"{name} has {len(line[name])} entries but outputs has {n}; they must align")
+        with self._lock:
+            meta = self._metas.get(task)
+            if meta is not None and len(meta["example_ids"]) != n:
+                raise ValueError(
+                    f"outputs has {n} entries but task {task!r} has {len(meta['example_ids'])} example_ids"
+                )
+            f = self._outputs.get(task)
+            if f is None:
+                f = self._outputs[task] = _JsonlFile(
+                    self._examples_dir / f"{task}{_OUTPUTS_SUFFIX}", _check_outputs_line
+                )
+            f.append([_dumps(line)])
+
+    def truncate_after(self, step: int) -> int:
+        """Drop every score, error and examples line with a step > ``step``; return how many were dropped.
+
+        Used on resume from an earlier checkpoint. Each affected file is rewritten atomically; meta files
+        and damaged lines are kept.
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"step must be an integer, got {step!r}")
+        step = int(step)  # -1 drops everything (restart from scratch)
+        with self._lock:
+            dropped = self._history.drop_after(step)
+            for f in self._outputs.values():
+                dropped += f.drop_after(step)
+            return dropped

@@ -1,0 +1,503 @@
+"""StabilityMonitor: the per-snapshot pipeline, framework-free.
+
+At every snapshot: copy the weights into the rolling buffer (written in the background), evaluate the
+live model (``raw``), combine the window's cached outputs (``ens``, no forward pass), evaluate the
+window average (``avg``, swapped in and out bit-exactly), compute live MTV and IS, and send the
+records to the history and the sinks. Framework callbacks only translate their hooks into
+``on_snapshot(model, step)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.ensemble import combine
+from checkpoint_stability.history import History
+from checkpoint_stability.isolation import isolated_evaluation
+from checkpoint_stability.metrics import instability_score, mean_total_variation, resolve_similarity
+from checkpoint_stability.runtime import Runtime, default_runtime
+from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
+from checkpoint_stability.state import CapturedState, capture_state, live_tensors, write_into
+from checkpoint_stability.tasks.base import Task, TaskResult, validate_tasks
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("raw", "avg", "ens")
+MEAN_TASK = "mean"
+
+
+class StabilityMonitor:
+    """Evaluate a model, its window average and its window ensemble side by side during training.
+
+    Call ``step(model, step)`` after every optimizer step (it snapshots every ``every_n_steps``), or
+    ``on_snapshot(model, step)`` at the steps of your choosing. Everything lands under ``dirpath``:
+    ``buffer/`` (the window's weights), ``history.jsonl``, ``examples/`` and ``tensorboard/``.
+
+    A fault at run time (disk full, a task that raises, a corrupt snapshot) is logged, recorded as an
+    error line in the history and skipped, unless ``on_error="raise"``.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from checkpoint_stability import FunctionTask, StabilityMonitor
+        >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+        >>> task = FunctionTask("toy", lambda m: m(x).argmax(-1).tolist(), targets=y.tolist())
+        >>> model = torch.nn.Linear(8, 3)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     monitor = StabilityMonitor([task], dirpath=d, window=3, every_n_steps=5, console=False)
+        ...     for step in range(1, 21):
+        ...         loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...         optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ...         records = monitor.step(model, step)
+        ...     monitor.close()
+        ...     sorted({(r["variant"], r["n_models"]) for r in records if r["task"] == "toy"})
+        [('avg', 3), ('ens', 3), ('raw', 1)]
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task] = (),
+        config: StabilityConfig | None = None,
+        *,
+        runtime: Runtime | None = None,
+        sinks: Sequence[Sink] = (),
+        tensorboard_writer=None,
+        **settings,
+    ):
+        if config is None:
+            config = StabilityConfig(**settings)
+        elif settings:
+            config = config.replace(**settings)
+        self.config = config
+        self.tasks: list[Task] = validate_tasks(tasks)
+        if config.select_metric not in ("mean", *[t.name for t in self.tasks]) and self.tasks:
+            raise ValueError(
+                f"select_metric {config.select_metric!r} is neither 'mean' nor the name of a task "
+                f"({[t.name for t in self.tasks]})"
+            )
+        if config.ensemble == "mean_prob":
+            for task in self.tasks:
+                if task.kind not in ("multiple_choice", "lm_eval", "function"):
+                    raise ValueError(
+                        f"ensemble='mean_prob' needs choice probabilities, which task {task.name!r} "
+                        f"(kind {task.kind!r}) does not produce; use ensemble='vote'"
+                    )
+        self._runtime = runtime
+        self._extra_sinks = list(sinks)
+        self._tensorboard_writer = tensorboard_writer
+        self._similarity = resolve_similarity(config.similarity)
+        self._opened = False
+        self.dirpath: Path | None = None
+        self.buffer: SnapshotBuffer | None = None
+        self.history: History | None = None
+        self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
+        self.sinks: list[Sink] = []
+        self._warned: set[tuple[str, str | None]] = set()
+        self._last_step: int | None = None
+        self._reset_caches()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = default_runtime()
+        return self._runtime
+
+    def open(self, dirpath=None, *, resume_step: int | None = None) -> None:
+        """Open (or reopen) the run directory. Called by the first snapshot if not called before.
+
+        ``resume_step``: the step training resumed from. Snapshots, history and example lines newer
+        than it belong to an abandoned trajectory and are dropped; the TensorBoard run purges them.
+        """
+        if self._opened:
+            raise RuntimeError(f"the monitor is already open at {self.dirpath}")
+        chosen = dirpath if dirpath is not None else self.config.dirpath
+        if chosen is None:
+            raise ValueError("dirpath is not set: pass dirpath= to StabilityMonitor or to open()")
+        self.dirpath = Path(chosen)
+        if self.runtime.is_main:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self.history = History(self.dirpath)
+            self.buffer = SnapshotBuffer(
+                self.dirpath / "buffer",
+                self.config.window,
+                storage_dtype=self.config.storage_dtype,
+                listener=self.average.update,
+            )
+            if resume_step is not None:
+                self._truncate_after(resume_step)
+            self._rebuild_from_disk()
+            self.sinks = self._build_sinks(resume_step)
+        self._last_step = self.runtime.broadcast_object(self._last_step)
+        self._opened = True
+
+    def resume(self, step: int) -> None:
+        """Continue a run from ``step`` (e.g. after loading a training checkpoint)."""
+        if self._opened:
+            self.close()
+            self._opened = False
+        self.open(self.dirpath or self.config.dirpath, resume_step=step)
+
+    def close(self) -> None:
+        """Finish the write in flight, flush and close the sinks."""
+        if not self._opened:
+            return
+        if self.buffer is not None:
+            try:
+                self.buffer.close()
+            except SnapshotError as error:
+                self._fault("snapshot", error, step=error.step)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as error:
+                logger.warning("closing %s failed: %r", type(sink).__name__, error)
+        self._opened = False
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state for a training checkpoint: where the run lives and how far it got."""
+        return {
+            "dirpath": None if self.dirpath is None else str(self.dirpath),
+            "last_step": self._last_step,
+            "config": self.config.to_json(),
+        }
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def should_snapshot(self, step: int) -> bool:
+        return step > 0 and step % self.config.every_n_steps == 0
+
+    def step(self, model: torch.nn.Module, step: int) -> list[dict] | None:
+        """Snapshot and evaluate if ``step`` is a snapshot step; otherwise do nothing."""
+        if not self.should_snapshot(step):
+            return None
+        return self.on_snapshot(model, step)
+
+    def on_snapshot(self, model: torch.nn.Module, step: int) -> list[dict]:
+        """Run the whole pipeline for the snapshot at optimizer step ``step``; returns its records."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if not self._opened:
+            self.open()
+        if self._last_step is not None and step <= self._last_step:
+            logger.warning(
+                "snapshot step %d is not after the last recorded step %d: treating it as a resume from "
+                "step %d and dropping what came after",
+                step,
+                self._last_step,
+                step - 1,
+            )
+            self.resume(step - 1)
+        started = time.time()
+        live = live_tensors(model)
+        captured = self._push(step, live)
+        self._last_step = step
+
+        results: dict[tuple[str, str], TaskResult] = {}
+        if self.tasks:
+            with isolated_evaluation(model):
+                for task in self.tasks:
+                    result = self._evaluate(task, model, step, "raw")
+                    if result is not None:
+                        results[(task.name, "raw")] = result
+                        self._raw_window[task.name].append(result)
+                if self.config.ensemble is not None:
+                    for task in self.tasks:
+                        combined = self._ensemble(task, step)
+                        if combined is not None:
+                            results[(task.name, "ens")] = combined
+                if self._average_due(step):
+                    results.update(self._evaluate_average(model, live, captured, step))
+
+        records = self._records(step, results, started)
+        if self.runtime.is_main:
+            self._persist(step, results, records)
+            self._emit(step, records)
+        # Rank 0 holds the reloaded series after a resume, so its records are the ones every rank sees.
+        return self.runtime.broadcast_object(records)
+
+    # ------------------------------------------------------------------ pipeline steps
+
+    def _push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
+        if not self.runtime.is_main:
+            return None
+        try:
+            self.buffer.wait()
+        except SnapshotError as error:
+            self._fault("snapshot", error, step=error.step)
+            self.average.invalidate()
+        try:
+            return self.buffer.push(step, live)
+        except Exception as error:
+            self._fault("snapshot", error, step=step)
+            return None
+
+    def _evaluate(self, task: Task, model: torch.nn.Module, step: int, variant: str) -> TaskResult | None:
+        failed, result = False, None
+        try:
+            result = task.evaluate(model)
+            if not isinstance(result, TaskResult):
+                raise TypeError(
+                    f"task {task.name!r}: evaluate returned {type(result).__name__}, not a TaskResult"
+                )
+        except Exception as error:
+            failed = True
+            self._fault("evaluate", error, step=step, task=task.name, variant=variant)
+        # Every rank skips together, or collectives inside the next task would hang.
+        if self.runtime.any_rank(failed):
+            return None
+        return result
+
+    def _ensemble(self, task: Task, step: int) -> TaskResult | None:
+        window = list(self._raw_window[task.name])
+        if not window:
+            return None
+        try:
+            logprobs = None
+            if all(r.choice_logprobs is not None for r in window):
+                logprobs = [r.choice_logprobs for r in window]
+            outputs = combine(self.config.ensemble, [r.outputs for r in window], logprobs)
+            newest = window[-1]
+            return TaskResult(
+                outputs=outputs,
+                correct=task.score(outputs),
+                targets=newest.targets,
+                example_ids=newest.example_ids,
+            )
+        except Exception as error:
+            self._fault("ensemble", error, step=step, task=task.name, variant="ens")
+            return None
+
+    def _average_due(self, step: int) -> bool:
+        return (step // self.config.every_n_steps) % self.config.average_every == 0
+
+    def _evaluate_average(
+        self, model: torch.nn.Module, live: dict[str, torch.Tensor], captured: CapturedState | None, step: int
+    ) -> dict[tuple[str, str], TaskResult]:
+        holds = 0
+        if self.runtime.is_main:
+            try:
+                self.buffer.wait()
+            except SnapshotError as error:
+                self._fault("snapshot", error, step=error.step)
+                self.average.invalidate()
+                self._resum_average()
+            holds = self.average.count
+            self._avg_models = holds
+        if not self.runtime.broadcast_object(holds):
+            return {}
+        # The snapshot copy doubles as the backup when it holds the live values bit for bit.
+        backup = captured if captured is not None and self.config.storage_dtype is None else None
+        if backup is None:
+            backup = capture_state(live)
+        results = {}
+        try:
+            if self.runtime.is_main:
+                self.average.copy_into(live)
+            self.runtime.broadcast_tensors(live.values())
+            for task in self.tasks:
+                result = self._evaluate(task, model, step, "avg")
+                if result is not None:
+                    results[(task.name, "avg")] = result
+        finally:
+            write_into(live, backup)
+        return results
+
+    def _records(self, step: int, results: dict[tuple[str, str], TaskResult], started: float) -> list[dict]:
+        now = time.time()
+        records = []
+        window_sizes = {"raw": 1, "avg": self.config.window, "ens": self.config.window}
+        models = {
+            "raw": 1,
+            "avg": self._avg_models,
+            "ens": None,
+        }
+        for variant in VARIANTS:
+            per_task = []
+            for task in self.tasks:
+                result = results.get((task.name, variant))
+                if result is None:
+                    continue
+                key = (task.name, variant)
+                self._scores[key].append(result.score)
+                self._outputs[key].append(result.outputs)
+                n_models = len(self._raw_window[task.name]) if variant == "ens" else models[variant]
+                record = self._record(
+                    step, task.name, variant, window_sizes[variant], n_models, result.score, now
+                )
+                records.append(record)
+                per_task.append(record)
+            if per_task and len(per_task) == len(self.tasks):
+                mean_score = sum(r["score"] for r in per_task) / len(per_task)
+                key = (MEAN_TASK, variant)
+                self._scores[key].append(mean_score)
+                iss = [r["is"] for r in per_task]
+                record = self._record(
+                    step, MEAN_TASK, variant, window_sizes[variant], per_task[0]["n_models"], mean_score, now
+                )
+                record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
+                records.append(record)
+        self._last_duration = now - started
+        return records
+
+    def _record(
+        self, step: int, task: str, variant: str, window: int, n_models: int, score: float, now: float
+    ) -> dict:
+        scores = list(self._scores[(task, variant)])
+        outputs = list(self._outputs[(task, variant)])
+        mtv = mean_total_variation(scores) if len(scores) >= 2 else None
+        instability = instability_score(outputs, self._similarity) if len(outputs) >= 2 else None
+        return {
+            "step": step,
+            "task": task,
+            "variant": variant,
+            "window": window,
+            "n_models": max(1, int(n_models or 1)),
+            "score": float(score),
+            "mtv": mtv,
+            "is": instability,
+            "time": now,
+        }
+
+    def _persist(self, step: int, results: dict[tuple[str, str], TaskResult], records: list[dict]) -> None:
+        try:
+            for (task_name, variant), result in results.items():
+                task = self._task(task_name)
+                if variant == "raw":
+                    self.history.write_meta(
+                        task.name, task.kind, task.metric, result.example_ids, result.targets
+                    )
+                window = 1 if variant == "raw" else self.config.window
+                self.history.append_outputs(
+                    task.name, step, variant, window, result.outputs, result.correct, result.choice_logprobs
+                )
+            if records:
+                self.history.append_many(records)
+        except Exception as error:
+            self._fault("history", error, step=step)
+
+    def _emit(self, step: int, records: list[dict]) -> None:
+        if not records:
+            return
+        for sink in self.sinks:
+            try:
+                sink.write(step, records)
+            except Exception as error:
+                self._fault("sink", error, step=step, task=type(sink).__name__)
+
+    # ------------------------------------------------------------------ faults
+
+    def _fault(
+        self, phase: str, error: BaseException, *, step: int | None, task: str | None = None, variant=None
+    ) -> None:
+        """Report a run-time fault once with its cause, record it, and go on (or raise, if asked)."""
+        if self.config.on_error == "raise":
+            raise error
+        first = (phase, task) not in self._warned
+        self._warned.add((phase, task))
+        where = f" (task {task!r}, variant {variant})" if task else ""
+        message = f"checkpoint-stability: {phase} failed at step {step}{where}: {error!r}; skipped"
+        if first:
+            logger.warning("%s\n%s", message, "".join(traceback.format_exception(error)).rstrip())
+        else:
+            logger.warning(message)
+        if self.history is not None and phase != "history":
+            try:
+                self.history.append_error(
+                    step if step is not None else -1, phase, repr(error), task=task, variant=variant
+                )
+            except Exception as history_error:
+                logger.warning("could not record the error in the history: %r", history_error)
+
+    # ------------------------------------------------------------------ state on disk
+
+    def _reset_caches(self) -> None:
+        horizon = self.config.horizon
+        names = [t.name for t in self.tasks] + [MEAN_TASK]
+        self._scores = {(n, v): deque(maxlen=horizon) for n in names for v in VARIANTS}
+        self._outputs = {(n, v): deque(maxlen=horizon) for n in names for v in VARIANTS}
+        self._raw_window = {t.name: deque(maxlen=self.config.window) for t in self.tasks}
+        self._avg_models = 0
+        self._last_duration = 0.0
+
+    def _truncate_after(self, step: int) -> None:
+        dropped_steps = self.buffer.truncate_after(step)
+        dropped_lines = self.history.truncate_after(step)
+        if dropped_steps or dropped_lines:
+            logger.info(
+                "resuming from step %d: dropped %d newer snapshots and %d history lines",
+                step,
+                len(dropped_steps),
+                dropped_lines,
+            )
+
+    def _resum_average(self) -> None:
+        sources = self.buffer.window_sources()
+        aliases = self.buffer.entries[-1].aliases if self.buffer.entries else {}
+        self.average.reset(sources, aliases=aliases)
+
+    def _rebuild_from_disk(self) -> None:
+        """Rebuild the average and the live series from the buffer and the history after (re)open."""
+        self._reset_caches()
+        self._resum_average()
+        self._avg_models = self.average.count
+        window_of = {"raw": 1, "avg": self.config.window, "ens": self.config.window}
+        for task in self.tasks:
+            meta = self.history.meta(task.name)
+            for line in self.history.outputs(task.name):
+                variant = line["variant"]
+                if variant not in VARIANTS or line["window"] != window_of[variant]:
+                    continue
+                self._outputs[(task.name, variant)].append(line["outputs"])
+                if variant == "raw" and meta is not None:
+                    self._raw_window[task.name].append(
+                        TaskResult(
+                            outputs=line["outputs"],
+                            correct=line["correct"],
+                            targets=meta["targets"],
+                            example_ids=meta["example_ids"],
+                            choice_logprobs=line.get("choice_logprobs"),
+                        )
+                    )
+        for record in self.history.records():
+            key = (record["task"], record["variant"])
+            if key in self._scores and record["window"] == window_of.get(record["variant"]):
+                self._scores[key].append(record["score"])
+        self._last_step = max(
+            [s for s in (self.history.last_step(), *(self.buffer.steps[-1:])) if s is not None], default=None
+        )
+
+    def _build_sinks(self, resume_step: int | None) -> list[Sink]:
+        sinks: list[Sink] = list(self._extra_sinks)
+        if self.config.tensorboard:
+            names = [t.name for t in self.tasks]
+            if self._tensorboard_writer is not None:
+                sinks.append(TensorBoardSink(None, task_names=names, writer=self._tensorboard_writer))
+            else:
+                purge = None if self._last_step is None else self._last_step + 1
+                if resume_step is not None:
+                    purge = resume_step + 1
+                sinks.append(
+                    TensorBoardSink(self.dirpath / "tensorboard", task_names=names, purge_step=purge)
+                )
+        if self.config.console:
+            sinks.append(ConsoleSink())
+        return sinks
+
+    def _task(self, name: str) -> Task:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)

@@ -1,0 +1,141 @@
+"""State-dict copies: the CPU snapshot of a live module, and writing weights back into it.
+
+Tied tensors (GPT-2's ``wte.weight`` and ``lm_head.weight`` are one tensor under two names) are kept
+once, under the first name, with the other names recorded as aliases. safetensors refuses to save
+shared storage, and averaging a tied tensor twice would be wasted work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CapturedState:
+    """A detached copy of a state dict: each distinct tensor once, plus the names tied to it.
+
+    ``tensors`` maps canonical names to contiguous CPU tensors that nothing else holds, so a writer
+    thread can read them while training goes on. ``aliases`` maps every other name of a tied tensor to
+    its canonical name. Iterating or indexing a ``CapturedState`` sees every name, aliases included.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[self.aliases.get(name, name)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors or name in self.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.tensors
+        yield from self.aliases
+
+    def __len__(self) -> int:
+        return len(self.tensors) + len(self.aliases)
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """Every name, aliases pointing at the very same tensor objects (the tie restored)."""
+        out = dict(self.tensors)
+        for alias, canonical in self.aliases.items():
+            out[alias] = self.tensors[canonical]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state-dict tensors, sharing storage with its parameters and buffers.
+
+    Entries that are not tensors (``get_extra_state`` may return anything) are left out: they cannot
+    be stored in safetensors, and nothing here writes them back.
+    """
+    state = model.state_dict(keep_vars=True)
+    out = {}
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            if hasattr(tensor, "to_local"):
+                # A DTensor shard: each rank keeps only its local part (averaging is elementwise).
+                tensor = tensor.to_local()
+            out[name] = tensor
+    return out
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def tied_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map each name that is the very same view of an earlier name's storage to that earlier name."""
+    first_by_key: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            continue
+        key = _storage_key(tensor)
+        if key in first_by_key:
+            aliases[name] = first_by_key[key]
+        else:
+            first_by_key[key] = name
+    return aliases
+
+
+def capture_state(
+    tensors: Mapping[str, torch.Tensor], storage_dtype: torch.dtype | None = None
+) -> CapturedState:
+    """Copy state-dict tensors to contiguous CPU tensors; floating ones cast to ``storage_dtype``.
+
+    This is the only work a snapshot does on the training thread. On CPU it is one ``clone`` per
+    tensor (``.to("cpu")`` of a CPU tensor would copy nothing and let training overwrite the snapshot).
+    """
+    aliases = tied_groups(tensors)
+    copies: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name in aliases:
+            continue
+        if tensor.is_sparse or tensor.device.type == "meta":
+            raise ValueError(
+                f"state-dict entry {name!r} is a {'sparse' if tensor.is_sparse else 'meta'} tensor; "
+                "only dense, materialised tensors can be snapshotted"
+            )
+        dtype = storage_dtype if (storage_dtype is not None and tensor.is_floating_point()) else None
+        copies[name] = tensor.detach().to(
+            device="cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format
+        )
+    return CapturedState(copies, aliases)
+
+
+@torch.no_grad()
+def write_into(targets: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``source`` into the live tensors ``targets`` in place (casting dtype and device).
+
+    Every target name must be in the source; it is checked before anything is written, so a
+    mismatch leaves the model untouched.
+    """
+    missing = [name for name in targets if name not in source]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise KeyError(f"snapshot has no tensor for {len(missing)} model entries: {shown}")
+    for name, target in targets.items():
+        value = source[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"shape mismatch for {name!r}: model has {tuple(target.shape)}, "
+                f"snapshot has {tuple(value.shape)}"
+            )
+    for name, target in targets.items():
+        target.copy_(source[name])

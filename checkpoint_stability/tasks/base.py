@@ -1,0 +1,112 @@
+"""The Task protocol every downstream evaluation follows, and TaskResult, what one evaluation returns."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+RESERVED_TASK_NAMES = ("mean",)
+MAX_TASK_NAME_LENGTH = 200
+
+
+@dataclass
+class TaskResult:
+    """Per-example results of evaluating one model on one task.
+
+    ``outputs[i]`` is example ``i``'s prediction in a form that can be compared for equality and
+    written to JSON (a choice index, a token id, a normalised string); ``correct[i]`` its score in
+    [0, 1]; ``targets[i]`` the reference (label index or string); ``choice_logprobs[i][c]`` the
+    length-normalised log-probability of choice ``c`` (multiple-choice tasks; ``None`` otherwise).
+    """
+
+    outputs: list
+    correct: list[float]
+    targets: list
+    example_ids: list
+    choice_logprobs: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.outputs)
+        for name in ("correct", "targets", "example_ids"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"TaskResult.{name} has {len(getattr(self, name))} entries, outputs has {n}")
+        if self.choice_logprobs is not None and len(self.choice_logprobs) != n:
+            raise ValueError(
+                f"TaskResult.choice_logprobs has {len(self.choice_logprobs)} entries, outputs has {n}"
+            )
+        if n == 0:
+            raise ValueError("TaskResult has no examples")
+        for i, value in enumerate(self.correct):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"TaskResult.correct[{i}] = {value!r} is not a number in [0, 1]")
+
+    @property
+    def score(self) -> float:
+        """The task score: the mean of the per-example scores."""
+        return math.fsum(self.correct) / len(self.correct)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the monitor needs from a downstream task.
+
+    ``name`` is used in logged names and file names; ``kind`` (e.g. ``"multiple_choice"``) and
+    ``metric`` (``"accuracy"``, ``"exact_match"``, ``"char_f1"``) are plain strings saved with the run so
+    a report can re-score outputs from the run directory alone. ``evaluate`` runs the model;
+    ``score`` scores any outputs against the task's own targets without running anything, which is
+    how the combined outputs of an ensemble are scored.
+    """
+
+    name: str
+    kind: str
+    metric: str
+
+    def evaluate(self, model: torch.nn.Module) -> TaskResult: ...
+
+    def score(self, outputs: Sequence) -> list[float]: ...
+
+
+def validate_task_name(name: Any, *, allow_reserved: bool = False) -> str:
+    """Task names appear in logged keys and file names: keep them plain.
+
+    ``"mean"`` names the aggregate over tasks, so a user task may not take it (``allow_reserved`` is for
+    readers of aggregate records).
+    """
+    if not isinstance(name, str) or not name or name.strip() != name:
+        raise ValueError(f"task name must be a non-empty string without surrounding spaces, got {name!r}")
+    if name in RESERVED_TASK_NAMES and not allow_reserved:
+        raise ValueError(f"task name {name!r} is reserved for the mean over tasks; choose another name")
+    if (
+        name.startswith(".")
+        or any(c in name for c in ("/", "\\", "\0", os.sep, os.altsep or "/"))
+        or len(name) > MAX_TASK_NAME_LENGTH
+    ):
+        raise ValueError(
+            f"task name {name!r} is not allowed: it must not start with '.', contain '/', '\\' or NUL, "
+            "or be longer than 200 characters"
+        )
+    return name
+
+
+def validate_tasks(tasks: Sequence[Task]) -> list[Task]:
+    """Check every task follows the protocol and names are unique; returns them as a list."""
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise ValueError(f"tasks must be a list of Task objects (or [] for none), got {type(tasks).__name__}")
+    seen: set[str] = set()
+    for index, task in enumerate(tasks):
+        for attribute in ("name", "kind", "metric", "evaluate", "score"):
+            if not hasattr(task, attribute):
+                raise ValueError(
+                    f"tasks[{index}] ({type(task).__name__}) is not a Task: it has no {attribute!r}; "
+                    "wrap a plain function in checkpoint_stability.tasks.FunctionTask"
+                )
+        validate_task_name(task.name)
+        if task.name in seen:
+            raise ValueError(f"two tasks are named {task.name!r}; task names must be unique")
+        seen.add(task.name)
+    return list(tasks)
