@@ -98,7 +98,9 @@ def test_capture_is_a_copy_not_a_view():
     with torch.no_grad():
         model.weight.add_(1.0)
     assert torch.equal(captured.tensors["weight"], before)
-    assert captured.tensors["weight"].untyped_storage().data_ptr() != model.weight.untyped_storage().data_ptr()
+    assert (
+        captured.tensors["weight"].untyped_storage().data_ptr() != model.weight.untyped_storage().data_ptr()
+    )
 
 
 def test_non_contiguous_tensor_is_stored(tmp_path):
@@ -236,7 +238,8 @@ def test_reopen_drops_bad_files_with_one_warning_each(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-    "bad_name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/step-00000001.safetensors", "x.bin"]
+    "bad_name",
+    ["../outside.safetensors", "/tmp/outside.safetensors", "sub/step-00000001.safetensors", "x.bin"],
 )
 def test_manifest_names_outside_the_buffer_are_refused(tmp_path, bad_name, caplog):
     buffer_dir = tmp_path / "buffer"
@@ -302,7 +305,10 @@ def test_reopen_with_a_smaller_window_keeps_the_newest(tmp_path):
     buffer.close()
     smaller = SnapshotBuffer(tmp_path, window=2)
     assert smaller.steps == [3, 4]
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [snapshot_file_name(3), snapshot_file_name(4)]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        snapshot_file_name(3),
+        snapshot_file_name(4),
+    ]
 
 
 def test_bad_arguments(tmp_path):

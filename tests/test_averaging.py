@@ -1,0 +1,151 @@
+"""WindowAverage against float64 averages of the buffered files, read back with safe_open."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability.buffer import SnapshotBuffer
+from checkpoint_stability.state import CapturedState
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.hidden = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.BatchNorm1d(32)
+        self.out = torch.nn.Linear(32, 50, bias=False)
+        self.out.weight = torch.nn.Parameter(torch.randn(50, 32))
+        self.tied = torch.nn.Linear(16, 50, bias=False)
+        self.tied.weight = self.embed.weight
+
+
+def drift(model: torch.nn.Module, generator: torch.Generator, step: int) -> None:
+    """A random walk with a trend, like weights during training; integer buffers move too."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator) + 0.001)
+        model.norm.num_batches_tracked.fill_(step)
+
+
+def float64_average_of_files(directory, manifest_steps, aliases):
+    """The oracle: read every buffered file with safetensors' reader and average in float64."""
+    sums: dict[str, torch.Tensor] = {}
+    newest: dict[str, torch.Tensor] = {}
+    for step in manifest_steps:
+        with safe_open(str(directory / f"step-{step:08d}.safetensors"), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point():
+                    sums[key] = sums.get(key, 0) + tensor.to(torch.float64)
+                else:
+                    newest[key] = tensor
+    mean = {k: v / len(manifest_steps) for k, v in sums.items()}
+    mean.update(newest)
+    for alias, canonical in aliases.items():
+        mean[alias] = mean[canonical]
+    return mean
+
+
+def run_window(tmp_path, pushes, window, storage_dtype=None, accumulator=torch.float32, resum_every=None):
+    model = SmallNet()
+    generator = torch.Generator().manual_seed(1)
+    average = WindowAverage(accumulator, resum_every if resum_every is not None else window)
+    buffer = SnapshotBuffer(tmp_path, window, storage_dtype=storage_dtype, listener=average.update)
+    for step in range(1, pushes + 1):
+        drift(model, generator, step)
+        buffer.push(step, model.state_dict())
+    buffer.close()
+    return model, average, buffer
+
+
+@pytest.mark.slow
+def test_thousand_pushes_window_20_match_float64_oracle(tmp_path):
+    _, average, buffer = run_window(tmp_path, pushes=1000, window=20)
+    assert buffer.steps == list(range(981, 1001))
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    got = average.mean()
+    scale = max(v.abs().max().item() for v in oracle.values() if v.is_floating_point())
+    worst = max(
+        (got[k].double() - oracle[k]).abs().max().item() for k in oracle if oracle[k].is_floating_point()
+    )
+    assert worst <= 1e-6 * scale, (worst, scale)
+    assert torch.equal(got["norm.num_batches_tracked"], torch.tensor(1000))
+    assert got["tied.weight"] is got["embed.weight"]
+    assert average.count == 20
+
+
+def test_incremental_without_resum_still_tracks_the_window(tmp_path):
+    # resum_every larger than the run: the pure add/subtract path must still be the window mean.
+    _, average, buffer = run_window(tmp_path, pushes=60, window=7, resum_every=10_000)
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    got = average.mean()
+    for key, value in oracle.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key].double(), value, rtol=0, atol=1e-5)
+    assert average.count == 7
+
+
+def test_bfloat16_storage_averages_exactly_what_is_stored(tmp_path):
+    _, average, buffer = run_window(tmp_path, pushes=25, window=6, storage_dtype=torch.bfloat16)
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    got = average.mean(dtype=torch.float64)
+    for key, value in oracle.items():
+        if value.is_floating_point():
+            # float32 sums of bfloat16 values: tiny error only, no bias from the rounding.
+            torch.testing.assert_close(got[key], value, rtol=0, atol=2e-6 * value.abs().max().item() + 1e-7)
+
+
+def test_float64_accumulator(tmp_path):
+    _, average, buffer = run_window(
+        tmp_path, pushes=30, window=5, accumulator=torch.float64, resum_every=1000
+    )
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    got = average.mean(dtype=torch.float64)
+    for key, value in oracle.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-12)
+
+
+def test_reset_from_buffer_sources_equals_running_average(tmp_path):
+    _, average, buffer = run_window(tmp_path, pushes=13, window=4)
+    fresh = WindowAverage()
+    reopened = SnapshotBuffer(tmp_path, 4)
+    fresh.reset(reopened.window_sources(), aliases=reopened.entries[-1].aliases)
+    for key, value in average.mean().items():
+        torch.testing.assert_close(fresh.mean()[key], value, rtol=0, atol=1e-6)
+
+
+def test_copy_into_writes_the_mean_into_live_tensors():
+    a = CapturedState({"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(1)}, {"v": "w"})
+    b = CapturedState({"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(2)}, {"v": "w"})
+    average = WindowAverage()
+    average.update(a)
+    average.update(b)
+    targets = {"w": torch.zeros(2, dtype=torch.float16), "v": torch.zeros(2), "n": torch.tensor(0)}
+    average.copy_into(targets)
+    assert targets["w"].tolist() == [2.0, 4.0] and targets["w"].dtype == torch.float16
+    assert targets["v"].tolist() == [2.0, 4.0]
+    assert targets["n"].item() == 2
+
+
+def test_evicting_a_different_model_is_refused():
+    average = WindowAverage()
+    average.update(CapturedState({"w": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="unexpected"):
+        average.update(CapturedState({"w": torch.zeros(2), "extra": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="shape"):
+        average.update(CapturedState({"w": torch.zeros(3)}))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="accumulator_dtype"):
+        WindowAverage(torch.float16)
+    with pytest.raises(ValueError, match="resum_every"):
+        WindowAverage(resum_every=0)
+    with pytest.raises(RuntimeError, match="no snapshot"):
+        WindowAverage().mean()
