@@ -112,7 +112,7 @@ def test_float64_accumulator(tmp_path):
 
 
 def test_reset_from_buffer_sources_equals_running_average(tmp_path):
-    _, average, buffer = run_window(tmp_path, pushes=13, window=4)
+    _, average, _ = run_window(tmp_path, pushes=13, window=4)
     fresh = WindowAverage()
     reopened = SnapshotBuffer(tmp_path, 4)
     fresh.reset(reopened.window_sources(), aliases=reopened.entries[-1].aliases)

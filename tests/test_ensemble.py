@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from checkpoint_stability import ensemble
 from checkpoint_stability.ensemble import ENSEMBLE_METHODS, combine, mean_prob, vote
 
-FAST = settings(max_examples=100, deadline=None)
+# Small example counts keep both files well under the 5 s budget; the oracle tests get more.
+FAST = settings(max_examples=50, deadline=None)
+THOROUGH = settings(max_examples=150, deadline=None)
 NEG_INF = -math.inf
 log = math.log
 
@@ -156,7 +158,7 @@ def test_vote_result_is_one_of_the_column_outputs(window, use_logprobs):
         assert chosen in [snapshot[i] for snapshot in outputs]
 
 
-@FAST
+@THOROUGH
 @given(st.data())
 def test_vote_strict_majority_wins_regardless_of_logprobs(data):
     s = data.draw(st.integers(1, 7))
@@ -184,7 +186,7 @@ def _rank_oracle(column, logprobs_column):
     return max(set(column), key=rank)
 
 
-@FAST
+@THOROUGH
 @given(windows())
 def test_vote_matches_lexicographic_oracle(window):
     outputs, logprobs = window

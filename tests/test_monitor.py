@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import random
@@ -164,7 +165,7 @@ def test_records_match_hand_computed_votes_mtv_and_is(tmp_path):
             if len(scores) < 2:
                 assert record["mtv"] is None and record["is"] is None
                 continue
-            mtv = sum(abs(b - a) for a, b in zip(scores, scores[1:])) / (len(scores) - 1)
+            mtv = sum(abs(b - a) for a, b in itertools.pairwise(scores)) / (len(scores) - 1)
             assert record["mtv"] == pytest.approx(mtv, abs=1e-12)
             block = outputs[max(0, t - 3) : t + 1]
             flips = [

@@ -1,0 +1,149 @@
+"""A process killed (SIGKILL) while a snapshot is written leaves a buffer that reopens cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from safetensors import safe_open
+
+from checkpoint_stability import History, StabilityMonitor
+from checkpoint_stability.buffer import SnapshotBuffer
+
+# The child trains nothing: it pushes snapshots of a ~4 MB model through a real monitor and reports
+# on stdout which steps the buffer has acknowledged (manifest committed). In the stalled modes it
+# freezes at a chosen point of the write path, so the parent's SIGKILL lands exactly there.
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch
+    from checkpoint_stability import FunctionTask, StabilityMonitor
+    from checkpoint_stability import buffer as buffer_module
+
+    run_dir, mode, stall_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    real_write = buffer_module.atomic_write_bytes
+
+    def stalling_write(path, data):
+        step_file = path.name == f"step-{stall_step:08d}.safetensors"
+        if mode == "mid-data" and step_file:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+            print("stalled", flush=True)
+            time.sleep(600)
+        if mode == "before-manifest" and path.name == "manifest.json" and stall_step_written[0]:
+            print("stalled", flush=True)
+            time.sleep(600)
+        real_write(path, data)
+        if step_file:
+            stall_step_written[0] = True
+
+    stall_step_written = [False]
+    buffer_module.atomic_write_bytes = stalling_write
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
+    x = torch.randn(8, 512)
+    task = FunctionTask("t", lambda m: m(x).argmax(-1).tolist(), targets=[0] * 8)
+    monitor = StabilityMonitor([task], dirpath=run_dir, window=3, every_n_steps=1, console=False)
+    for step in range(1, 1000):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        monitor.on_snapshot(model, step)
+        print(f"evaluated {step}", flush=True)
+        if mode != "random":
+            monitor.buffer.wait()
+            print(f"acked {step}", flush=True)
+    """
+)
+
+
+def run_child(tmp_path, mode: str, stall_step: int = 5, kill_after: float | None = None):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), mode, str(stall_step)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    acked: list[int] = []
+    evaluated: list[int] = []
+    started = None
+    try:
+        for line in process.stdout:
+            word, _, value = line.strip().partition(" ")
+            if word == "acked":
+                acked.append(int(value))
+            elif word == "evaluated":
+                evaluated.append(int(value))
+                started = started or time.monotonic()
+            if word == "stalled":
+                break
+            if kill_after is not None and started is not None and time.monotonic() - started >= kill_after:
+                break
+        else:
+            pytest.fail(f"child ended before the kill point (exit {process.wait()})")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    return run_dir, acked, evaluated
+
+
+def check_consistent(run_dir):
+    """The buffer reopens; every manifest entry verifies against its file; nothing is left over."""
+    buffer = SnapshotBuffer(run_dir / "buffer", window=3)
+    manifest = json.loads((run_dir / "buffer" / "manifest.json").read_text())
+    assert [e["step"] for e in manifest["snapshots"]] == buffer.steps
+    for entry in manifest["snapshots"]:
+        data = (run_dir / "buffer" / entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        with safe_open(str(run_dir / "buffer" / entry["file"]), framework="pt") as handle:
+            assert set(handle.keys()) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    leftovers = sorted(p.name for p in (run_dir / "buffer").iterdir() if p.name != "manifest.json")
+    assert leftovers == [e["file"] for e in manifest["snapshots"]]
+    buffer.close()
+    return buffer.steps
+
+
+@pytest.mark.parametrize("mode", ["mid-data", "before-manifest"])
+def test_kill_during_a_snapshot_write_keeps_the_previous_window(tmp_path, mode):
+    run_dir, acked, _ = run_child(tmp_path, mode, stall_step=5)
+    assert acked == [1, 2, 3, 4]
+    stray = [p.name for p in (run_dir / "buffer").iterdir() if p.name.startswith(".") or "00000005" in p.name]
+    assert stray, "the kill must have left a partial write behind for this test to mean anything"
+    assert check_consistent(run_dir) == [2, 3, 4]
+
+    # The monitor reopens on it and continues where the acknowledged window ends.
+    monitor = StabilityMonitor([], dirpath=run_dir, window=3, every_n_steps=1, console=False)
+    monitor.open(resume_step=4)
+    assert monitor.buffer.steps == [2, 3, 4]
+    assert monitor.average.count == 3
+    monitor.close()
+
+
+def test_kill_at_random_moments(tmp_path):
+    rng = random.Random(1234)
+    for trial in range(3):
+        trial_dir = tmp_path / f"trial{trial}"
+        trial_dir.mkdir()
+        run_dir, _, evaluated = run_child(trial_dir, "random", kill_after=rng.uniform(0.2, 1.5))
+        steps = check_consistent(run_dir)
+        assert steps == sorted(steps) and len(steps) <= 3
+        if steps:
+            # Acknowledged snapshots are consecutive and no newer than what the child reached.
+            assert steps == list(range(steps[0], steps[-1] + 1))
+            assert steps[-1] <= (evaluated[-1] + 1 if evaluated else 1)
+        history = History(run_dir)  # a torn last line, if any, is dropped, never fatal
+        recorded = sorted({r["step"] for r in history.records()})
+        assert recorded == sorted(set(recorded))
