@@ -245,18 +245,21 @@ class StabilityMonitor:
             return None
 
     def _evaluate(self, task: Task, model: torch.nn.Module, step: int, variant: str) -> TaskResult | None:
-        failed, result = False, None
+        error, result = None, None
         try:
             result = task.evaluate(model)
             if not isinstance(result, TaskResult):
                 raise TypeError(
                     f"task {task.name!r}: evaluate returned {type(result).__name__}, not a TaskResult"
                 )
-        except Exception as error:
-            failed = True
+        except Exception as caught:
+            error = caught
+        # Agree before reporting: every rank skips (or raises) together, or the collectives of the
+        # next task would hang on the ranks that carried on.
+        if self.runtime.any_rank(error is not None):
+            if error is None:
+                error = RuntimeError(f"task {task.name!r} failed on another rank")
             self._fault("evaluate", error, step=step, task=task.name, variant=variant)
-        # Every rank skips together, or collectives inside the next task would hang.
-        if self.runtime.any_rank(failed):
             return None
         return result
 

@@ -24,6 +24,9 @@ class FunctionTask:
     log-probability tie-break. ``metric`` is ``"exact_match"`` (1 if the output equals the target) or
     ``"char_f1"`` (for free-form strings).
 
+    Under ``torch.distributed`` every rank calls ``predict`` on the whole task (it must return the same
+    outputs everywhere); splitting examples across ranks is left to ``predict``.
+
     Example::
 
         >>> import torch

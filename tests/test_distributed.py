@@ -1,0 +1,59 @@
+"""The monitor in two CPU processes (gloo), launched by torchrun as a standalone script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).parent / "distributed"
+
+
+def torchrun(script: str, out: Path, nproc: int = 2) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(SCRIPTS / script),
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+
+
+def test_two_ranks_agree_rank_zero_writes_and_averages_are_broadcast(tmp_path):
+    torchrun("monitor_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Every rank returns the same records, and the live weights come back bit-exactly on both.
+    assert ranks[0]["records"] == ranks[1]["records"]
+    assert all(ranks[0]["restored"]) and all(ranks[1]["restored"])
+    # Rank 1's avg evaluations saw rank 0's window average (float64 oracle over the raw states).
+    for seen in (ranks[0]["seen"], ranks[1]["seen"]):
+        raws, avgs = seen[0::2], seen[1::2]
+        assert len(raws) == len(avgs) == 4
+        for index, averaged in enumerate(avgs):
+            window = raws[max(0, index - 1) : index + 1]
+            for key, value in averaged.items():
+                oracle = sum(torch.tensor(w[key], dtype=torch.float64) for w in window) / len(window)
+                torch.testing.assert_close(
+                    torch.tensor(value, dtype=torch.float64), oracle, rtol=0, atol=1e-6
+                )
+    # Only rank 0 wrote: one history, one buffer; the flaky task was skipped on both ranks together.
+    run = tmp_path / "run"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    scores = [h for h in history if "error" not in h]
+    assert {h["task"] for h in scores} == {"cls"}
+    errors = [h for h in history if "error" in h]
+    assert len(errors) == 8 and all(e["task"] == "flaky" for e in errors)
+    assert all("another rank" in e["error"] for e in errors)
+    assert sorted(p.name for p in (run / "buffer").glob("*.safetensors")) == [
+        "step-00000003.safetensors",
+        "step-00000004.safetensors",
+    ]
