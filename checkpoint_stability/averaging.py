@@ -132,20 +132,24 @@ class WindowAverage:
             self._sum[name] = exact.to(self.accumulator_dtype)
             self._dtypes[name] = reference.dtype
 
-    def mean(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def mean(self, dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
         """The averaged state dict (aliases included, tied to their canonical tensor).
 
-        Floating tensors come back in ``dtype`` if given, else in the dtype they were pushed in.
+        Floating tensors come back in ``dtype`` (one dtype, or a dtype per name) if given, else in the
+        dtype they were pushed in (the storage dtype, when one is set).
         """
+        return self.captured(dtype).full()
+
+    def captured(self, dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> CapturedState:
+        """The average as a ``CapturedState``: each distinct tensor once, ties as aliases."""
         if self._count == 0:
             raise RuntimeError("the window average holds no snapshot yet")
-        out: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for name, total in self._sum.items():
-            out[name] = (total / self._count).to(dtype or self._dtypes[name])
-        out.update(self._newest)
-        for alias, canonical in self._aliases.items():
-            out[alias] = out[canonical]
-        return out
+            wanted = dtype.get(name) if isinstance(dtype, Mapping) else dtype
+            tensors[name] = (total / self._count).to(wanted or self._dtypes[name])
+        tensors.update(self._newest)
+        return CapturedState(tensors, dict(self._aliases))
 
     @torch.no_grad()
     def copy_into(self, targets: Mapping[str, torch.Tensor]) -> None:

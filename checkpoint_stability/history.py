@@ -52,6 +52,7 @@ def validate_task_name(task: object) -> str:
     """A task name that is safe as a file name under ``examples/`` (``"mean"`` allowed: aggregates)."""
     return _validate_name(task, allow_reserved=True)
 
+
 _OUTPUTS_SUFFIX = ".jsonl"
 
 

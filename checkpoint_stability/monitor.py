@@ -26,6 +26,7 @@ from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import instability_score, mean_total_variation, resolve_similarity
 from checkpoint_stability.runtime import Runtime, default_runtime
+from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
 from checkpoint_stability.state import CapturedState, capture_state, live_tensors, write_into
 from checkpoint_stability.tasks.base import Task, TaskResult, validate_tasks
@@ -101,6 +102,7 @@ class StabilityMonitor:
         self.dirpath: Path | None = None
         self.buffer: SnapshotBuffer | None = None
         self.history: History | None = None
+        self.selector: BestModelSelector | None = None
         self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
         self.sinks: list[Sink] = []
         self._warned: set[tuple[str, str | None]] = set()
@@ -130,6 +132,13 @@ class StabilityMonitor:
         if self.runtime.is_main:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             self.history = History(self.dirpath)
+            self.selector = BestModelSelector(
+                self.dirpath,
+                select=self.config.select,
+                metric=self.config.select_metric,
+                mode=self.config.select_mode,
+                min_snapshots=self.config.min_snapshots,
+            )
             self.buffer = SnapshotBuffer(
                 self.dirpath / "buffer",
                 self.config.window,
@@ -204,6 +213,7 @@ class StabilityMonitor:
         live = live_tensors(model)
         captured = self._push(step, live)
         self._last_step = step
+        self._snapshots_taken += 1
 
         results: dict[tuple[str, str], TaskResult] = {}
         if self.tasks:
@@ -212,7 +222,7 @@ class StabilityMonitor:
                     result = self._evaluate(task, model, step, "raw")
                     if result is not None:
                         results[(task.name, "raw")] = result
-                        self._raw_window[task.name].append(result)
+                        self._raw_window[task.name].append((step, result))
                 if self.config.ensemble is not None:
                     for task in self.tasks:
                         combined = self._ensemble(task, step)
@@ -225,6 +235,7 @@ class StabilityMonitor:
         if self.runtime.is_main:
             self._persist(step, results, records)
             self._emit(step, records)
+            self._select(step, records, live)
         # Rank 0 holds the reloaded series after a resume, so its records are the ones every rank sees.
         return self.runtime.broadcast_object(records)
 
@@ -264,7 +275,7 @@ class StabilityMonitor:
         return result
 
     def _ensemble(self, task: Task, step: int) -> TaskResult | None:
-        window = list(self._raw_window[task.name])
+        window = [result for _, result in self._raw_window[task.name]]
         if not window:
             return None
         try:
@@ -400,6 +411,38 @@ class StabilityMonitor:
             except Exception as error:
                 self._fault("sink", error, step=step, task=type(sink).__name__)
 
+    def _select(self, step: int, records: list[dict], live: dict[str, torch.Tensor]) -> None:
+        chosen = self.selector.candidate(records, self._snapshots_taken)
+        if chosen is None:
+            return
+        variant = chosen["variant"]
+        try:
+            if variant == "avg":
+                self.buffer.wait()
+                weights = self.average.captured({name: tensor.dtype for name, tensor in live.items()})
+                steps = self.buffer.steps
+            elif variant == "raw":
+                weights, steps = capture_state(live), [step]
+            else:
+                task = self.tasks[0]
+                weights, steps = None, [s for s, _ in self._raw_window[task.name]]
+            scores = {
+                r["task"]: r["score"] for r in records if r["variant"] == variant and r["task"] != MEAN_TASK
+            }
+            self.selector.commit(chosen, scores, steps, weights)
+        except Exception as error:
+            self._fault("export", error, step=step, variant=variant)
+
+    @property
+    def best(self) -> dict | None:
+        """What ``best.json`` says: the best model so far under the ``select`` policy."""
+        return None if self.selector is None else self.selector.best
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """Directory of the exported best model (``model.safetensors`` inside), if any."""
+        return None if self.selector is None else self.selector.best_path
+
     # ------------------------------------------------------------------ faults
 
     def _fault(
@@ -433,11 +476,13 @@ class StabilityMonitor:
         self._outputs = {(n, v): deque(maxlen=horizon) for n in names for v in VARIANTS}
         self._raw_window = {t.name: deque(maxlen=self.config.window) for t in self.tasks}
         self._avg_models = 0
+        self._snapshots_taken = 0
         self._last_duration = 0.0
 
     def _truncate_after(self, step: int) -> None:
         dropped_steps = self.buffer.truncate_after(step)
         dropped_lines = self.history.truncate_after(step)
+        self.selector.truncate_after(step)
         if dropped_steps or dropped_lines:
             logger.info(
                 "resuming from step %d: dropped %d newer snapshots and %d history lines",
@@ -466,14 +511,18 @@ class StabilityMonitor:
                 self._outputs[(task.name, variant)].append(line["outputs"])
                 if variant == "raw" and meta is not None:
                     self._raw_window[task.name].append(
-                        TaskResult(
-                            outputs=line["outputs"],
-                            correct=line["correct"],
-                            targets=meta["targets"],
-                            example_ids=meta["example_ids"],
-                            choice_logprobs=line.get("choice_logprobs"),
+                        (
+                            line["step"],
+                            TaskResult(
+                                outputs=line["outputs"],
+                                correct=line["correct"],
+                                targets=meta["targets"],
+                                example_ids=meta["example_ids"],
+                                choice_logprobs=line.get("choice_logprobs"),
+                            ),
                         )
                     )
+        self._snapshots_taken = len({r["step"] for r in self.history.records() if r["variant"] == "raw"})
         for record in self.history.records():
             key = (record["task"], record["variant"])
             if key in self._scores and record["window"] == window_of.get(record["variant"]):

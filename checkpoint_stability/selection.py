@@ -1,0 +1,237 @@
+"""Best-model selection and export: ``best.json`` points at the one export kept under ``exports/``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from checkpoint_stability.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
+from checkpoint_stability.state import CapturedState
+
+logger = logging.getLogger(__name__)
+
+BEST_FILE = "best.json"
+EXPORTS_DIR = "exports"
+WEIGHTS_FILE = "model.safetensors"
+_EXPORT_NAME = re.compile(r"^step-(\d{8,})-(raw|avg|ens)$")
+_CANDIDATES = {"avg": ("avg",), "raw": ("raw",), "any": ("avg", "raw", "ens")}
+
+
+def export_name(step: int, variant: str) -> str:
+    return f"step-{step:08d}-{variant}"
+
+
+class BestModelSelector:
+    """Keeps the best model of a run under a policy, exported, with a crash-safe pointer to it.
+
+    A candidate must beat the best so far strictly. A new best is written to
+    ``exports/step-XXXXXXXX-<variant>/model.safetensors`` (a temporary directory renamed into place),
+    then ``best.json`` is atomically replaced to point at it, then the previous export is deleted;
+    on open, exports that ``best.json`` does not name are removed. A crash therefore leaves either the
+    old best or the new one, never a pointer to a half-written export.
+
+    An ensemble is not one set of weights: when ``select="any"`` lets ``ens`` win, ``best.json`` names
+    the window's steps and ``path`` is ``null``.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from checkpoint_stability.selection import BestModelSelector
+        >>> from checkpoint_stability.state import capture_state
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     selector = BestModelSelector(d, select="avg")
+        ...     record = {"step": 20, "task": "mean", "variant": "avg", "window": 5, "score": 0.6}
+        ...     chosen = selector.candidate([record], snapshots_taken=5)
+        ...     weights = capture_state({"w": torch.ones(2)})
+        ...     selector.commit(chosen, {"mean": 0.6}, [4, 8, 12, 16, 20], weights)
+        ...     selector.best["path"], selector.best["score"]
+        ('exports/step-00000020-avg', 0.6)
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        select: str | None = "avg",
+        metric: str = "mean",
+        mode: str = "max",
+        min_snapshots: int = 1,
+    ):
+        if select is not None and select not in _CANDIDATES:
+            raise ValueError(f"select must be one of {sorted(_CANDIDATES)} or None, got {select!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"select_mode must be 'max' or 'min', got {mode!r}")
+        self.root = Path(root)
+        self.select = select
+        self.metric = metric
+        self.mode = mode
+        self.min_snapshots = min_snapshots
+        self.best: dict | None = None
+        self._open()
+
+    @property
+    def best_path(self) -> Path | None:
+        """Directory of the current best export (None before the first, or when an ensemble is best)."""
+        if self.best is None or self.best.get("path") is None:
+            return None
+        return self.root / self.best["path"]
+
+    def candidate(self, records: Sequence[Mapping], snapshots_taken: int) -> Mapping | None:
+        """The record of this step that beats the best so far under the policy, if any."""
+        if self.select is None or snapshots_taken < self.min_snapshots:
+            return None
+        allowed = _CANDIDATES[self.select]
+        rows = [r for r in records if r["task"] == self.metric and r["variant"] in allowed]
+        if not rows:
+            return None
+        sign = 1.0 if self.mode == "max" else -1.0
+        # Ties between variants of one step go to the earlier in (avg, raw, ens): the steadier model.
+        chosen = max(rows, key=lambda r: (sign * r["score"], -allowed.index(r["variant"])))
+        if self.best is not None and not sign * chosen["score"] > sign * self.best["score"]:
+            return None
+        return chosen
+
+    def commit(
+        self,
+        record: Mapping,
+        scores: Mapping[str, float],
+        window_steps: Sequence[int],
+        weights: CapturedState | None,
+    ) -> None:
+        """Export ``weights`` as the new best (``None`` for an ensemble) and move the pointer to it."""
+        step, variant = int(record["step"]), str(record["variant"])
+        exports = self.root / EXPORTS_DIR
+        exports.mkdir(parents=True, exist_ok=True)
+        relative = None
+        if weights is not None:
+            name = export_name(step, variant)
+            final = exports / name
+            staging = exports / f".{name}.tmp-{os.getpid()}"
+            _remove_tree(staging)
+            staging.mkdir()
+            try:
+                data = safetensors_save(
+                    weights.tensors,
+                    metadata={"step": str(step), "variant": variant, "aliases": json.dumps(weights.aliases)},
+                )
+                atomic_write_bytes(staging / WEIGHTS_FILE, data)
+                _remove_tree(final)
+                os.replace(staging, final)
+                fsync_directory(exports)
+            except BaseException:
+                _remove_tree(staging)
+                raise
+            relative = f"{EXPORTS_DIR}/{name}"
+        previous = self.best_path
+        best = {
+            "path": relative,
+            "step": step,
+            "variant": variant,
+            "window": int(record["window"]),
+            "steps": [int(s) for s in window_steps],
+            "score": float(record["score"]),
+            "metric": self.metric,
+            "scores": {k: float(v) for k, v in scores.items()},
+        }
+        atomic_write_text(self.root / BEST_FILE, json.dumps(best, indent=1) + "\n")
+        self.best = best
+        if previous is not None and previous != self.best_path:
+            _remove_tree(previous)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop a best that a resumed run has not reached yet (it belongs to the abandoned trajectory)."""
+        if self.best is None or self.best["step"] <= step:
+            return
+        logger.warning(
+            "the best model (step %d, %s) is newer than the resumed step %d: dropping it and restarting "
+            "selection; that export is gone",
+            self.best["step"],
+            self.best["variant"],
+            step,
+        )
+        path = self.best_path
+        (self.root / BEST_FILE).unlink(missing_ok=True)
+        self.best = None
+        if path is not None:
+            _remove_tree(path)
+
+    def _open(self) -> None:
+        self.best = self._read_best()
+        exports = self.root / EXPORTS_DIR
+        if not exports.is_dir() or exports.is_symlink():
+            return
+        keep = self.best_path.name if self.best_path is not None else None
+        for child in exports.iterdir():
+            if child.name != keep:
+                logger.info("removing export not named by %s: %s", BEST_FILE, child)
+                _remove_tree(child)
+
+    def _read_best(self) -> dict | None:
+        path = self.root / BEST_FILE
+        if not path.exists():
+            return None
+        try:
+            best = json.loads(path.read_text())
+            problem = _best_problem(self.root, best)
+        except (OSError, ValueError) as error:
+            problem = f"unreadable ({error})"
+        if problem is not None:
+            logger.warning("ignoring %s: %s; selection restarts", path, problem)
+            path.unlink(missing_ok=True)
+            return None
+        return best
+
+
+def _best_problem(root: Path, best) -> str | None:
+    if not isinstance(best, dict):
+        return "not a JSON object"
+    for key, kind in (("step", int), ("variant", str), ("score", (int, float)), ("steps", list)):
+        if not isinstance(best.get(key), kind):
+            return f"field {key!r} is missing or has the wrong type"
+    relative = best.get("path")
+    if relative is None:
+        return None if best["variant"] == "ens" else "path is null for a variant with weights"
+    if not isinstance(relative, str):
+        return "path is not a string"
+    parts = relative.split("/")
+    if len(parts) != 2 or parts[0] != EXPORTS_DIR or not _EXPORT_NAME.match(parts[1]):
+        return f"path {relative!r} is not exports/step-XXXXXXXX-<variant> inside the run directory"
+    export = root / relative
+    if export.is_symlink() or (root / EXPORTS_DIR).is_symlink():
+        return f"{export} is a symlink"
+    if not (export / WEIGHTS_FILE).is_file() or (export / WEIGHTS_FILE).is_symlink():
+        return f"{export / WEIGHTS_FILE} is missing"
+    return None
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a file, a symlink (never what it points at) or a directory tree, if present."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+    except OSError as error:
+        logger.warning("could not remove %s: %s", path, error)
+
+
+def load_export(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of an export directory (or its ``model.safetensors``), ties restored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    for alias, canonical in aliases.items():
+        tensors[alias] = tensors[canonical]
+    return tensors
