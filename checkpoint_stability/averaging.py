@@ -2,41 +2,46 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from checkpoint_stability.state import CapturedState
 
+logger = logging.getLogger(__name__)
+
 
 class WindowAverage:
     """Running uniform mean over a sliding window of state dicts.
 
-    Each new snapshot is added to a running sum and the snapshot leaving the window is subtracted,
-    so an update costs O(P) whatever the window size. Floating tensors (parameters and floating
-    buffers, as ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` treats them) are averaged;
-    non-floating ones (step counters, integer buffers) are taken from the newest snapshot.
+        Each new snapshot is added to a running sum and the snapshot leaving the window is subtracted,
+        so an update costs O(P) whatever the window size. Floating tensors (parameters and floating
+        buffers, as ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` treats them) are averaged;
+        non-floating ones (step counters, integer buffers) are taken from the newest snapshot.
 
-    Add-and-subtract in a float32 sum lets rounding error random-walk, so every ``resum_every``
-    updates the sum is rebuilt exactly from the window's snapshots (summed in float64, one tensor at a
-    time), which bounds the drift. With a storage dtype the sum adds exactly the stored (rounded)
-    values, so subtracting an evicted snapshot read back from disk cancels what was added.
+        Add-and-subtract in a float32 sum lets rounding error random-walk, so every ``resum_every``
+        updates the sum is rebuilt exactly from the window's snapshots (summed in float64, one tensor at a
+        time), which bounds the drift. With a storage dtype the sum adds exactly the stored (rounded)
+        values, so subtracting an evicted snapshot read back from disk cancels what was added.
 
-    Example::
+        Example::
 
-        >>> import torch
-        >>> from checkpoint_stability.averaging import WindowAverage
-        >>> from checkpoint_stability.state import CapturedState
-        >>> average = WindowAverage(resum_every=100)
-        >>> a = CapturedState({"w": torch.tensor([1.0, 2.0])})
-        >>> b = CapturedState({"w": torch.tensor([3.0, 6.0])})
-        >>> average.update(a)
-        >>> average.update(b)
-        >>> average.mean()["w"]
-        tensor([2., 4.])
-        >>> average.update(CapturedState({"w": torch.tensor([5.0, 0.0])}), evicted=[lambda: a])
-        >>> average.mean()["w"], average.count
-        (tensor([4., 3.]), 2)
+            >>> import torch
+            >>> from checkpoint_stability.averaging import WindowAverage
+            >>> from checkpoint_stability.state import CapturedState
+
+    logger = logging.getLogger(__name__)
+            >>> average = WindowAverage(resum_every=100)
+            >>> a = CapturedState({"w": torch.tensor([1.0, 2.0])})
+            >>> b = CapturedState({"w": torch.tensor([3.0, 6.0])})
+            >>> average.update(a)
+            >>> average.update(b)
+            >>> average.mean()["w"]
+            tensor([2., 4.])
+            >>> average.update(CapturedState({"w": torch.tensor([5.0, 0.0])}), evicted=[lambda: a])
+            >>> average.mean()["w"], average.count
+            (tensor([4., 3.]), 2)
     """
 
     def __init__(self, accumulator_dtype: torch.dtype = torch.float32, resum_every: int | None = None):
@@ -98,7 +103,16 @@ class WindowAverage:
         self._aliases = dict(added.aliases)
         self._count += 1
         for load in evicted:
-            old = load()
+            try:
+                old = load()
+            except Exception as error:
+                # An evicted file that cannot be read back (corrupt on disk) cannot be subtracted;
+                # without this the window would stay stuck on it. The exact path needs only the window.
+                if window is None:
+                    raise
+                logger.warning("could not read back an evicted snapshot (%s); re-summing the window", error)
+                self.reset(window(), aliases=added.aliases)
+                return
             tensors = old.tensors if isinstance(old, CapturedState) else old
             for name, total in self._sum.items():
                 total.sub_(tensors[name])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,9 +102,6 @@ class StabilityConfig:
     """Write TensorBoard scalars (to the framework's destination when there is one, else
     ``<dirpath>/tensorboard``)."""
 
-    extra: dict = field(default_factory=dict, repr=False)
-    """Reserved for adapters; not validated."""
-
     def __post_init__(self) -> None:
         _require_int("window", self.window, minimum=1)
         _require_int("every_n_steps", self.every_n_steps, minimum=1)
@@ -147,8 +144,6 @@ class StabilityConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra":
-                continue
             if isinstance(value, torch.dtype):
                 value = _dtype_name(value)
             elif isinstance(value, Path):
@@ -158,7 +153,7 @@ class StabilityConfig:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+        return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _require_int(name: str, value, *, minimum: int) -> None:

@@ -209,7 +209,6 @@ class StabilityMonitor:
                 step - 1,
             )
             self.resume(step - 1)
-        started = time.time()
         live = live_tensors(model)
         captured = self._push(step, live)
         self._last_step = step
@@ -231,7 +230,7 @@ class StabilityMonitor:
                 if self._average_due(step):
                     results.update(self._evaluate_average(model, live, captured, step))
 
-        records = self._records(step, results, started)
+        records = self._records(step, results)
         if self.runtime.is_main:
             self._persist(step, results, records)
             self._emit(step, records)
@@ -329,15 +328,9 @@ class StabilityMonitor:
             write_into(live, backup)
         return results
 
-    def _records(self, step: int, results: dict[tuple[str, str], TaskResult], started: float) -> list[dict]:
+    def _records(self, step: int, results: dict[tuple[str, str], TaskResult]) -> list[dict]:
         now = time.time()
         records = []
-        window_sizes = {"raw": 1, "avg": self.config.window, "ens": self.config.window}
-        models = {
-            "raw": 1,
-            "avg": self._avg_models,
-            "ens": None,
-        }
         for variant in VARIANTS:
             per_task = []
             for task in self.tasks:
@@ -347,9 +340,8 @@ class StabilityMonitor:
                 key = (task.name, variant)
                 self._scores[key].append(result.score)
                 self._outputs[key].append(result.outputs)
-                n_models = len(self._raw_window[task.name]) if variant == "ens" else models[variant]
                 record = self._record(
-                    step, task.name, variant, window_sizes[variant], n_models, result.score, now
+                    step, task.name, variant, self._models_in(task.name, variant), result.score, now
                 )
                 records.append(record)
                 per_task.append(record)
@@ -358,17 +350,24 @@ class StabilityMonitor:
                 key = (MEAN_TASK, variant)
                 self._scores[key].append(mean_score)
                 iss = [r["is"] for r in per_task]
-                record = self._record(
-                    step, MEAN_TASK, variant, window_sizes[variant], per_task[0]["n_models"], mean_score, now
-                )
+                record = self._record(step, MEAN_TASK, variant, per_task[0]["n_models"], mean_score, now)
                 record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
                 records.append(record)
-        self._last_duration = now - started
         return records
 
-    def _record(
-        self, step: int, task: str, variant: str, window: int, n_models: int, score: float, now: float
-    ) -> dict:
+    def _window_of(self, variant: str) -> int:
+        """The window size a variant is computed over (raw: a single snapshot)."""
+        return 1 if variant == "raw" else self.config.window
+
+    def _models_in(self, task_name: str, variant: str) -> int:
+        """How many snapshots the variant actually combined at this step (fewer early in a run)."""
+        if variant == "raw":
+            return 1
+        if variant == "ens":
+            return len(self._raw_window[task_name])
+        return self._avg_models
+
+    def _record(self, step: int, task: str, variant: str, n_models: int, score: float, now: float) -> dict:
         scores = list(self._scores[(task, variant)])
         outputs = list(self._outputs[(task, variant)])
         mtv = mean_total_variation(scores) if len(scores) >= 2 else None
@@ -377,7 +376,7 @@ class StabilityMonitor:
             "step": step,
             "task": task,
             "variant": variant,
-            "window": window,
+            "window": self._window_of(variant),
             "n_models": max(1, int(n_models or 1)),
             "score": float(score),
             "mtv": mtv,
@@ -393,9 +392,14 @@ class StabilityMonitor:
                     self.history.write_meta(
                         task.name, task.kind, task.metric, result.example_ids, result.targets
                     )
-                window = 1 if variant == "raw" else self.config.window
                 self.history.append_outputs(
-                    task.name, step, variant, window, result.outputs, result.correct, result.choice_logprobs
+                    task.name,
+                    step,
+                    variant,
+                    self._window_of(variant),
+                    result.outputs,
+                    result.correct,
+                    result.choice_logprobs,
                 )
             if records:
                 self.history.append_many(records)
@@ -477,7 +481,6 @@ class StabilityMonitor:
         self._raw_window = {t.name: deque(maxlen=self.config.window) for t in self.tasks}
         self._avg_models = 0
         self._snapshots_taken = 0
-        self._last_duration = 0.0
 
     def _truncate_after(self, step: int) -> None:
         dropped_steps = self.buffer.truncate_after(step)
@@ -501,12 +504,11 @@ class StabilityMonitor:
         self._reset_caches()
         self._resum_average()
         self._avg_models = self.average.count
-        window_of = {"raw": 1, "avg": self.config.window, "ens": self.config.window}
         for task in self.tasks:
             meta = self.history.meta(task.name)
             for line in self.history.outputs(task.name):
                 variant = line["variant"]
-                if variant not in VARIANTS or line["window"] != window_of[variant]:
+                if variant not in VARIANTS or line["window"] != self._window_of(variant):
                     continue
                 self._outputs[(task.name, variant)].append(line["outputs"])
                 if variant == "raw" and meta is not None:
@@ -525,7 +527,7 @@ class StabilityMonitor:
         self._snapshots_taken = len({r["step"] for r in self.history.records() if r["variant"] == "raw"})
         for record in self.history.records():
             key = (record["task"], record["variant"])
-            if key in self._scores and record["window"] == window_of.get(record["variant"]):
+            if key in self._scores and record["window"] == self._window_of(record["variant"]):
                 self._scores[key].append(record["score"])
         self._last_step = max(
             [s for s in (self.history.last_step(), *(self.buffer.steps[-1:])) if s is not None], default=None

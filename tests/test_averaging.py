@@ -149,3 +149,28 @@ def test_bad_arguments():
         WindowAverage(resum_every=0)
     with pytest.raises(RuntimeError, match="no snapshot"):
         WindowAverage().mean()
+
+
+def test_a_window_file_corrupted_on_disk_does_not_jam_the_window(tmp_path, caplog):
+    model = SmallNet()
+    generator = torch.Generator().manual_seed(2)
+    average = WindowAverage(resum_every=1000)
+    buffer = SnapshotBuffer(tmp_path, 3, listener=average.update)
+    for step in (1, 2, 3):
+        drift(model, generator, step)
+        buffer.push(step, model.state_dict())
+    buffer.wait()
+    target = tmp_path / "step-00000001.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    for step in (4, 5, 6):
+        drift(model, generator, step)
+        buffer.push(step, model.state_dict())
+    buffer.close()
+    assert buffer.steps == [4, 5, 6]
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    for key, value in oracle.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(average.mean()[key].double(), value, rtol=0, atol=1e-6)
+    assert "re-summing" in caplog.text
