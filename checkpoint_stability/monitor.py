@@ -183,6 +183,25 @@ class StabilityMonitor:
             "config": self.config.to_json(),
         }
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved, before the monitor opens: the restored run directory wins
+        over the configured one, so a resumed run continues in the same place."""
+        if self._opened:
+            raise RuntimeError("load_state_dict must be called before the monitor opens its run directory")
+        if not isinstance(state, dict) or "dirpath" not in state:
+            raise ValueError(f"not a StabilityMonitor state: {state!r:.200}")
+        if state["dirpath"] is not None:
+            self.config = self.config.replace(dirpath=state["dirpath"])
+        saved = state.get("config", {})
+        changed = [
+            k for k in ("window", "every_n_steps") if k in saved and saved[k] != getattr(self.config, k)
+        ]
+        if changed:
+            logger.warning(
+                "resuming with different settings than the checkpoint (%s); the history mixes both",
+                ", ".join(f"{k}: {saved[k]} -> {getattr(self.config, k)}" for k in changed),
+            )
+
     # ------------------------------------------------------------------ the pipeline
 
     def should_snapshot(self, step: int) -> bool:

@@ -364,3 +364,25 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="not a Task"):
         StabilityMonitor([lambda model: 0])
     assert StabilityConfig(storage_dtype="bfloat16").storage_dtype == torch.bfloat16
+
+
+def test_state_dict_round_trip_restores_the_run_directory(tmp_path):
+    x, y = make_data(12)
+    first = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path / "first", every_n_steps=5, console=False
+    )
+    train(10, first)
+    first.close()
+    state = json.loads(json.dumps(first.state_dict()))  # JSON all the way: no pickle in checkpoints
+    assert state["dirpath"] == str(tmp_path / "first") and state["last_step"] == 10
+
+    second = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path / "elsewhere", every_n_steps=5, console=False
+    )
+    second.load_state_dict(state)
+    second.open(resume_step=state["last_step"])
+    assert second.dirpath == tmp_path / "first"
+    assert second.buffer.steps == [5, 10]
+    second.close()
+    with pytest.raises(ValueError, match="not a StabilityMonitor state"):
+        StabilityMonitor([]).load_state_dict({"foo": 1})
