@@ -21,7 +21,8 @@ class TaskResult:
     ``outputs[i]`` is example ``i``'s prediction in a form that can be compared for equality and
     written to JSON (a choice index, a token id, a normalised string); ``correct[i]`` its score in
     [0, 1]; ``targets[i]`` the reference (label index or string); ``choice_logprobs[i][c]`` the
-    length-normalised log-probability of choice ``c`` (multiple-choice tasks; ``None`` otherwise).
+    log-probability of choice ``c`` after the task's own length normalisation, if any (multiple-choice
+    tasks; ``None`` otherwise). The ensemble's ``mean_prob`` and the vote's tie-break use them as given.
     """
 
     outputs: list
