@@ -386,3 +386,33 @@ def test_state_dict_round_trip_restores_the_run_directory(tmp_path):
     second.close()
     with pytest.raises(ValueError, match="not a StabilityMonitor state"):
         StabilityMonitor([]).load_state_dict({"foo": 1})
+
+
+def test_mean_prob_ensemble_through_the_monitor(tmp_path):
+    x, y = make_data(13)
+    monitor = StabilityMonitor(
+        [classify_task(x, y)],
+        dirpath=tmp_path,
+        window=3,
+        every_n_steps=5,
+        ensemble="mean_prob",
+        console=False,
+        tensorboard=False,
+    )
+    train(20, monitor)
+    monitor.close()
+    raw = monitor.history.outputs("cls", variant="raw")
+    ens = monitor.history.outputs("cls", variant="ens")
+    for index, line in enumerate(ens):
+        window = raw[max(0, index - 2) : index + 1]
+        for example in range(EXAMPLES):
+            probabilities = [0.0] * 4
+            for snapshot in window:
+                row = torch.tensor(snapshot["choice_logprobs"][example], dtype=torch.float64)
+                for choice, p in enumerate(torch.softmax(row, dim=0).tolist()):
+                    probabilities[choice] += p / len(window)
+            assert line["outputs"][example] == max(range(4), key=lambda c: (probabilities[c], -c))
+    with pytest.raises(ValueError, match="mean_prob"):
+        StabilityMonitor(
+            [FunctionTask("g", lambda m: ["a"], targets=["a"], kind="generation")], ensemble="mean_prob"
+        )
