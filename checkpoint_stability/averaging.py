@@ -180,6 +180,19 @@ class WindowAverage:
             else:
                 target.copy_(self._newest[canonical])
 
+    def mismatch(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        """Why a state dict (aliases included) cannot join this window, or None if it can."""
+        if self._count == 0:
+            return None
+        known = set(self._sum) | set(self._newest) | set(self._aliases)
+        if set(tensors) != known:
+            return _key_mismatch("the model's state dict", list(tensors), sorted(known))
+        for name, total in self._sum.items():
+            if tuple(tensors[name].shape) != tuple(total.shape):
+                shape = tuple(tensors[name].shape)
+                return f"the model's {name!r} has shape {shape}, the window's {tuple(total.shape)}"
+        return None
+
     def _check_keys(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if self._count == 0:
             return

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from checkpoint_stability.atomic_files import atomic_write_bytes
@@ -28,6 +28,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 _TEMPORARY_NAME = re.compile(r"^\..+\.tmp-\d+$")
+_HASH_CHUNK = 8 << 20
 
 
 def snapshot_file_name(step: int) -> str:
@@ -80,7 +81,8 @@ class SnapshotBuffer:
 
     ``push`` copies the weights to CPU on the caller's thread (the only blocking part) and leaves the
     file writing to one background thread. At most one write is in flight: the next ``push`` waits for
-    it, so memory stays bounded at one extra copy of the weights.
+    it, so memory stays bounded: the CPU copy of one snapshot, plus its serialised bytes while they are
+    written. Files read back (eviction, re-sums) are hashed in chunks and read one tensor at a time.
 
     Example::
 
@@ -141,13 +143,13 @@ class SnapshotBuffer:
     def load(self, step: int) -> CapturedState:
         """Read one snapshot back, verified against its checksum, with ties restored as aliases."""
         entry = self.entry(step)
-        data = self._read_verified(entry)
-        return CapturedState(safetensors_load(data), dict(entry.aliases))
+        self._verify(entry)
+        return CapturedState(load_file(str(self.directory / entry.file)), dict(entry.aliases))
 
     def open_lazy(self, step: int) -> LazySnapshot:
         """A verified snapshot whose tensors are read one at a time (memory-mapped)."""
         entry = self.entry(step)
-        self._read_verified(entry)
+        self._verify(entry)
         return LazySnapshot(self.directory / entry.file, entry.aliases)
 
     # ------------------------------------------------------------------ writing
@@ -215,12 +217,10 @@ class SnapshotBuffer:
                 self._executor.shutdown(wait=True)
                 self._executor = None
 
-    def window_sources(self, steps: Sequence[int] | None = None) -> list[LazySnapshot]:
+    def window_sources(self) -> list[LazySnapshot]:
         """Lazy, verified readers for the buffered snapshots; corrupt ones are dropped with a warning."""
         sources = []
         for entry in self.entries:
-            if steps is not None and entry.step not in steps:
-                continue
             try:
                 sources.append(self.open_lazy(entry.step))
             except CorruptSnapshotError as error:
@@ -269,8 +269,8 @@ class SnapshotBuffer:
         for old in evicted:
             self._remove(self.directory / old.file)
 
-    def _loader(self, step: int) -> Callable[[], CapturedState]:
-        return lambda: self.load(step)
+    def _loader(self, step: int) -> Callable[[], Mapping[str, torch.Tensor]]:
+        return lambda: self.open_lazy(step)
 
     def _window_with(
         self, keep: list[SnapshotEntry], new: SnapshotEntry, captured: CapturedState
@@ -289,22 +289,27 @@ class SnapshotBuffer:
                 self._remove(self.directory / entry.file)
         return sources
 
-    def _read_verified(self, entry: SnapshotEntry) -> bytes:
+    def _verify(self, entry: SnapshotEntry) -> None:
+        """Check a buffered file against its manifest entry, reading it in chunks (no full copy)."""
         path = self.directory / entry.file
         problem = _unsafe_entry_problem(self.directory, entry.file)
         if problem:
             raise CorruptSnapshotError(entry.step, f"{path}: {problem}")
+        digest = hashlib.sha256()
+        size = 0
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
         except OSError as error:
             raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
-        if len(data) != entry.bytes:
+        if size != entry.bytes:
             raise CorruptSnapshotError(
-                entry.step, f"{path}: {len(data)} bytes on disk, manifest says {entry.bytes} (truncated?)"
+                entry.step, f"{path}: {size} bytes on disk, manifest says {entry.bytes} (truncated?)"
             )
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        if digest.hexdigest() != entry.sha256:
             raise CorruptSnapshotError(entry.step, f"{path}: sha256 does not match the manifest")
-        return data
 
     def _write_manifest(self, entries: list[SnapshotEntry]) -> None:
         manifest = {
@@ -384,7 +389,7 @@ class SnapshotBuffer:
                 problem = "steps in the manifest are not increasing"
             if problem is None:
                 try:
-                    self._read_verified(entry)
+                    self._verify(entry)
                 except CorruptSnapshotError as error:
                     problem = str(error)
             if problem is not None:

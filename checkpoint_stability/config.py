@@ -88,8 +88,8 @@ class StabilityConfig:
     """``"max"`` if a higher score is better, ``"min"`` otherwise."""
 
     min_snapshots: int = 2
-    """Selection starts once the buffer holds this many snapshots (an average of two early snapshots
-    should not win by accident)."""
+    """Selection starts once the buffer holds this many snapshots, or ``window`` if smaller (an average
+    of two early snapshots should not win by accident)."""
 
     dirpath: str | os.PathLike | None = None
     """Run directory (buffer, history, exports). The framework callbacks default to

@@ -9,6 +9,7 @@ records to the history and the sinks. Framework callbacks only translate their h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -76,6 +77,11 @@ class StabilityMonitor:
         tensorboard_writer=None,
         **settings,
     ):
+        """``sinks``: extra destinations for the records (e.g. a framework logger); the caller owns them
+        and closes them. ``tensorboard_writer``: an existing ``SummaryWriter`` to log into instead of
+        ``<dirpath>/tensorboard``. ``runtime``: how to reach the other ranks (default: torch.distributed
+        when a process group with more than one rank is up). Other keywords are ``StabilityConfig``
+        settings."""
         if config is None:
             config = StabilityConfig(**settings)
         elif settings:
@@ -89,7 +95,7 @@ class StabilityMonitor:
             )
         if config.ensemble == "mean_prob":
             for task in self.tasks:
-                if task.kind not in ("multiple_choice", "lm_eval", "function"):
+                if task.kind not in ("multiple_choice", "classification", "lm_eval", "function"):
                     raise ValueError(
                         f"ensemble='mean_prob' needs choice probabilities, which task {task.name!r} "
                         f"(kind {task.kind!r}) does not produce; use ensemble='vote'"
@@ -105,8 +111,11 @@ class StabilityMonitor:
         self.selector: BestModelSelector | None = None
         self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
         self.sinks: list[Sink] = []
+        self._own_sinks: list[Sink] = []
         self._warned: set[tuple[str, str | None]] = set()
+        self._held_error: BaseException | None = None
         self._last_step: int | None = None
+        self._live_dtypes: dict[str, torch.dtype] = {}
         self._reset_caches()
 
     # ------------------------------------------------------------------ lifecycle
@@ -122,6 +131,7 @@ class StabilityMonitor:
 
         ``resume_step``: the step training resumed from. Snapshots, history and example lines newer
         than it belong to an abandoned trajectory and are dropped; the TensorBoard run purges them.
+        Collective: every rank calls it; rank 0 does the disk work and every rank raises if it fails.
         """
         if self._opened:
             raise RuntimeError(f"the monitor is already open at {self.dirpath}")
@@ -129,51 +139,29 @@ class StabilityMonitor:
         if chosen is None:
             raise ValueError("dirpath is not set: pass dirpath= to StabilityMonitor or to open()")
         self.dirpath = Path(chosen)
+        error = None
         if self.runtime.is_main:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            self.history = History(self.dirpath)
-            self.selector = BestModelSelector(
-                self.dirpath,
-                select=self.config.select,
-                metric=self.config.select_metric,
-                mode=self.config.select_mode,
-                min_snapshots=self.config.min_snapshots,
-            )
-            self.buffer = SnapshotBuffer(
-                self.dirpath / "buffer",
-                self.config.window,
-                storage_dtype=self.config.storage_dtype,
-                listener=self.average.update,
-            )
-            if resume_step is not None:
-                self._truncate_after(resume_step)
-            self._rebuild_from_disk()
-            self.sinks = self._build_sinks(resume_step)
+            try:
+                self._open_on_disk(resume_step)
+            except Exception as caught:
+                error = caught
+                self._release()
+        if self.runtime.any_rank(error is not None):
+            raise error or RuntimeError(f"opening the run directory {self.dirpath} failed on rank 0")
         self._last_step = self.runtime.broadcast_object(self._last_step)
         self._opened = True
 
     def resume(self, step: int) -> None:
         """Continue a run from ``step`` (e.g. after loading a training checkpoint)."""
         if self._opened:
-            self.close()
-            self._opened = False
+            self._shutdown(final=False)
         self.open(self.dirpath or self.config.dirpath, resume_step=step)
 
     def close(self) -> None:
-        """Finish the write in flight, flush and close the sinks."""
-        if not self._opened:
-            return
-        if self.buffer is not None:
-            try:
-                self.buffer.close()
-            except SnapshotError as error:
-                self._fault("snapshot", error, step=error.step)
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as error:
-                logger.warning("closing %s failed: %r", type(sink).__name__, error)
-        self._opened = False
+        """Finish the write in flight, close the monitor's own sinks; with no tasks, export the
+        final window average as the run's model (there is no score to select on)."""
+        if self._opened:
+            self._shutdown(final=True)
 
     def state_dict(self) -> dict:
         """JSON-serialisable state for a training checkpoint: where the run lives and how far it got."""
@@ -202,6 +190,16 @@ class StabilityMonitor:
                 ", ".join(f"{k}: {saved[k]} -> {getattr(self.config, k)}" for k in changed),
             )
 
+    @property
+    def best(self) -> dict | None:
+        """What ``best.json`` says: the best model so far under the ``select`` policy."""
+        return None if self.selector is None else self.selector.best
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """Directory of the exported best model (``model.safetensors`` inside), if any."""
+        return None if self.selector is None else self.selector.best_path
+
     # ------------------------------------------------------------------ the pipeline
 
     def should_snapshot(self, step: int) -> bool:
@@ -214,21 +212,15 @@ class StabilityMonitor:
         return self.on_snapshot(model, step)
 
     def on_snapshot(self, model: torch.nn.Module, step: int) -> list[dict]:
-        """Run the whole pipeline for the snapshot at optimizer step ``step``; returns its records."""
+        """Run the whole pipeline for the snapshot at optimizer step ``step``; returns its records.
+
+        Collective under torch.distributed: every rank calls it at the same steps.
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        if not self._opened:
-            self.open()
-        if self._last_step is not None and step <= self._last_step:
-            logger.warning(
-                "snapshot step %d is not after the last recorded step %d: treating it as a resume from "
-                "step %d and dropping what came after",
-                step,
-                self._last_step,
-                step - 1,
-            )
-            self.resume(step - 1)
         live = live_tensors(model)
+        if not self._ready(step):
+            return []
         captured = self._push(step, live)
         self._last_step = step
         self._snapshots_taken += 1
@@ -240,38 +232,85 @@ class StabilityMonitor:
                     result = self._evaluate(task, model, step, "raw")
                     if result is not None:
                         results[(task.name, "raw")] = result
-                        self._raw_window[task.name].append((step, result))
-                if self.config.ensemble is not None:
-                    for task in self.tasks:
-                        combined = self._ensemble(task, step)
-                        if combined is not None:
-                            results[(task.name, "ens")] = combined
-                if self._average_due(step):
+                if self._average_due():
                     results.update(self._evaluate_average(model, live, captured, step))
 
-        records = self._records(step, results)
+        records: list[dict] = []
         if self.runtime.is_main:
+            for task in self.tasks:
+                if (task.name, "raw") in results:
+                    self._raw_window[task.name].append((step, results[(task.name, "raw")]))
+                if self.config.ensemble is not None:
+                    combined = self._ensemble(task, step)
+                    if combined is not None:
+                        results[(task.name, "ens")] = combined
+            try:
+                records = self._records(step, results)
+            except Exception as error:
+                self._fault("metrics", error, step=step)
             self._persist(step, results, records)
             self._emit(step, records)
             self._select(step, records, live)
-        # Rank 0 holds the reloaded series after a resume, so its records are the ones every rank sees.
-        return self.runtime.broadcast_object(records)
+        # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
+        records = self.runtime.broadcast_object(records)
+        self._raise_held_error()
+        return records
 
     # ------------------------------------------------------------------ pipeline steps
+
+    def _ready(self, step: int) -> bool:
+        """Open lazily and handle a step that is not after the last one (a resume); False on a fault."""
+        if not self._opened and self.dirpath is None and self.config.dirpath is None:
+            raise ValueError("dirpath is not set: pass dirpath= to StabilityMonitor or to open()")
+        try:
+            if not self._opened:
+                self.open()
+            if self._last_step is not None and step <= self._last_step:
+                logger.warning(
+                    "snapshot step %d is not after the last recorded step %d: treating it as a resume "
+                    "from step %d and dropping what came after",
+                    step,
+                    self._last_step,
+                    step - 1,
+                )
+                self.resume(step - 1)
+        except Exception as error:
+            self._fault("open", error, step=step, agreed=True)
+            return False
+        return True
 
     def _push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
         if not self.runtime.is_main:
             return None
-        try:
-            self.buffer.wait()
-        except SnapshotError as error:
-            self._fault("snapshot", error, step=error.step)
-            self.average.invalidate()
+        self._live_dtypes = {name: tensor.dtype for name, tensor in live.items()}
+        self._wait_for_buffer()
+        mismatch = self.average.mismatch(live)
+        if mismatch is not None:
+            # A changed model (new layers, a torch.compile prefix) cannot share a window with the old
+            # one; keeping the old snapshots would jam every later push.
+            logger.warning("%s: restarting the window from step %d", mismatch, step)
+            try:
+                self.buffer.truncate_after(-1)
+            except Exception as error:
+                self._fault("snapshot", error, step=step)
+            self.average.reset([])
         try:
             return self.buffer.push(step, live)
         except Exception as error:
             self._fault("snapshot", error, step=step)
             return None
+
+    def _wait_for_buffer(self) -> None:
+        """Wait for the write in flight; a failed write is reported and the average re-summed."""
+        try:
+            self.buffer.wait()
+        except SnapshotError as error:
+            self._fault("snapshot", error, step=error.step)
+            try:
+                self._resum_average()
+            except Exception as resum_error:
+                self._fault("snapshot", resum_error, step=error.step)
+                self.average.invalidate()
 
     def _evaluate(self, task: Task, model: torch.nn.Module, step: int, variant: str) -> TaskResult | None:
         error, result = None, None
@@ -288,7 +327,7 @@ class StabilityMonitor:
         if self.runtime.any_rank(error is not None):
             if error is None:
                 error = RuntimeError(f"task {task.name!r} failed on another rank")
-            self._fault("evaluate", error, step=step, task=task.name, variant=variant)
+            self._fault("evaluate", error, step=step, task=task.name, variant=variant, agreed=True)
             return None
         return result
 
@@ -312,20 +351,16 @@ class StabilityMonitor:
             self._fault("ensemble", error, step=step, task=task.name, variant="ens")
             return None
 
-    def _average_due(self, step: int) -> bool:
-        return (step // self.config.every_n_steps) % self.config.average_every == 0
+    def _average_due(self) -> bool:
+        """Every ``average_every``-th snapshot of the run (the first one included)."""
+        return (self._snapshots_taken - 1) % self.config.average_every == 0
 
     def _evaluate_average(
         self, model: torch.nn.Module, live: dict[str, torch.Tensor], captured: CapturedState | None, step: int
     ) -> dict[tuple[str, str], TaskResult]:
         holds = 0
         if self.runtime.is_main:
-            try:
-                self.buffer.wait()
-            except SnapshotError as error:
-                self._fault("snapshot", error, step=error.step)
-                self.average.invalidate()
-                self._resum_average()
+            self._wait_for_buffer()
             holds = self.average.count
             self._avg_models = holds
         if not self.runtime.broadcast_object(holds):
@@ -336,8 +371,20 @@ class StabilityMonitor:
             backup = capture_state(live)
         results = {}
         try:
+            error = None
             if self.runtime.is_main:
-                self.average.copy_into(live)
+                try:
+                    self.average.copy_into(live)
+                except Exception as caught:
+                    error = caught
+            if self.runtime.any_rank(error is not None):
+                self._fault(
+                    "average",
+                    error or RuntimeError("swapping in the average failed on rank 0"),
+                    step=step,
+                    agreed=True,
+                )
+                return {}
             self.runtime.broadcast_tensors(live.values())
             for task in self.tasks:
                 result = self._evaluate(task, model, step, "avg")
@@ -366,8 +413,7 @@ class StabilityMonitor:
                 per_task.append(record)
             if per_task and len(per_task) == len(self.tasks):
                 mean_score = sum(r["score"] for r in per_task) / len(per_task)
-                key = (MEAN_TASK, variant)
-                self._scores[key].append(mean_score)
+                self._scores[(MEAN_TASK, variant)].append(mean_score)
                 iss = [r["is"] for r in per_task]
                 record = self._record(step, MEAN_TASK, variant, per_task[0]["n_models"], mean_score, now)
                 record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
@@ -388,7 +434,7 @@ class StabilityMonitor:
 
     def _record(self, step: int, task: str, variant: str, n_models: int, score: float, now: float) -> dict:
         scores = list(self._scores[(task, variant)])
-        outputs = list(self._outputs[(task, variant)])
+        outputs = _trailing_same_length(list(self._outputs[(task, variant)]))
         mtv = mean_total_variation(scores) if len(scores) >= 2 else None
         instability = instability_score(outputs, self._similarity) if len(outputs) >= 2 else None
         return {
@@ -404,9 +450,15 @@ class StabilityMonitor:
         }
 
     def _persist(self, step: int, results: dict[tuple[str, str], TaskResult], records: list[dict]) -> None:
-        try:
-            for (task_name, variant), result in results.items():
-                task = self._task(task_name)
+        # Score lines first and each task on its own: one task's trouble must not cost the others.
+        if records:
+            try:
+                self.history.append_many(records)
+            except Exception as error:
+                self._fault("history", error, step=step)
+        for (task_name, variant), result in results.items():
+            task = self._task(task_name)
+            try:
                 if variant == "raw":
                     self.history.write_meta(
                         task.name, task.kind, task.metric, result.example_ids, result.targets
@@ -420,10 +472,8 @@ class StabilityMonitor:
                     result.correct,
                     result.choice_logprobs,
                 )
-            if records:
-                self.history.append_many(records)
-        except Exception as error:
-            self._fault("history", error, step=step)
+            except Exception as error:
+                self._fault("history", error, step=step, task=task.name, variant=variant)
 
     def _emit(self, step: int, records: list[dict]) -> None:
         if not records:
@@ -435,20 +485,21 @@ class StabilityMonitor:
                 self._fault("sink", error, step=step, task=type(sink).__name__)
 
     def _select(self, step: int, records: list[dict], live: dict[str, torch.Tensor]) -> None:
-        chosen = self.selector.candidate(records, self._snapshots_taken)
+        if self.selector is None or self.config.select is None or not records:
+            return
+        self._wait_for_buffer()
+        chosen = self.selector.candidate(records, snapshots_in_window=len(self.buffer.steps))
         if chosen is None:
             return
         variant = chosen["variant"]
         try:
             if variant == "avg":
-                self.buffer.wait()
-                weights = self.average.captured({name: tensor.dtype for name, tensor in live.items()})
+                weights = self.average.captured(self._live_dtypes)
                 steps = self.buffer.steps
             elif variant == "raw":
                 weights, steps = capture_state(live), [step]
             else:
-                task = self.tasks[0]
-                weights, steps = None, [s for s, _ in self._raw_window[task.name]]
+                weights, steps = None, [s for s, _ in self._raw_window[self.tasks[0].name]]
             scores = {
                 r["task"]: r["score"] for r in records if r["variant"] == variant and r["task"] != MEAN_TASK
             }
@@ -456,41 +507,122 @@ class StabilityMonitor:
         except Exception as error:
             self._fault("export", error, step=step, variant=variant)
 
-    @property
-    def best(self) -> dict | None:
-        """What ``best.json`` says: the best model so far under the ``select`` policy."""
-        return None if self.selector is None else self.selector.best
-
-    @property
-    def best_model_path(self) -> Path | None:
-        """Directory of the exported best model (``model.safetensors`` inside), if any."""
-        return None if self.selector is None else self.selector.best_path
+    def _export_latest_average(self) -> None:
+        """With no tasks there is nothing to select on: the final window average is the run's model."""
+        if self.tasks or self.config.select is None or self.selector is None or self.average.count == 0:
+            return
+        try:
+            record = {"step": self._last_step, "variant": "avg", "window": self.config.window, "score": None}
+            self.selector.commit(record, {}, self.buffer.steps, self.average.captured(self._live_dtypes))
+        except Exception as error:
+            self._fault("export", error, step=self._last_step)
 
     # ------------------------------------------------------------------ faults
 
     def _fault(
-        self, phase: str, error: BaseException, *, step: int | None, task: str | None = None, variant=None
+        self,
+        phase: str,
+        error: BaseException,
+        *,
+        step: int | None,
+        task: str | None = None,
+        variant: str | None = None,
+        agreed: bool = False,
     ) -> None:
-        """Report a run-time fault once with its cause, record it, and go on (or raise, if asked)."""
-        if self.config.on_error == "raise":
-            raise error
+        """Report a run-time fault once with its cause, record it, and go on (or raise, if asked).
+
+        ``agreed``: every rank reached this fault together, so ``on_error="raise"`` may raise at once.
+        Otherwise (rank-0-only work: writing, logging, exporting) the error is held and raised on every
+        rank at the end of the snapshot, so no rank is left waiting in a collective.
+        """
         first = (phase, task) not in self._warned
         self._warned.add((phase, task))
         where = f" (task {task!r}, variant {variant})" if task else ""
-        message = f"checkpoint-stability: {phase} failed at step {step}{where}: {error!r}; skipped"
+        action = "stopping (on_error='raise')" if self.config.on_error == "raise" else "skipped"
+        message = f"checkpoint-stability: {phase} failed at step {step}{where}: {error!r}; {action}"
         if first:
             logger.warning("%s\n%s", message, "".join(traceback.format_exception(error)).rstrip())
         else:
             logger.warning(message)
-        if self.history is not None and phase != "history":
+        if self.history is not None:
             try:
                 self.history.append_error(
-                    step if step is not None else -1, phase, repr(error), task=task, variant=variant
+                    step if step is not None else (self._last_step or 0),
+                    phase,
+                    repr(error),
+                    task=task,
+                    variant=variant,
                 )
             except Exception as history_error:
                 logger.warning("could not record the error in the history: %r", history_error)
+        if self.config.on_error == "raise":
+            if agreed or self.runtime.world_size == 1:
+                raise error
+            self._held_error = self._held_error or error
+
+    def _raise_held_error(self) -> None:
+        error, self._held_error = self._held_error, None
+        if self.runtime.any_rank(error is not None):
+            raise error or RuntimeError(
+                "checkpoint-stability failed on rank 0 (on_error='raise'); see its log"
+            )
 
     # ------------------------------------------------------------------ state on disk
+
+    def _open_on_disk(self, resume_step: int | None) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        for name in ("buffer", "history.jsonl", "examples", "exports", "best.json", "tensorboard"):
+            if (self.dirpath / name).is_symlink():
+                raise ValueError(
+                    f"{self.dirpath / name} is a symlink; the run directory must hold its own files "
+                    "(nothing outside it is read, written or deleted)"
+                )
+        self.history = History(self.dirpath)
+        self.selector = BestModelSelector(
+            self.dirpath,
+            select=self.config.select,
+            metric=self.config.select_metric,
+            mode=self.config.select_mode,
+            # A window never holds more than `window` snapshots, so a larger threshold would never pass.
+            min_snapshots=min(self.config.min_snapshots, self.config.window),
+        )
+        self.buffer = SnapshotBuffer(
+            self.dirpath / "buffer",
+            self.config.window,
+            storage_dtype=self.config.storage_dtype,
+            listener=self.average.update,
+        )
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self._rebuild_from_disk()
+        self._own_sinks = self._build_sinks(resume_step)
+        self.sinks = [*self._extra_sinks, *self._own_sinks]
+
+    def _shutdown(self, *, final: bool) -> None:
+        if self.buffer is not None:
+            try:
+                self.buffer.close()
+            except SnapshotError as error:
+                self._fault("snapshot", error, step=error.step)
+                self._resum_average()
+            if final:
+                self._export_latest_average()
+        self._release()
+        self._opened = False
+        self._raise_held_error()
+
+    def _release(self) -> None:
+        """Close what the monitor itself opened; the caller's sinks stay open (they are the caller's)."""
+        for sink in self._own_sinks:
+            try:
+                sink.close()
+            except Exception as error:
+                logger.warning("closing %s failed: %r", type(sink).__name__, error)
+        self._own_sinks, self.sinks = [], []
+        if self.buffer is not None:
+            # Reported by _shutdown when it matters; here the writer thread is only released.
+            with contextlib.suppress(SnapshotError):
+                self.buffer.close()
 
     def _reset_caches(self) -> None:
         horizon = self.config.horizon
@@ -530,21 +662,18 @@ class StabilityMonitor:
                 if variant not in VARIANTS or line["window"] != self._window_of(variant):
                     continue
                 self._outputs[(task.name, variant)].append(line["outputs"])
-                if variant == "raw" and meta is not None:
-                    self._raw_window[task.name].append(
-                        (
-                            line["step"],
-                            TaskResult(
-                                outputs=line["outputs"],
-                                correct=line["correct"],
-                                targets=meta["targets"],
-                                example_ids=meta["example_ids"],
-                                choice_logprobs=line.get("choice_logprobs"),
-                            ),
-                        )
+                if variant == "raw" and meta is not None and len(line["outputs"]) == len(meta["targets"]):
+                    result = TaskResult(
+                        outputs=line["outputs"],
+                        correct=line["correct"],
+                        targets=meta["targets"],
+                        example_ids=meta["example_ids"],
+                        choice_logprobs=line.get("choice_logprobs"),
                     )
-        self._snapshots_taken = len({r["step"] for r in self.history.records() if r["variant"] == "raw"})
-        for record in self.history.records():
+                    self._raw_window[task.name].append((line["step"], result))
+        records = self.history.records()
+        self._snapshots_taken = len({r["step"] for r in records})
+        for record in records:
             key = (record["task"], record["variant"])
             if key in self._scores and record["window"] == self._window_of(record["variant"]):
                 self._scores[key].append(record["score"])
@@ -553,7 +682,7 @@ class StabilityMonitor:
         )
 
     def _build_sinks(self, resume_step: int | None) -> list[Sink]:
-        sinks: list[Sink] = list(self._extra_sinks)
+        sinks: list[Sink] = []
         if self.config.tensorboard:
             names = [t.name for t in self.tasks]
             if self._tensorboard_writer is not None:
@@ -574,3 +703,14 @@ class StabilityMonitor:
             if task.name == name:
                 return task
         raise KeyError(name)
+
+
+def _trailing_same_length(rows: list[list]) -> list[list]:
+    """The newest rows that have as many examples as the newest one (a changed task restarts IS)."""
+    if not rows:
+        return rows
+    size = len(rows[-1])
+    start = len(rows)
+    while start > 0 and len(rows[start - 1]) == size:
+        start -= 1
+    return rows[start:]

@@ -50,7 +50,7 @@ class BestModelSelector:
         >>> with tempfile.TemporaryDirectory() as d:
         ...     selector = BestModelSelector(d, select="avg")
         ...     record = {"step": 20, "task": "mean", "variant": "avg", "window": 5, "score": 0.6}
-        ...     chosen = selector.candidate([record], snapshots_taken=5)
+        ...     chosen = selector.candidate([record], snapshots_in_window=5)
         ...     weights = capture_state({"w": torch.ones(2)})
         ...     selector.commit(chosen, {"mean": 0.6}, [4, 8, 12, 16, 20], weights)
         ...     selector.best["path"], selector.best["score"]
@@ -85,9 +85,13 @@ class BestModelSelector:
             return None
         return self.root / self.best["path"]
 
-    def candidate(self, records: Sequence[Mapping], snapshots_taken: int) -> Mapping | None:
-        """The record of this step that beats the best so far under the policy, if any."""
-        if self.select is None or snapshots_taken < self.min_snapshots:
+    def candidate(self, records: Sequence[Mapping], snapshots_in_window: int) -> Mapping | None:
+        """The record of this step that beats the best so far under the policy, if any.
+
+        ``snapshots_in_window``: how many snapshots the buffer holds; below ``min_snapshots`` nothing is
+        selected, so an average of two early snapshots cannot win by accident.
+        """
+        if self.select is None or snapshots_in_window < self.min_snapshots:
             return None
         allowed = _CANDIDATES[self.select]
         rows = [r for r in records if r["task"] == self.metric and r["variant"] in allowed]
@@ -96,7 +100,8 @@ class BestModelSelector:
         sign = 1.0 if self.mode == "max" else -1.0
         # Ties between variants of one step go to the earlier in (avg, raw, ens): the steadier model.
         chosen = max(rows, key=lambda r: (sign * r["score"], -allowed.index(r["variant"])))
-        if self.best is not None and not sign * chosen["score"] > sign * self.best["score"]:
+        best_score = None if self.best is None else self.best["score"]
+        if best_score is not None and not sign * chosen["score"] > sign * best_score:
             return None
         return chosen
 
@@ -107,9 +112,15 @@ class BestModelSelector:
         window_steps: Sequence[int],
         weights: CapturedState | None,
     ) -> None:
-        """Export ``weights`` as the new best (``None`` for an ensemble) and move the pointer to it."""
+        """Export ``weights`` as the new best (``None`` for an ensemble) and move the pointer to it.
+
+        A record whose ``score`` is None (a run with no tasks) is exported as the latest model; any
+        scored candidate later beats it.
+        """
         step, variant = int(record["step"]), str(record["variant"])
         exports = self.root / EXPORTS_DIR
+        if exports.is_symlink():
+            raise ValueError(f"{exports} is a symlink; refusing to write or delete through it")
         exports.mkdir(parents=True, exist_ok=True)
         relative = None
         if weights is not None:
@@ -138,8 +149,9 @@ class BestModelSelector:
             "variant": variant,
             "window": int(record["window"]),
             "steps": [int(s) for s in window_steps],
-            "score": float(record["score"]),
-            "metric": self.metric,
+            "score": None if record["score"] is None else float(record["score"]),
+            "metric": self.metric if record["score"] is not None else None,
+            "mode": self.mode,
             "scores": {k: float(v) for k, v in scores.items()},
         }
         atomic_write_text(self.root / BEST_FILE, json.dumps(best, indent=1) + "\n")
@@ -177,11 +189,23 @@ class BestModelSelector:
 
     def _read_best(self) -> dict | None:
         path = self.root / BEST_FILE
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
         try:
+            if path.is_symlink():
+                raise ValueError("it is a symlink")
             best = json.loads(path.read_text())
             problem = _best_problem(self.root, best)
+            if (
+                problem is None
+                and best.get("score") is not None
+                and (best.get("metric") != self.metric or best.get("mode", "max") != self.mode)
+            ):
+                # A best chosen on another metric or direction cannot be compared with new candidates.
+                problem = (
+                    f"it was selected on metric {best.get('metric')!r} ({best.get('mode', 'max')}), "
+                    f"now {self.metric!r} ({self.mode})"
+                )
         except (OSError, ValueError) as error:
             problem = f"unreadable ({error})"
         if problem is not None:
@@ -194,8 +218,8 @@ class BestModelSelector:
 def _best_problem(root: Path, best) -> str | None:
     if not isinstance(best, dict):
         return "not a JSON object"
-    for key, kind in (("step", int), ("variant", str), ("score", (int, float)), ("steps", list)):
-        if not isinstance(best.get(key), kind):
+    for key, kind in (("step", int), ("variant", str), ("score", (int, float, type(None))), ("steps", list)):
+        if key not in best or not isinstance(best[key], kind) or isinstance(best[key], bool):
             return f"field {key!r} is missing or has the wrong type"
     relative = best.get("path")
     if relative is None:

@@ -60,11 +60,14 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            tensor = value.detach()
-            if hasattr(tensor, "to_local"):
-                # A DTensor shard: each rank keeps only its local part (averaging is elementwise).
-                tensor = tensor.to_local()
-            out[name] = tensor
+            if hasattr(value, "to_local"):
+                # Rank 0's average broadcast into every rank would overwrite the other ranks' shards
+                # with rank 0's: refuse rather than evaluate a silently wrong average.
+                raise ValueError(
+                    f"state-dict entry {name!r} is a sharded DTensor (FSDP2 / tensor parallel); this version "
+                    "of checkpoint-stability supports models whose every rank holds the full weights (DDP)"
+                )
+            out[name] = value.detach()
     return out
 
 

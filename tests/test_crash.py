@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from checkpoint_stability import History, StabilityMonitor
@@ -144,6 +145,24 @@ def test_kill_at_random_moments(tmp_path):
             # Acknowledged snapshots are consecutive and no newer than what the child reached.
             assert steps == list(range(steps[0], steps[-1] + 1))
             assert steps[-1] <= (evaluated[-1] + 1 if evaluated else 1)
-        history = History(run_dir)  # a torn last line, if any, is dropped, never fatal
+        # The history parses (a torn last line is dropped), holds each step once, and only steps the
+        # child got to: the one being evaluated when killed at most.
+        history = History(run_dir)
+        keys = [(r["step"], r["task"], r["variant"]) for r in history.records()]
+        assert len(keys) == len(set(keys))
         recorded = sorted({r["step"] for r in history.records()})
-        assert recorded == sorted(set(recorded))
+        assert recorded == list(range(1, len(recorded) + 1))
+        assert not recorded or recorded[-1] <= (evaluated[-1] + 1 if evaluated else 1)
+        # The reopened monitor's average is the float64 mean of the files that survived.
+        monitor = StabilityMonitor([], dirpath=run_dir, window=3, every_n_steps=1, console=False)
+        monitor.open()
+        if steps:
+            oracle = {}
+            for step in steps:
+                path = run_dir / "buffer" / f"step-{step:08d}.safetensors"
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():
+                        oracle[key] = oracle.get(key, 0) + handle.get_tensor(key).double() / len(steps)
+            for key, value in monitor.average.mean().items():
+                torch.testing.assert_close(value.double(), oracle[key], rtol=0, atol=1e-6)
+        monitor.close()

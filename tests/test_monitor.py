@@ -167,6 +167,22 @@ def test_no_tasks_keeps_buffer_and_average_only(tmp_path):
     assert monitor.average.count == 2
     assert not (tmp_path / "history.jsonl").exists() or (tmp_path / "history.jsonl").read_text() == ""
     assert not (tmp_path / "tensorboard").exists()
+    # Nothing to select on: the final window average is exported as the run's model.
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["path"] == "exports/step-00000020-avg" and best["score"] is None and best["steps"] == [15, 20]
+    oracle = {}
+    for step in (15, 20):
+        with safe_open(str(tmp_path / "buffer" / f"step-{step:08d}.safetensors"), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                oracle[key] = (
+                    oracle.get(key, 0) + tensor.double() / 2 if tensor.is_floating_point() else tensor
+                )
+    with safe_open(str(tmp_path / best["path"] / "model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            torch.testing.assert_close(
+                handle.get_tensor(key).double(), oracle[key].double(), rtol=0, atol=1e-6
+            )
 
 
 def test_tensorboard_scalars_read_back_with_event_accumulator(tmp_path):
@@ -353,9 +369,7 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="horizon"):
         StabilityConfig(horizon=1)
     with pytest.raises(ValueError, match="reserved"):
-        StabilityMonitor([FunctionTask.__new__(FunctionTask)], dirpath=".") if False else FunctionTask(
-            "mean", lambda m: [0], targets=[0]
-        )
+        FunctionTask("mean", lambda m: [0], targets=[0])
     x, y = make_data()
     with pytest.raises(ValueError, match="unique"):
         StabilityMonitor([classify_task(x, y), classify_task(x, y)])

@@ -67,9 +67,10 @@ def test_avg_policy_exports_the_window_average_of_the_best_step(tmp_path):
 
 
 def test_raw_policy_min_mode_and_min_snapshots(tmp_path):
+    # min_snapshots above the window (3) means "once the window is full".
     monitor, seen = run(tmp_path, select="raw", select_mode="min", min_snapshots=4)
     raws = seen[0::2]
-    history = monitor.history.records(task="mean", variant="raw")[3:]
+    history = monitor.history.records(task="mean", variant="raw")[2:]
     worst = min(r["score"] for r in history)
     chosen = next(r for r in history if r["score"] == worst)
     best = monitor.best
@@ -86,14 +87,14 @@ def test_any_policy_can_pick_the_ensemble_as_a_window(tmp_path):
         {"step": 30, "task": "mean", "variant": "avg", "window": 3, "score": 0.6},
         {"step": 30, "task": "mean", "variant": "ens", "window": 3, "score": 0.7},
     ]
-    chosen = selector.candidate(records, snapshots_taken=3)
+    chosen = selector.candidate(records, snapshots_in_window=3)
     assert chosen["variant"] == "ens"
     selector.commit(chosen, {"t": 0.7}, [20, 25, 30], None)
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["path"] is None and best["steps"] == [20, 25, 30] and best["variant"] == "ens"
     # A tie between variants goes to avg, then raw.
     tied = [dict(r, score=0.9, step=35) for r in records]
-    assert selector.candidate(tied, snapshots_taken=4)["variant"] == "avg"
+    assert selector.candidate(tied, snapshots_in_window=4)["variant"] == "avg"
     assert BestModelSelector(tmp_path, select="any").best == best
 
 
