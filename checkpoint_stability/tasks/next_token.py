@@ -1,0 +1,279 @@
+"""NextTokenTask: every predicted token of a set of token sequences is an example (token accuracy)."""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from checkpoint_stability.tasks.base import TaskResult, validate_task_name
+from checkpoint_stability.tasks.language_model import causal_logits, right_pad
+from checkpoint_stability.tasks.sharding import gather_in_order, shard_examples
+
+# One row of token ids and, per position t, the target the model should predict there (None: no target).
+_Row = tuple[int, list[int], list[int | None]]
+
+
+class NextTokenTask:
+    """Next-token accuracy of a causal LM on fixed token sequences, one example per predicted token.
+
+    For a sequence ``x``, position ``t`` is an example: the output is the model's argmax token id at
+    ``t``, the target is ``x[t + 1]``, and ``correct`` is 1 if they are equal. The score is the token
+    accuracy. Example ids are ``"s{sequence}:t{position}"``.
+
+    Only the first ``max_tokens`` predicted tokens are kept, taken in order: every position of the first
+    sequence, then of the second, and so on, the last one cut short. So the examples do not change
+    between evaluations, and a long validation set costs at most ``max_tokens`` predictions.
+
+    :meth:`from_batches` builds the task from Hugging Face style causal-LM batches (``input_ids`` with
+    optional ``labels`` and ``attention_mask``) — how a training framework's own validation data
+    becomes the default task.
+
+    Any causal LM that maps token ids to logits works (see :mod:`checkpoint_stability.tasks.language_model`).
+    Under ``torch.distributed`` the sequences are split across ranks in equal padded shares and the
+    predictions gathered back in order.
+
+    Example::
+
+        >>> import torch
+        >>> from checkpoint_stability.tasks.next_token import NextTokenTask
+        >>> class Increment(torch.nn.Module):  # a toy causal LM: predicts "previous token + 1"
+        ...     def forward(self, input_ids):
+        ...         return torch.nn.functional.one_hot((input_ids + 1) % 10, 10).float()
+        >>> task = NextTokenTask("count", [[1, 2, 3, 5], [7, 8]], max_tokens=3)
+        >>> result = task.evaluate(Increment())
+        >>> result.example_ids, result.outputs, result.targets, result.score
+        (['s0:t0', 's0:t1', 's0:t2'], [2, 3, 4], [2, 3, 5], 0.6666666666666666)
+    """
+
+    kind = "next_token"
+    metric = "accuracy"
+
+    def __init__(
+        self,
+        name: str,
+        sequences: Iterable[Sequence[int] | torch.Tensor],
+        *,
+        max_tokens: int = 2048,
+        batch_size: int = 8,
+        pad_token_id: int = 0,
+        ignore_index: int = -100,
+    ):
+        """
+        Args:
+            name: the task's name in logged keys and file names.
+            sequences: token id sequences (lists, 1-d integer tensors or arrays), each at least 2 long.
+                Read in order, and only until ``max_tokens`` predicted tokens are collected.
+            max_tokens: the most predicted tokens (examples) kept, the first ones in order (>= 1).
+            batch_size: sequences per forward pass.
+            pad_token_id: id used to right-pad batches; any valid id, as padding after a sequence cannot
+                change a causal model's logits at its real positions.
+            ignore_index: the label value meaning "no target here" (``labels`` in :meth:`from_batches`).
+        """
+        self._configure(name, max_tokens, batch_size, pad_token_id, ignore_index)
+        if isinstance(sequences, (str, bytes, Mapping)) or not isinstance(sequences, Iterable):
+            raise TypeError(
+                f"task {name!r}: sequences must be a list of token id sequences, "
+                f"got {type(sequences).__name__}"
+            )
+        self._collect(self._plain_rows(sequences))
+
+    @classmethod
+    def from_batches(
+        cls,
+        name: str,
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        max_tokens: int = 2048,
+        batch_size: int = 8,
+        pad_token_id: int = 0,
+        ignore_index: int = -100,
+    ) -> NextTokenTask:
+        """A task from causal-LM batches: ``input_ids`` with optional ``labels`` and ``attention_mask``.
+
+        Each row of a batch is a sequence, numbered across batches in order. Positions whose
+        ``attention_mask`` is 0 are padding and are dropped (the real tokens must be one contiguous run).
+        Without ``labels`` the target at position ``t`` is the next input token; with them it is
+        ``labels[t + 1]``, the shift Hugging Face's causal-LM loss applies, and positions whose label is
+        ``ignore_index`` are not examples. Rows with no target are skipped. Batches are read lazily and
+        only until ``max_tokens`` predicted tokens are collected, so an endless loader is fine.
+        """
+        task = cls.__new__(cls)
+        task._configure(name, max_tokens, batch_size, pad_token_id, ignore_index)
+        if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
+            raise TypeError(f"task {name!r}: batches must be an iterable of mappings, got {type(batches)}")
+        task._collect(task._batch_rows(batches))
+        return task
+
+    def _configure(self, name, max_tokens, batch_size, pad_token_id, ignore_index) -> None:
+        self.name = validate_task_name(name)
+        for setting, value, minimum in (
+            ("max_tokens", max_tokens, 1),
+            ("batch_size", batch_size, 1),
+            ("pad_token_id", pad_token_id, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"task {name!r}: {setting} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise ValueError(f"task {name!r}: ignore_index must be an integer, got {ignore_index!r}")
+        self.max_tokens = int(max_tokens)
+        self.batch_size = int(batch_size)
+        self.pad_token_id = int(pad_token_id)
+        self.ignore_index = int(ignore_index)
+
+    # ------------------------------------------------------------------ building the examples
+
+    def _plain_rows(self, sequences: Iterable) -> Iterator[_Row]:
+        for index, sequence in enumerate(sequences):
+            ids = _token_ids(self.name, sequence, f"sequence {index}")
+            if len(ids) < 2:
+                raise ValueError(
+                    f"task {self.name!r}: sequence {index} has {len(ids)} token(s); "
+                    "at least 2 are needed to predict one"
+                )
+            yield index, ids, list(ids[1:])
+
+    def _batch_rows(self, batches: Iterable) -> Iterator[_Row]:
+        number = 0
+        for batch_index, batch in enumerate(batches):
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError(
+                    f"task {self.name!r}: batch {batch_index} must be a mapping with 'input_ids' "
+                    f"(and optional 'labels', 'attention_mask'), got {type(batch).__name__}"
+                )
+            where = f"batch {batch_index}"
+            inputs = _token_rows(self.name, batch["input_ids"], f"{where} input_ids")
+            labels = _optional_rows(self.name, batch, "labels", where, inputs)
+            masks = _optional_rows(self.name, batch, "attention_mask", where, inputs)
+            for row, ids in enumerate(inputs):
+                keep = range(len(ids))
+                if masks is not None:
+                    keep = [t for t, flag in enumerate(masks[row]) if flag]
+                    if keep and keep != list(range(keep[0], keep[-1] + 1)):
+                        raise ValueError(
+                            f"task {self.name!r}: {where} row {row} has an attention_mask with gaps; "
+                            "only padding before or after one run of real tokens is supported"
+                        )
+                tokens = [ids[t] for t in keep]
+                if labels is None:
+                    targets: list[int | None] = list(tokens[1:])
+                else:
+                    kept = [labels[row][t] for t in keep][1:]
+                    targets = [None if label == self.ignore_index else label for label in kept]
+                for t, target in enumerate(targets):
+                    if target is not None and target < 0:
+                        raise ValueError(
+                            f"task {self.name!r}: {where} row {row} has the label {target} at position "
+                            f"{t + 1}; labels are token ids or ignore_index ({self.ignore_index})"
+                        )
+                yield number, tokens, targets
+                number += 1
+
+    def _collect(self, rows: Iterator[_Row]) -> None:
+        """Keep the first ``max_tokens`` predicted tokens, reading ``rows`` no further than needed."""
+        self._sequences: list[list[int]] = []
+        self._positions: list[list[int]] = []
+        self.targets: list[int] = []
+        self.example_ids: list[str] = []
+        for number, ids, targets in rows:
+            room = self.max_tokens - len(self.targets)
+            positions = list(itertools.islice((t for t, y in enumerate(targets) if y is not None), room))
+            if not positions:
+                continue
+            # The model only needs the tokens up to the last kept position.
+            self._sequences.append(ids[: positions[-1] + 1])
+            self._positions.append(positions)
+            self.targets.extend(targets[t] for t in positions)
+            self.example_ids.extend(f"s{number}:t{t}" for t in positions)
+            if len(self.targets) >= self.max_tokens:
+                break
+        if not self.targets:
+            raise ValueError(
+                f"task {self.name!r}: no sequences with a token to predict; a task needs at least one "
+                "sequence of 2 or more tokens (with a label other than ignore_index)"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: torch.nn.Module) -> TaskResult:
+        shard = shard_examples(len(self._sequences))
+        local: list[list[int]] = []
+        with torch.no_grad():
+            for start in range(0, shard.size, self.batch_size):
+                indices = shard.indices[start : start + self.batch_size]
+                ids, mask = right_pad([self._sequences[i] for i in indices], self.pad_token_id)
+                predicted = causal_logits(model, ids, mask, self.name).argmax(-1).cpu()
+                local.extend(predicted[k, self._positions[i]].tolist() for k, i in enumerate(indices))
+        outputs = [token for sequence in gather_in_order(local, shard) for token in sequence]
+        return TaskResult(
+            outputs=outputs,
+            correct=self.score(outputs),
+            targets=list(self.targets),
+            example_ids=list(self.example_ids),
+        )
+
+    def score(self, outputs: Sequence) -> list[float]:
+        if len(outputs) != len(self.targets):
+            raise ValueError(f"task {self.name!r}: {len(outputs)} outputs for {len(self.targets)} targets")
+        return [
+            1.0 if output == target else 0.0 for output, target in zip(outputs, self.targets, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"NextTokenTask(name={self.name!r}, sequences={len(self._sequences)}, tokens={len(self.targets)})"
+        )
+
+
+def _token_ids(name: str, value: Any, what: str, *, signed: bool = False) -> list[int]:
+    """A 1-d sequence of integer ids as a list of ints: TypeError for non-integers, ValueError for
+    negative ids (unless ``signed``: labels hold ``ignore_index``, checked by the caller)."""
+    if isinstance(value, torch.Tensor) or hasattr(value, "dtype"):
+        dtype = value.dtype
+        if isinstance(dtype, torch.dtype):
+            integral = not (dtype.is_floating_point or dtype.is_complex) and dtype != torch.bool
+        else:
+            integral = getattr(dtype, "kind", "") in ("i", "u")
+        if not integral or len(value.shape) != 1:
+            raise TypeError(
+                f"task {name!r}: {what} must be a 1-d integer sequence, got {dtype} of shape "
+                f"{tuple(value.shape)}"
+            )
+        value = value.tolist()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"task {name!r}: {what} must be a sequence of token ids, got {type(value).__name__}")
+    ids = list(value)
+    for t, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(f"task {name!r}: {what} has {token!r} at position {t}; token ids are integers")
+        if token < 0 and not signed:
+            raise ValueError(f"task {name!r}: {what} has the negative id {token} at position {t}")
+    return [int(token) for token in ids]
+
+
+def _token_rows(name: str, value: Any, what: str, *, signed: bool = False) -> list[list[int]]:
+    """A batch ``(rows, length)`` of integer ids (a single 1-d row is one row)."""
+    if isinstance(value, torch.Tensor) or hasattr(value, "shape"):
+        if len(value.shape) == 1:
+            return [_token_ids(name, value, what, signed=signed)]
+        if len(value.shape) != 2:
+            raise TypeError(f"task {name!r}: {what} must be 1-d or 2-d, got shape {tuple(value.shape)}")
+        return [_token_ids(name, row, f"{what} row {r}", signed=signed) for r, row in enumerate(value)]
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"task {name!r}: {what} must be a batch of token ids, got {type(value).__name__}")
+    value = list(value)
+    if value and not any(isinstance(v, Iterable) for v in value):
+        return [_token_ids(name, value, what, signed=signed)]
+    return [_token_ids(name, row, f"{what} row {r}", signed=signed) for r, row in enumerate(value)]
+
+
+def _optional_rows(name: str, batch: Mapping, key: str, where: str, inputs: list[list[int]]):
+    if batch.get(key) is None:
+        return None
+    rows = _token_rows(name, batch[key], f"{where} {key}", signed=key == "labels")
+    if [len(r) for r in rows] != [len(r) for r in inputs]:
+        raise ValueError(f"task {name!r}: {where} {key} does not have the shape of input_ids")
+    return rows
