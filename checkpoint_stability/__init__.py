@@ -14,14 +14,28 @@ from checkpoint_stability.history import History
 from checkpoint_stability.metrics import char_f1, instability_score, mean_total_variation
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.runtime import Runtime, TorchDistributedRuntime
-from checkpoint_stability.tasks import FunctionTask, Task, TaskResult
+from checkpoint_stability.tasks import (
+    ClassificationTask,
+    FunctionTask,
+    GenerationTask,
+    LmEvalTask,
+    MultipleChoiceTask,
+    NextTokenTask,
+    Task,
+    TaskResult,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassificationTask",
     "CorruptSnapshotError",
     "FunctionTask",
+    "GenerationTask",
     "History",
+    "LmEvalTask",
+    "MultipleChoiceTask",
+    "NextTokenTask",
     "Runtime",
     "SnapshotBuffer",
     "SnapshotError",
