@@ -57,3 +57,17 @@ def test_two_ranks_agree_rank_zero_writes_and_averages_are_broadcast(tmp_path):
         "step-00000003.safetensors",
         "step-00000004.safetensors",
     ]
+
+
+def test_multiple_choice_split_across_two_ranks_equals_one_process(tmp_path):
+    torchrun("multiple_choice_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["together"]["outputs"] == rank["alone"]["outputs"]
+        for got, want in zip(
+            rank["together"]["choice_logprobs"], rank["alone"]["choice_logprobs"], strict=True
+        ):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-5)
+    # Ragged shares (rank 0 has far more choices) still run the same number of forward passes.
+    assert ranks[0]["forwards"] == ranks[1]["forwards"]
+    assert ranks[0]["together"] == ranks[1]["together"]

@@ -87,3 +87,21 @@ def test_a_task_shows_its_bar_only_when_asked(capfd, monkeypatch):
     assert "shown" in capfd.readouterr().err
     ClassificationTask("hidden", data, batch_size=4, show_progress=False).evaluate(model)
     assert capfd.readouterr() == ("", "")
+
+
+def test_language_model_tasks_draw_their_bar_on_rank_zero(monkeypatch, capfd):
+    import functools
+
+    from tiny_lm import tiny_gpt2, tiny_tokenizer
+
+    from checkpoint_stability.tasks import multiple_choice
+    from checkpoint_stability.tasks.multiple_choice import MultipleChoiceTask
+
+    monkeypatch.setattr(multiple_choice, "progress", functools.partial(multiple_choice.progress, delay=0))
+    examples = [{"context": "The capital of France is", "choices": ["Paris", "Rome", "York"], "label": 0}] * 4
+    task = MultipleChoiceTask("capitals", examples, tiny_tokenizer(), batch_size=2)
+    task.evaluate(tiny_gpt2())
+    assert "capitals" in capfd.readouterr().err
+    task.show_progress = False
+    task.evaluate(tiny_gpt2())
+    assert "capitals" not in capfd.readouterr().err

@@ -12,6 +12,7 @@ from checkpoint_stability.metrics import char_f1, exact_match
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
+from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import any_rank_true, gather_in_order, shard_examples
 
 METRICS: dict[str, Callable[[Any, Any], float]] = {"exact_match": exact_match, "char_f1": char_f1}
@@ -89,6 +90,7 @@ class GenerationTask:
         batch_size: int = 16,
         pad_token_id: int | None = None,
         example_ids: Sequence | None = None,
+        show_progress: bool = True,
     ):
         """
         Args:
@@ -105,6 +107,7 @@ class GenerationTask:
             batch_size: prompts decoded together.
             pad_token_id: id used to right-pad batches; default the tokenizer's pad token.
             example_ids: one JSON-serialisable, unique id per example; default ``0..n-1``.
+            show_progress: a progress bar on rank 0 for evaluations longer than a couple of seconds.
         """
         self.name = validate_task_name(name)
         if metric not in METRICS:
@@ -125,6 +128,7 @@ class GenerationTask:
         self.metric = metric
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.show_progress = bool(show_progress)
         self.few_shot_prefix = few_shot_prefix
         self.normalize = normalize
         self.tokenizer = tokenizer
@@ -155,8 +159,10 @@ class GenerationTask:
         shard = shard_examples(len(self.prompts))
         own = set(range(shard.real))
         outputs: list[str] = []
-        with torch.no_grad():
-            for start in range(0, shard.size, self.batch_size):
+        batches = range(0, shard.size, self.batch_size)
+        with torch.no_grad(), progress(len(batches), self.name, enabled=self.show_progress) as bar:
+            for start in batches:
+                bar.update()
                 rows = range(start, min(start + self.batch_size, shard.size))
                 # Filler rows only keep the shares equal; they are not decoded (their output is dropped).
                 prompts = [self.prompts[shard.indices[row]] if row in own else None for row in rows]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode, right_pad
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
+from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import gather_in_order, rank_and_world, shard_examples
 
 NORMALIZATIONS = ("none", "chars", "tokens")
@@ -81,6 +82,7 @@ class MultipleChoiceTask:
         max_length: int | None = None,
         pad_token_id: int | None = None,
         example_ids: Sequence | None = None,
+        show_progress: bool = True,
     ):
         """
         Args:
@@ -95,6 +97,7 @@ class MultipleChoiceTask:
                 feeds every input whole.
             pad_token_id: the id to right-pad batches with; default the tokenizer's pad token.
             example_ids: one JSON-serialisable, unique id per example; default ``0..n-1``.
+            show_progress: a progress bar on rank 0 for evaluations longer than a couple of seconds.
         """
         self.name = validate_task_name(name)
         where = f"task {name!r}"
@@ -119,6 +122,7 @@ class MultipleChoiceTask:
         self.few_shot_prefix = few_shot_prefix
         self.target_delimiter = target_delimiter
         self.batch_size = batch_size
+        self.show_progress = bool(show_progress)
         self.max_length = max_length
         self.pad_token_id = resolve_pad_token_id(tokenizer, self.name, pad_token_id)
         self.tokenizer = tokenizer
@@ -223,8 +227,9 @@ class MultipleChoiceTask:
         # outputs are dropped: cheaper than padding with full batches of dummy requests.
         total_batches = _max_over_ranks(len(batches))
         scores: list[list[float]] = [[0.0] * len(self.choices[index]) for index in shard.indices]
-        with torch.no_grad():
+        with torch.no_grad(), progress(total_batches, self.name, enabled=self.show_progress) as bar:
             for number in range(total_batches):
+                bar.update()
                 if number < len(batches):
                     batch = batches[number]
                     for (slot, choice), value in zip(

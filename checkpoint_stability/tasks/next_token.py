@@ -11,6 +11,7 @@ import torch
 
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, right_pad
+from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import gather_in_order, shard_examples
 
 # One row of token ids and, per position t, the target the model should predict there (None: no target).
@@ -51,6 +52,8 @@ class NextTokenTask:
 
     kind = "next_token"
     metric = "accuracy"
+    show_progress: bool = True
+    """A progress bar on rank 0 for evaluations longer than a couple of seconds; set False to silence."""
 
     def __init__(
         self,
@@ -201,8 +204,10 @@ class NextTokenTask:
     def evaluate(self, model: torch.nn.Module) -> TaskResult:
         shard = shard_examples(len(self._sequences))
         local: list[list[int]] = []
-        with torch.no_grad():
-            for start in range(0, shard.size, self.batch_size):
+        batches = range(0, shard.size, self.batch_size)
+        with torch.no_grad(), progress(len(batches), self.name, enabled=self.show_progress) as bar:
+            for start in batches:
+                bar.update()
                 indices = shard.indices[start : start + self.batch_size]
                 ids, mask = right_pad([self._sequences[i] for i in indices], self.pad_token_id)
                 predicted = causal_logits(model, ids, mask, self.name).argmax(-1).cpu()
