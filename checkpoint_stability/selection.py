@@ -34,7 +34,7 @@ class BestModelSelector:
     """Keeps the best model of a run under a policy, exported, with a crash-safe pointer to it.
 
     A candidate must beat the best so far strictly. A new best is written to
-    ``exports/step-XXXXXXXX-<variant>/model.safetensors`` (a temporary directory renamed into place),
+    ``exports/step-<8-digit step>-<variant>/model.safetensors`` (a temporary directory renamed into place),
     then ``best.json`` is atomically replaced to point at it, then the previous export is deleted;
     on open, exports that ``best.json`` does not name are removed. A crash therefore leaves either the
     old best or the new one, never a pointer to a half-written export.
@@ -228,7 +228,7 @@ def _best_problem(root: Path, best) -> str | None:
         return "path is not a string"
     parts = relative.split("/")
     if len(parts) != 2 or parts[0] != EXPORTS_DIR or not _EXPORT_NAME.match(parts[1]):
-        return f"path {relative!r} is not exports/step-XXXXXXXX-<variant> inside the run directory"
+        return f"path {relative!r} is not exports/step-<8-digit step>-<variant> inside the run directory"
     export = root / relative
     if export.is_symlink() or (root / EXPORTS_DIR).is_symlink():
         return f"{export} is a symlink"

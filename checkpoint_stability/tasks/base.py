@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -92,6 +93,26 @@ def validate_task_name(name: Any, *, allow_reserved: bool = False) -> str:
             "or be longer than 200 characters"
         )
     return name
+
+
+def validate_example_ids(task: str, example_ids: Sequence | None, count: int) -> list:
+    """One JSON-serialisable, unique id per example (default ``0..count-1``); they name examples on disk."""
+    if example_ids is None:
+        return list(range(count))
+    example_ids = list(example_ids)
+    if len(example_ids) != count:
+        raise ValueError(f"task {task!r}: {len(example_ids)} example_ids for {count} examples")
+    keys = []
+    for index, value in enumerate(example_ids):
+        try:
+            keys.append(json.dumps(value, sort_keys=True, allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"task {task!r}: example id of example {index} is not JSON-serialisable"
+            ) from error
+    if len(set(keys)) != count:
+        raise ValueError(f"task {task!r}: example_ids are not unique")
+    return example_ids
 
 
 def validate_tasks(tasks: Sequence[Task]) -> list[Task]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from checkpoint_stability.metrics import char_f1, exact_match
-from checkpoint_stability.tasks.base import TaskResult, validate_task_name
+from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
 
 METRICS: dict[str, Callable[[Any, Any], float]] = {"exact_match": exact_match, "char_f1": char_f1}
 
@@ -59,17 +59,13 @@ class FunctionTask:
         targets = list(targets)
         if not targets:
             raise ValueError(f"task {name!r}: targets is empty; a task needs at least one example")
-        example_ids = list(range(len(targets))) if example_ids is None else list(example_ids)
-        if len(example_ids) != len(targets):
-            raise ValueError(f"task {name!r}: {len(example_ids)} example_ids for {len(targets)} targets")
-        if len(set(map(_hashable, example_ids))) != len(example_ids):
-            raise ValueError(f"task {name!r}: example_ids are not unique")
-        for index, value in enumerate([*targets, *example_ids]):
+        example_ids = validate_example_ids(name, example_ids, len(targets))
+        for index, value in enumerate(targets):
             try:
                 json.dumps(value, allow_nan=False)
             except (TypeError, ValueError) as error:
                 raise ValueError(
-                    f"task {name!r}: target or example id #{index} is not JSON-serialisable"
+                    f"task {name!r}: target of example {index} is not JSON-serialisable"
                 ) from error
         self.predict = predict
         self.targets = targets
@@ -138,10 +134,6 @@ def _plain(value):
     elif hasattr(value, "item") and callable(value.item):
         value = value.item()
     return value
-
-
-def _hashable(value):
-    return json.dumps(value, sort_keys=True)
 
 
 def _as_logprob_rows(name: str, rows) -> list[list[float]] | None:

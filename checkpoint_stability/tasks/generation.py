@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from checkpoint_stability.metrics import char_f1, exact_match
-from checkpoint_stability.tasks.base import TaskResult, validate_task_name
+from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
 from checkpoint_stability.tasks.progress import progress
@@ -151,7 +150,7 @@ class GenerationTask:
             self.prompts.append(ids)
             normalized = [self._normalized(answer, f"example {index}'s answer") for answer in answers]
             self.targets.append(normalized if isinstance(example["answer"], list) else normalized[0])
-        self.example_ids = _example_ids(name, example_ids, len(self.prompts))
+        self.example_ids = validate_example_ids(name, example_ids, len(self.prompts))
 
     # ------------------------------------------------------------------ evaluation
 
@@ -289,16 +288,3 @@ def _check_example(name: str, index: int, example: Any) -> tuple[str, list[str]]
             f"got {answer!r}"
         )
     return prompt, answers
-
-
-def _example_ids(name: str, example_ids: Sequence | None, count: int) -> list:
-    ids = list(range(count)) if example_ids is None else list(example_ids)
-    if len(ids) != count:
-        raise ValueError(f"task {name!r}: {len(ids)} example_ids for {count} examples")
-    try:
-        keys = [json.dumps(value, sort_keys=True, allow_nan=False) for value in ids]
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"task {name!r}: example_ids must be JSON-serialisable") from error
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"task {name!r}: example_ids are not unique")
-    return ids

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from checkpoint_stability.tasks.base import TaskResult, validate_task_name
+from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode, right_pad
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
 from checkpoint_stability.tasks.progress import progress
-from checkpoint_stability.tasks.sharding import gather_in_order, rank_and_world, shard_examples
+from checkpoint_stability.tasks.sharding import gather_in_order, max_over_ranks, shard_examples
 
 NORMALIZATIONS = ("none", "chars", "tokens")
 
@@ -176,7 +174,7 @@ class MultipleChoiceTask:
             self._continuations.append(continuations)
             self._divisors.append(divisors)
 
-        self.example_ids = _check_example_ids(where, example_ids, len(self.labels))
+        self.example_ids = validate_example_ids(name, example_ids, len(self.labels))
 
     def _encode_pair(self, context: str, continuation: str, index: int) -> tuple[list[int], list[int]]:
         """lm-eval's split of a (context, continuation) request into token ids, for a causal LM."""
@@ -225,7 +223,7 @@ class MultipleChoiceTask:
         # the largest batch count once up front (one collective per evaluation rather than an "anyone
         # left?" exchange per batch) and let ranks with fewer batches run one-row dummy forwards, whose
         # outputs are dropped: cheaper than padding with full batches of dummy requests.
-        total_batches = _max_over_ranks(len(batches))
+        total_batches = max_over_ranks(len(batches))
         scores: list[list[float]] = [[0.0] * len(self.choices[index]) for index in shard.indices]
         with torch.no_grad(), progress(total_batches, self.name, enabled=self.show_progress) as bar:
             for number in range(total_batches):
@@ -313,29 +311,3 @@ def _check_example(where: str, index: int, example: Any) -> tuple[str, list[str]
             f"{where}: example {index}: label {int(label)} is out of range for {len(choices)} choices"
         )
     return context, list(choices), int(label)
-
-
-def _check_example_ids(where: str, example_ids: Sequence | None, count: int) -> list:
-    if example_ids is None:
-        return list(range(count))
-    example_ids = list(example_ids)
-    if len(example_ids) != count:
-        raise ValueError(f"{where}: {len(example_ids)} example_ids for {count} examples")
-    keys = []
-    for index, value in enumerate(example_ids):
-        try:
-            keys.append(json.dumps(value, sort_keys=True, allow_nan=False))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: example id of example {index} is not JSON-serialisable") from error
-    if len(set(keys)) != count:
-        raise ValueError(f"{where}: example_ids are not unique")
-    return example_ids
-
-
-def _max_over_ranks(value: int) -> int:
-    _, world = rank_and_world()
-    if world == 1:
-        return value
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, int(value))
-    return max(everyone)

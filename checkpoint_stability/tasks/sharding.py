@@ -62,11 +62,16 @@ def gather_in_order(local: Sequence, shard: Shard) -> list:
     return [item for part in everyone for item in part]
 
 
-def any_rank_true(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (e.g. "some sequence is still generating")."""
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over all ranks, on every rank (e.g. how many batches the busiest rank has)."""
     _, world = rank_and_world()
     if world == 1:
-        return flag
-    flags: list = [None] * world
-    dist.all_gather_object(flags, bool(flag))
-    return any(flags)
+        return value
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, int(value))
+    return max(everyone)
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (e.g. "some sequence is still generating")."""
+    return bool(max_over_ranks(1 if flag else 0))
