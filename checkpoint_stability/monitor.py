@@ -10,15 +10,18 @@ records to the history and the sinks. Framework callbacks only translate their h
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from checkpoint_stability.atomic_files import atomic_write_text
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
@@ -29,13 +32,21 @@ from checkpoint_stability.metrics import instability_score, mean_total_variation
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
-from checkpoint_stability.state import CapturedState, capture_state, live_tensors, write_into
+from checkpoint_stability.state import (
+    CapturedState,
+    capture_state,
+    gather_full_state,
+    is_sharded,
+    live_tensors,
+    write_into,
+)
 from checkpoint_stability.tasks.base import Task, TaskResult, validate_tasks
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("raw", "avg", "ens")
 MEAN_TASK = "mean"
+RUN_FILE = "run.json"
 
 
 class StabilityMonitor:
@@ -116,6 +127,8 @@ class StabilityMonitor:
         self._held_error: BaseException | None = None
         self._last_step: int | None = None
         self._live_dtypes: dict[str, torch.dtype] = {}
+        self._sharded = False
+        self._model: weakref.ReferenceType | None = None
         self._reset_caches()
 
     # ------------------------------------------------------------------ lifecycle
@@ -126,12 +139,17 @@ class StabilityMonitor:
             self._runtime = default_runtime()
         return self._runtime
 
-    def open(self, dirpath=None, *, resume_step: int | None = None) -> None:
+    def open(
+        self, dirpath=None, *, resume_step: int | None = None, model: torch.nn.Module | None = None
+    ) -> None:
         """Open (or reopen) the run directory. Called by the first snapshot if not called before.
 
         ``resume_step``: the step training resumed from. Snapshots, history and example lines newer
         than it belong to an abandoned trajectory and are dropped; the TensorBoard run purges them.
-        Collective: every rank calls it; rank 0 does the disk work and every rank raises if it fails.
+        ``model``: the trained module, to tell whether its weights are sharded (FSDP2 / DTensor), in
+        which case every rank keeps the window of its own shards under ``buffer/rank-R/``.
+        Collective: every rank calls it; rank 0 does the shared disk work and every rank raises if
+        any rank fails.
         """
         if self._opened:
             raise RuntimeError(f"the monitor is already open at {self.dirpath}")
@@ -139,17 +157,37 @@ class StabilityMonitor:
         if chosen is None:
             raise ValueError("dirpath is not set: pass dirpath= to StabilityMonitor or to open()")
         self.dirpath = Path(chosen)
-        error = None
-        if self.runtime.is_main:
-            try:
-                self._open_on_disk(resume_step)
-            except Exception as caught:
-                error = caught
+        if model is not None:
+            self._sharded = is_sharded(model)
+        steps = [(self._open_shared, self.runtime.is_main), (self._open_buffer, self._owns_buffer)]
+        for open_part, here in steps:
+            error = None
+            if here:
+                try:
+                    open_part(resume_step)
+                except Exception as caught:
+                    error = caught
+            if self.runtime.any_rank(error is not None):
                 self._release()
-        if self.runtime.any_rank(error is not None):
-            raise error or RuntimeError(f"opening the run directory {self.dirpath} failed on rank 0")
-        self._last_step = self.runtime.broadcast_object(self._last_step)
+                raise error or RuntimeError(
+                    f"opening the run directory {self.dirpath} failed on another rank"
+                )
+        if self._sharded:
+            self._agree_on_window()
+        if self.runtime.is_main:
+            self._rebuild_series()
+            self._own_sinks = self._build_sinks(resume_step)
+            self.sinks = [*self._extra_sinks, *self._own_sinks]
+        # Every rank decides the same way when an avg evaluation is due, so every rank needs the count.
+        self._last_step, self._snapshots_taken = self.runtime.broadcast_object(
+            (self._last_step, self._snapshots_taken)
+        )
         self._opened = True
+
+    @property
+    def _owns_buffer(self) -> bool:
+        """Rank 0 keeps the window of full weights; with sharded weights every rank keeps its shards'."""
+        return self.runtime.is_main or self._sharded
 
     def resume(self, step: int) -> None:
         """Continue a run from ``step`` (e.g. after loading a training checkpoint)."""
@@ -218,9 +256,15 @@ class StabilityMonitor:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if self._opened and is_sharded(model) != self._sharded:
+            raise ValueError(
+                "the model's weights are sharded but the monitor was opened for full weights (or the "
+                "other way round): pass the model to open(model=...)"
+            )
         live = live_tensors(model)
-        if not self._ready(step):
+        if not self._ready(step, model):
             return []
+        self._model = weakref.ref(model)
         captured = self._push(step, live)
         self._last_step = step
         self._snapshots_taken += 1
@@ -250,7 +294,7 @@ class StabilityMonitor:
                 self._fault("metrics", error, step=step)
             self._persist(step, results, records)
             self._emit(step, records)
-            self._select(step, records, live)
+        self._select(step, records, model, live)
         # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
         records = self.runtime.broadcast_object(records)
         self._raise_held_error()
@@ -258,13 +302,13 @@ class StabilityMonitor:
 
     # ------------------------------------------------------------------ pipeline steps
 
-    def _ready(self, step: int) -> bool:
+    def _ready(self, step: int, model: torch.nn.Module) -> bool:
         """Open lazily and handle a step that is not after the last one (a resume); False on a fault."""
         if not self._opened and self.dirpath is None and self.config.dirpath is None:
             raise ValueError("dirpath is not set: pass dirpath= to StabilityMonitor or to open()")
         try:
             if not self._opened:
-                self.open()
+                self.open(model=model)
             if self._last_step is not None and step <= self._last_step:
                 logger.warning(
                     "snapshot step %d is not after the last recorded step %d: treating it as a resume "
@@ -280,7 +324,7 @@ class StabilityMonitor:
         return True
 
     def _push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
-        if not self.runtime.is_main:
+        if not self._owns_buffer:
             return None
         self._live_dtypes = {name: tensor.dtype for name, tensor in live.items()}
         self._wait_for_buffer()
@@ -359,8 +403,10 @@ class StabilityMonitor:
         self, model: torch.nn.Module, live: dict[str, torch.Tensor], captured: CapturedState | None, step: int
     ) -> dict[tuple[str, str], TaskResult]:
         holds = 0
-        if self.runtime.is_main:
+        if self._owns_buffer:
             self._wait_for_buffer()
+            if self._sharded:
+                self._agree_on_window()
             holds = self.average.count
             self._avg_models = holds
         if not self.runtime.broadcast_object(holds):
@@ -372,7 +418,7 @@ class StabilityMonitor:
         results = {}
         try:
             error = None
-            if self.runtime.is_main:
+            if self._owns_buffer:
                 try:
                     self.average.copy_into(live)
                 except Exception as caught:
@@ -380,12 +426,14 @@ class StabilityMonitor:
             if self.runtime.any_rank(error is not None):
                 self._fault(
                     "average",
-                    error or RuntimeError("swapping in the average failed on rank 0"),
+                    error or RuntimeError("swapping in the average failed on another rank"),
                     step=step,
                     agreed=True,
                 )
                 return {}
-            self.runtime.broadcast_tensors(live.values())
+            if not self._sharded:
+                # Full weights: rank 0 holds the average; sharded: every rank swapped in its own shards.
+                self.runtime.broadcast_tensors(live.values())
             for task in self.tasks:
                 result = self._evaluate(task, model, step, "avg")
                 if result is not None:
@@ -484,38 +532,93 @@ class StabilityMonitor:
             except Exception as error:
                 self._fault("sink", error, step=step, task=type(sink).__name__)
 
-    def _select(self, step: int, records: list[dict], live: dict[str, torch.Tensor]) -> None:
-        if self.selector is None or self.config.select is None or not records:
-            return
-        self._wait_for_buffer()
-        chosen = self.selector.candidate(records, snapshots_in_window=len(self.buffer.steps))
+    def _select(
+        self, step: int, records: list[dict], model: torch.nn.Module, live: dict[str, torch.Tensor]
+    ) -> None:
+        """Rank 0 decides; with sharded weights every rank then joins one gather of the full model."""
+        chosen = None
+        if self.runtime.is_main and self.selector is not None and self.config.select is not None and records:
+            self._wait_for_buffer()
+            chosen = self.selector.candidate(records, snapshots_in_window=len(self.buffer.steps))
+        if self._sharded:
+            chosen = self.runtime.broadcast_object(chosen)
         if chosen is None:
             return
         variant = chosen["variant"]
+        weights, error = None, None
         try:
             if variant == "avg":
-                weights = self.average.captured(self._live_dtypes)
-                steps = self.buffer.steps
+                weights = self._average_weights(model, live)
             elif variant == "raw":
-                weights, steps = capture_state(live), [step]
-            else:
-                weights, steps = None, [s for s, _ in self._raw_window[self.tasks[0].name]]
-            scores = {
-                r["task"]: r["score"] for r in records if r["variant"] == variant and r["task"] != MEAN_TASK
-            }
-            self.selector.commit(chosen, scores, steps, weights)
-        except Exception as error:
+                weights = (
+                    gather_full_state(model, self.runtime.is_main) if self._sharded else capture_state(live)
+                )
+        except Exception as caught:
+            error = caught
+        if self._sharded and self.runtime.any_rank(error is not None):
+            error = error or RuntimeError("gathering the model for export failed on another rank")
+        if error is not None:
             self._fault("export", error, step=step, variant=variant)
+            return
+        if not self.runtime.is_main:
+            return
+        if variant == "ens":
+            steps = [s for s, _ in self._raw_window[self.tasks[0].name]]
+        else:
+            steps = self.buffer.steps if variant == "avg" else [step]
+        scores = {
+            r["task"]: r["score"] for r in records if r["variant"] == variant and r["task"] != MEAN_TASK
+        }
+        try:
+            self.selector.commit(chosen, scores, steps, weights)
+        except Exception as caught:
+            self._fault("export", caught, step=step, variant=variant)
+
+    def _average_weights(self, model: torch.nn.Module | None, live: dict[str, torch.Tensor] | None):
+        """The window average in the live model's dtypes, whole, on rank 0 (None elsewhere).
+
+        Sharded weights: every rank swaps its averaged shards in, the full model is gathered once to
+        rank 0 on CPU, and the live shards are restored bit for bit. Collective in that case.
+        """
+        if not self._sharded:
+            return self.average.captured(self._live_dtypes)
+        backup = capture_state(live)
+        try:
+            self.average.copy_into(live)
+            return gather_full_state(model, self.runtime.is_main)
+        finally:
+            write_into(live, backup)
 
     def _export_latest_average(self) -> None:
         """With no tasks there is nothing to select on: the final window average is the run's model."""
-        if self.tasks or self.config.select is None or self.selector is None or self.average.count == 0:
+        if self.tasks or self.config.select is None or self.average.count == 0:
             return
+        model = self._model() if self._model is not None else None
+        if self._sharded and model is None:
+            logger.warning("the sharded model is gone before close(); the final average is not exported")
+            return
+        weights, error = None, None
         try:
-            record = {"step": self._last_step, "variant": "avg", "window": self.config.window, "score": None}
-            self.selector.commit(record, {}, self.buffer.steps, self.average.captured(self._live_dtypes))
-        except Exception as error:
+            live = live_tensors(model) if self._sharded else None
+            weights = self._average_weights(model, live)
+        except Exception as caught:
+            error = caught
+        if self._sharded and self.runtime.any_rank(error is not None):
+            error = error or RuntimeError("gathering the average failed on another rank")
+        if error is not None:
             self._fault("export", error, step=self._last_step)
+            return
+        if self.runtime.is_main and weights is not None and self.selector is not None:
+            try:
+                record = {
+                    "step": self._last_step,
+                    "variant": "avg",
+                    "window": self.config.window,
+                    "score": None,
+                }
+                self.selector.commit(record, {}, self.buffer.steps, weights)
+            except Exception as caught:
+                self._fault("export", caught, step=self._last_step)
 
     # ------------------------------------------------------------------ faults
 
@@ -569,14 +672,16 @@ class StabilityMonitor:
 
     # ------------------------------------------------------------------ state on disk
 
-    def _open_on_disk(self, resume_step: int | None) -> None:
+    def _open_shared(self, resume_step: int | None) -> None:
+        """Rank 0: the run directory, its history and selection, the world-size record."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        for name in ("buffer", "history.jsonl", "examples", "exports", "best.json", "tensorboard"):
+        for name in ("buffer", "history.jsonl", "examples", "exports", "best.json", "tensorboard", RUN_FILE):
             if (self.dirpath / name).is_symlink():
                 raise ValueError(
                     f"{self.dirpath / name} is a symlink; the run directory must hold its own files "
                     "(nothing outside it is read, written or deleted)"
                 )
+        self._check_run_record()
         self.history = History(self.dirpath)
         self.selector = BestModelSelector(
             self.dirpath,
@@ -586,17 +691,64 @@ class StabilityMonitor:
             # A window never holds more than `window` snapshots, so a larger threshold would never pass.
             min_snapshots=min(self.config.min_snapshots, self.config.window),
         )
+        if resume_step is not None:
+            dropped_lines = self.history.truncate_after(resume_step)
+            self.selector.truncate_after(resume_step)
+            if dropped_lines:
+                logger.info(
+                    "resuming from step %d: dropped %d newer history lines", resume_step, dropped_lines
+                )
+
+    def _open_buffer(self, resume_step: int | None) -> None:
+        """The window of this rank's weights (all of them on rank 0, or this rank's shards)."""
+        directory = self.dirpath / "buffer"
+        if self._sharded:
+            directory = directory / f"rank-{self.runtime.rank}"
         self.buffer = SnapshotBuffer(
-            self.dirpath / "buffer",
+            directory,
             self.config.window,
             storage_dtype=self.config.storage_dtype,
             listener=self.average.update,
         )
         if resume_step is not None:
-            self._truncate_after(resume_step)
-        self._rebuild_from_disk()
-        self._own_sinks = self._build_sinks(resume_step)
-        self.sinks = [*self._extra_sinks, *self._own_sinks]
+            dropped = self.buffer.truncate_after(resume_step)
+            if dropped:
+                logger.info("resuming from step %d: dropped newer snapshots %s", resume_step, dropped)
+        self._resum_average()
+
+    def _check_run_record(self) -> None:
+        """A window of shards only makes sense with the same number of ranks: refuse anything else."""
+        path = self.dirpath / RUN_FILE
+        now = {"world_size": self.runtime.world_size, "sharded": self._sharded}
+        if path.exists():
+            try:
+                before = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                logger.warning("ignoring unreadable %s (%s)", path, error)
+                before = None
+            # Full weights resume under any world size (rank 0 holds them); shards need the same split.
+            involves_shards = isinstance(before, dict) and (before.get("sharded") or self._sharded)
+            if involves_shards and before != now:
+                raise ValueError(
+                    f"{self.dirpath} was written by {before.get('world_size')} ranks "
+                    f"({'sharded' if before.get('sharded') else 'full'} weights); this run has "
+                    f"{now['world_size']} ({'sharded' if now['sharded'] else 'full'}). A window of "
+                    "sharded snapshots can only be resumed with the same world size and sharding; "
+                    "use a new dirpath"
+                )
+            if before == now:
+                return
+        atomic_write_text(path, json.dumps(now) + "\n")
+
+    def _agree_on_window(self) -> None:
+        """Sharded runs: every rank keeps only the steps that every rank has (a write may fail on one)."""
+        mine = self.buffer.steps
+        common = set.intersection(*(set(steps) for steps in self.runtime.all_gather_object(mine)))
+        extra = [step for step in mine if step not in common]
+        for step in extra:
+            self.buffer.drop(step, "not buffered on every rank (a write failed on another rank)")
+        if extra:
+            self._resum_average()
 
     def _shutdown(self, *, final: bool) -> None:
         if self.buffer is not None:
@@ -605,8 +757,10 @@ class StabilityMonitor:
             except SnapshotError as error:
                 self._fault("snapshot", error, step=error.step)
                 self._resum_average()
-            if final:
-                self._export_latest_average()
+        if self._sharded:
+            self._agree_on_window()
+        if final:
+            self._export_latest_average()
         self._release()
         self._opened = False
         self._raise_held_error()
@@ -633,27 +787,14 @@ class StabilityMonitor:
         self._avg_models = 0
         self._snapshots_taken = 0
 
-    def _truncate_after(self, step: int) -> None:
-        dropped_steps = self.buffer.truncate_after(step)
-        dropped_lines = self.history.truncate_after(step)
-        self.selector.truncate_after(step)
-        if dropped_steps or dropped_lines:
-            logger.info(
-                "resuming from step %d: dropped %d newer snapshots and %d history lines",
-                step,
-                len(dropped_steps),
-                dropped_lines,
-            )
-
     def _resum_average(self) -> None:
         sources = self.buffer.window_sources()
         aliases = self.buffer.entries[-1].aliases if self.buffer.entries else {}
         self.average.reset(sources, aliases=aliases)
 
-    def _rebuild_from_disk(self) -> None:
-        """Rebuild the average and the live series from the buffer and the history after (re)open."""
+    def _rebuild_series(self) -> None:
+        """Rank 0: rebuild the live score and output series from the history after (re)open."""
         self._reset_caches()
-        self._resum_average()
         self._avg_models = self.average.count
         for task in self.tasks:
             meta = self.history.meta(task.name)

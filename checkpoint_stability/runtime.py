@@ -35,6 +35,10 @@ class Runtime:
     def broadcast_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite every rank's tensors in place with rank 0's."""
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
+
 
 class TorchDistributedRuntime(Runtime):
     """A process in an initialised ``torch.distributed`` default group (gloo or NCCL)."""
@@ -62,6 +66,11 @@ class TorchDistributedRuntime(Runtime):
     def broadcast_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
             dist.broadcast(tensor, src=0, group=self.group)
+
+    def all_gather_object(self, obj) -> list:
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, obj, group=self.group)
+        return everyone
 
     def _device(self) -> torch.device:
         if dist.get_backend(self.group) == "nccl":

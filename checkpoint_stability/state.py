@@ -55,20 +55,31 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     Entries that are not tensors (``get_extra_state`` may return anything) are left out: they cannot
     be stored in safetensors, and nothing here writes them back.
+
+    A sharded tensor (a DTensor, as FSDP2 and tensor parallelism make) contributes this rank's local
+    shard: averaging is elementwise, so each rank can keep the average of its own shards and nothing is
+    ever gathered on the per-snapshot path.
     """
     state = model.state_dict(keep_vars=True)
     out = {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            if hasattr(value, "to_local"):
-                # Rank 0's average broadcast into every rank would overwrite the other ranks' shards
-                # with rank 0's: refuse rather than evaluate a silently wrong average.
-                raise ValueError(
-                    f"state-dict entry {name!r} is a sharded DTensor (FSDP2 / tensor parallel); this version "
-                    "of checkpoint-stability supports models whose every rank holds the full weights (DDP)"
-                )
-            out[name] = value.detach()
+            tensor = value.detach()
+            out[name] = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     return out
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any state-dict tensor of ``model`` is a DTensor (sharded across ranks)."""
+    return any(hasattr(value, "to_local") for value in model.state_dict(keep_vars=True).values())
+
+
+def gather_full_state(model: torch.nn.Module, is_main: bool) -> CapturedState | None:
+    """The full (unsharded) state dict on CPU, on rank 0 only. Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return capture_state(full) if is_main else None
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:

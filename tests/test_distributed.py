@@ -71,3 +71,45 @@ def test_multiple_choice_split_across_two_ranks_equals_one_process(tmp_path):
     # Ragged shares (rank 0 has far more choices) still run the same number of forward passes.
     assert ranks[0]["forwards"] == ranks[1]["forwards"]
     assert ranks[0]["together"] == ranks[1]["together"]
+
+
+def test_fsdp2_shards_are_buffered_and_averaged_locally(tmp_path):
+    from safetensors import safe_open
+
+    torchrun("monitor_fsdp2.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["records"] == ranks[1]["records"]
+    states = ranks[0]["states"]
+    assert states == ranks[1]["states"]
+    oracle = {
+        key: sum(torch.tensor(s[key], dtype=torch.float64) for s in states[-3:]) / 3 for key in states[0]
+    }
+    for rank, data in enumerate(ranks):
+        # Each rank's averaged shard is its slice (FSDP2 shards dim 0 like torch.chunk) of the float64
+        # average of the gathered snapshots: averaged locally, never gathered.
+        for key, value in data["local_average"].items():
+            expected = torch.chunk(oracle[key], 2, dim=0)[rank]
+            assert list(expected.shape) == data["shapes"][key]
+            torch.testing.assert_close(torch.tensor(value, dtype=torch.float64), expected, rtol=0, atol=1e-6)
+        files = sorted((tmp_path / "run" / "buffer" / f"rank-{rank}").glob("*.safetensors"))
+        assert [f.name for f in files] == [f"step-{s:08d}.safetensors" for s in (3, 4, 5)]
+        with safe_open(str(files[-1]), framework="pt") as handle:
+            for key in handle.keys():
+                full = torch.tensor(states[-1][key])
+                assert torch.equal(handle.get_tensor(key), torch.chunk(full, 2, dim=0)[rank])
+    # The avg evaluations saw the whole averaged model on every rank (seen alternates raw, avg).
+    for data in ranks:
+        averaged = data["seen"][1::2][-1]
+        for key, value in averaged.items():
+            torch.testing.assert_close(
+                torch.tensor(value, dtype=torch.float64), oracle[key], rtol=0, atol=1e-6
+            )
+    # A best export gathers the full averaged model once, to rank 0.
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["variant"] == "avg"
+    window = [s for s in states[max(0, best["step"] - 3) : best["step"]]]
+    with safe_open(str(tmp_path / "run" / best["path"] / "model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            expected = sum(torch.tensor(s[key], dtype=torch.float64) for s in window) / len(window)
+            torch.testing.assert_close(handle.get_tensor(key).double(), expected, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == {"world_size": 2, "sharded": True}

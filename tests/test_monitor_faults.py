@@ -197,7 +197,7 @@ def test_a_best_selected_on_another_metric_is_dropped_on_open(tmp_path, caplog):
     assert not (tmp_path / "best.json").exists()
 
 
-def test_sharded_tensors_are_refused_clearly(tmp_path):
+def test_sharded_weights_are_buffered_per_rank_and_a_different_world_size_is_refused(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -206,11 +206,28 @@ def test_sharded_tensors_are_refused_clearly(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         model = torch.nn.Linear(4, 4)
         model.weight = torch.nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
-        monitor = StabilityMonitor([], dirpath=tmp_path, every_n_steps=1, **quiet())
-        with pytest.raises(ValueError, match="DTensor"):
-            monitor.on_snapshot(model, 1)
+        monitor = StabilityMonitor([], dirpath=tmp_path, window=2, every_n_steps=1, **quiet())
+        states = []
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model.weight.to_local().add_(1.0)
+                model.bias.add_(0.5)
+            states.append({"weight": model.weight.to_local().clone(), "bias": model.bias.detach().clone()})
+            monitor.on_snapshot(model, step)
+        monitor.close()
+        assert sorted(p.name for p in (tmp_path / "buffer" / "rank-0").glob("*.safetensors")) == [
+            "step-00000002.safetensors",
+            "step-00000003.safetensors",
+        ]
+        assert json.loads((tmp_path / "run.json").read_text()) == {"world_size": 1, "sharded": True}
+        for key in ("weight", "bias"):
+            oracle = (states[1][key].double() + states[2][key].double()) / 2
+            torch.testing.assert_close(monitor.average.mean()[key].double(), oracle, rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 2, "sharded": True}))
+    with pytest.raises(ValueError, match="same world size"):
+        StabilityMonitor([], dirpath=tmp_path, every_n_steps=1, **quiet()).open()
 
 
 def test_raise_mode_surfaces_rank_zero_faults_at_the_end_of_the_snapshot(tmp_path, monkeypatch):
