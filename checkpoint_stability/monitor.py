@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import time
 import traceback
 import weakref
@@ -98,19 +99,7 @@ class StabilityMonitor:
         elif settings:
             config = config.replace(**settings)
         self.config = config
-        self.tasks: list[Task] = validate_tasks(tasks)
-        if config.select_metric not in ("mean", *[t.name for t in self.tasks]) and self.tasks:
-            raise ValueError(
-                f"select_metric {config.select_metric!r} is neither 'mean' nor the name of a task "
-                f"({[t.name for t in self.tasks]})"
-            )
-        if config.ensemble == "mean_prob":
-            for task in self.tasks:
-                if task.kind not in ("multiple_choice", "classification", "lm_eval", "function"):
-                    raise ValueError(
-                        f"ensemble='mean_prob' needs choice probabilities, which task {task.name!r} "
-                        f"(kind {task.kind!r}) does not produce; use ensemble='vote'"
-                    )
+        self.tasks: list[Task] = self.check_tasks(tasks, config)
         self._runtime = runtime
         self._extra_sinks = list(sinks)
         self._tensorboard_writer = tensorboard_writer
@@ -130,6 +119,25 @@ class StabilityMonitor:
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
         self._reset_caches()
+
+    @staticmethod
+    def check_tasks(tasks: Sequence[Task], config: StabilityConfig) -> list[Task]:
+        """Check tasks against the settings (protocol, unique names, select_metric, mean_prob), so an
+        adapter can refuse bad input at construction, before any monitor exists."""
+        tasks = validate_tasks(tasks)
+        names = [task.name for task in tasks]
+        if tasks and config.select_metric not in ("mean", *names):
+            raise ValueError(
+                f"select_metric {config.select_metric!r} is neither 'mean' nor the name of a task ({names})"
+            )
+        if config.ensemble == "mean_prob":
+            for task in tasks:
+                if task.kind not in ("multiple_choice", "classification", "lm_eval", "function"):
+                    raise ValueError(
+                        f"ensemble='mean_prob' needs choice probabilities, which task {task.name!r} "
+                        f"(kind {task.kind!r}) does not produce; use ensemble='vote'"
+                    )
+        return tasks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -167,11 +175,10 @@ class StabilityMonitor:
                     open_part(resume_step)
                 except Exception as caught:
                     error = caught
-            if self.runtime.any_rank(error is not None):
+            failure = self._first_error_of_any_rank(error)
+            if failure is not None:
                 self._release()
-                raise error or RuntimeError(
-                    f"opening the run directory {self.dirpath} failed on another rank"
-                )
+                raise failure
         if self._sharded:
             self._agree_on_window()
         if self.runtime.is_main:
@@ -201,8 +208,27 @@ class StabilityMonitor:
         if self._opened:
             self._shutdown(final=True)
 
+    def abandon(self) -> None:
+        """Training ended with an exception: finish the write in flight and release, with no collective
+        (another rank may be gone) and no export. Reopen with ``open(resume_step=...)`` to continue."""
+        if not self._opened:
+            return
+        if self.buffer is not None:
+            try:
+                self.buffer.close()
+            except SnapshotError as error:
+                logger.warning("checkpoint-stability: the last snapshot write failed: %r", error)
+        self._release()
+        self._opened = False
+
     def state_dict(self) -> dict:
-        """JSON-serialisable state for a training checkpoint: where the run lives and how far it got."""
+        """JSON-serialisable state for a training checkpoint: where the run lives and how far it got.
+
+        Waits for the snapshot write in flight first, so a checkpoint saved after snapshot ``N`` implies
+        that ``N`` is on disk (a failed write is reported as usual).
+        """
+        if self._opened and self.buffer is not None:
+            self._wait_for_buffer()
         return {
             "dirpath": None if self.dirpath is None else str(self.dirpath),
             "last_step": self._last_step,
@@ -665,10 +691,20 @@ class StabilityMonitor:
 
     def _raise_held_error(self) -> None:
         error, self._held_error = self._held_error, None
-        if self.runtime.any_rank(error is not None):
-            raise error or RuntimeError(
-                "checkpoint-stability failed on rank 0 (on_error='raise'); see its log"
-            )
+        failure = self._first_error_of_any_rank(error)
+        if failure is not None:
+            raise failure
+
+    def _first_error_of_any_rank(self, error: BaseException | None) -> BaseException | None:
+        """The same exception on every rank (the lowest failing rank's), or None if no rank failed."""
+        if not self.runtime.any_rank(error is not None):
+            return None
+        if self.runtime.world_size == 1:
+            return error
+        for candidate in self.runtime.all_gather_object(_portable(error)):
+            if candidate is not None:
+                return candidate
+        return error
 
     # ------------------------------------------------------------------ state on disk
 
@@ -844,6 +880,17 @@ class StabilityMonitor:
             if task.name == name:
                 return task
         raise KeyError(name)
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """``error`` if it survives being sent to another rank, else a RuntimeError with its text."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)  # torch's object collectives serialise in memory, between our own ranks
+        return error
+    except Exception:
+        return RuntimeError(repr(error))
 
 
 def _trailing_same_length(rows: list[list]) -> list[list]:

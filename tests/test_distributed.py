@@ -113,3 +113,11 @@ def test_fsdp2_shards_are_buffered_and_averaged_locally(tmp_path):
             expected = sum(torch.tensor(s[key], dtype=torch.float64) for s in window) / len(window)
             torch.testing.assert_close(handle.get_tensor(key).double(), expected, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "run" / "run.json").read_text()) == {"world_size": 2, "sharded": True}
+
+
+def test_a_failure_to_open_on_one_rank_raises_the_same_error_everywhere(tmp_path):
+    torchrun("monitor_open_failure.py", tmp_path)
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0]["raised"] in ("FileExistsError", "NotADirectoryError")
+    assert "rank-1" in outcomes[0]["message"]

@@ -1,0 +1,447 @@
+"""StabilityCallback for ``lightning.pytorch``: hooks that translate and delegate to one StabilityMonitor."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.defaults import default_task_from_dataloader
+from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.selection import load_export
+from checkpoint_stability.sinks import Sink, TensorBoardSink
+from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
+from checkpoint_stability.sinks.wandb import WandbSink
+from checkpoint_stability.tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+RUN_DIRECTORY_NAME = "stability"
+
+
+class StabilityCallback(Callback):
+    r"""Evaluate the model, its window average and its window ensemble side by side while Lightning trains.
+
+    Every ``every_n_steps`` optimizer steps (``trainer.global_step``; with gradient accumulation only the
+    batches that stepped count) the LightningModule's ``state_dict`` is snapshotted into a rolling
+    window on disk and the tasks are run on the live model (``raw``), on the uniform average of the
+    window (``avg``) and on the window's combined predictions (``ens``). Score, MTV and IS of each go to
+    the Trainer's loggers at the snapshot's step, to ``history.jsonl``, and the best model under the
+    ``select`` policy is exported. All the work is done by one
+    :class:`~checkpoint_stability.StabilityMonitor`; this class only translates Lightning's hooks.
+
+    Where things go:
+
+    - Run directory: ``<trainer.default_root_dir>/stability`` unless ``dirpath=`` is given (not the
+      logger's ``log_dir``, which moves to a new ``version_N`` on every run). It is saved in the
+      callback's checkpoint state, and a run resumed with ``trainer.fit(ckpt_path=...)`` continues in the
+      restored directory whatever its ``default_root_dir``; snapshots, history lines and a best model
+      newer than the restored step belong to the abandoned trajectory and are dropped.
+    - Loggers: a ``TensorBoardLogger`` gets the scalars through its own writer, with a custom-scalars
+      layout (one chart per task with raw, avg and ens together), and then the monitor writes no
+      TensorBoard run of its own (without one, it writes ``<dirpath>/tensorboard``). A ``WandbLogger``
+      gets them through a :class:`~checkpoint_stability.sinks.wandb.WandbSink` on its step axis
+      ``trainer/global_step``, plus one line chart per task. Every other logger (CSV, MLflow, ...) gets
+      ``log_metrics(..., step=snapshot step)``. Only global rank 0 logs.
+    - After a resume, Lightning's ``TensorBoardLogger`` opens a new ``version_N`` directory by default:
+      the abandoned trajectory's points stay in the previous version's run, and the resumed version
+      starts at the restored step. To continue one TensorBoard run instead, give the logger the same
+      ``version=`` and ``purge_step=<restored step + 1>`` (passed on to its ``SummaryWriter``), which
+      hides the abandoned points. W&B keeps whatever was logged.
+
+    Which model is best: ``best.json`` in the run directory names the export of the best model under
+    ``select`` (by default the window average, ``avg``, chosen on the mean score over tasks). That
+    averaged model is not one of Lightning's checkpoints: ``ModelCheckpoint`` keeps raw weights of
+    single steps. Load it with :meth:`load_best`, or read ``best_model_path``.
+
+    ``tasks=None`` evaluates a default task built from the Trainer's own validation data at
+    ``on_fit_start``: ``(inputs, labels)`` batches give a classification task, ``input_ids`` /
+    ``labels`` dict batches a next-token accuracy task (see
+    :func:`checkpoint_stability.defaults.default_task_from_dataloader`); any other shape, or no
+    validation data, stops ``fit`` with a ``ValueError`` saying to pass ``tasks``. ``tasks=[]``
+    evaluates nothing: the window is buffered and averaged, and its final average is exported when
+    training ends.
+
+    Faults at run time (disk full, a task that raises, an unwritable directory) are logged once with
+    their cause and recorded in the history, and training goes on; ``on_error="raise"`` makes them
+    fatal. Under DDP every rank must have the callback; rank 0 writes, the evaluation examples are
+    split across ranks, and every rank sees the same records.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from lightning.pytorch import LightningModule, Trainer
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from checkpoint_stability import ClassificationTask
+        >>> from checkpoint_stability.callbacks.lightning import StabilityCallback
+        >>> class Classifier(LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Linear(4, 3)
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return torch.nn.functional.cross_entropy(self(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     stability = StabilityCallback(
+        ...         [ClassificationTask("toy", (x, y), show_progress=False)],
+        ...         window=3, every_n_steps=5, console=False,
+        ...     )
+        ...     trainer = Trainer(
+        ...         max_steps=20, default_root_dir=root, callbacks=[stability], logger=False,
+        ...         accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        ...         enable_checkpointing=False,
+        ...     )
+        ...     trainer.fit(Classifier(), DataLoader(TensorDataset(x, y), batch_size=8))
+        ...     sorted({r["step"] for r in stability.monitor.history.records()})
+        ...     stability.best_model_path.parent.parent.name
+        [5, 10, 15, 20]
+        'stability'
+
+    Args:
+        tasks: what to evaluate (:class:`~checkpoint_stability.tasks.Task` objects); ``None`` for a
+            default task from the validation data; ``[]`` for none.
+        model_attribute: the attribute of the LightningModule holding the model the exports are of (for
+            example ``"model"`` for a wrapped Hugging Face model); by default the one
+            ``transformers.PreTrainedModel`` child, if there is exactly one. :meth:`load_best` accepts that
+            submodule as well as the whole LightningModule.
+        \**settings: :class:`~checkpoint_stability.StabilityConfig` settings (``window``,
+            ``every_n_steps``, ``dirpath``, ``on_error``, ...); a bad one raises ``ValueError`` here.
+    """
+
+    def __init__(
+        self, tasks: Sequence[Task] | None = None, *, model_attribute: str | None = None, **settings
+    ):
+        unknown = sorted(set(settings) - set(StabilityConfig.field_names()))
+        if unknown:
+            raise TypeError(
+                f"StabilityCallback got unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                f"{', '.join(StabilityConfig.field_names())}"
+            )
+        self.config = StabilityConfig(**settings)
+        if tasks is not None:
+            tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
+            # Checked against the settings (names, select_metric, mean_prob) now, not when fit starts.
+            tasks = StabilityMonitor.check_tasks(tasks, self.config)
+        self.tasks: list[Task] | None = tasks
+        if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute):
+            raise ValueError(f"model_attribute must be None or an attribute name, got {model_attribute!r}")
+        self.model_attribute = model_attribute
+        self.monitor: StabilityMonitor | None = None
+        """The monitor of the current (or last) ``fit``; built at ``on_fit_start``."""
+        self._sinks: list[Sink] = []
+        self._restored_state: dict | None = None  # from a checkpoint, applied when the fit opens
+        self._running = False
+        self._last_snapshot_step: int | None = None
+        self._latest_records: list[dict] = []
+        self._export_prefix = ""
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def latest_records(self) -> list[dict]:
+        """The records of the latest snapshot (every rank has the same)."""
+        return list(self._latest_records)
+
+    @property
+    def best(self) -> dict | None:
+        """What ``best.json`` says: the best model so far under the ``select`` policy, or None."""
+        return None if self.monitor is None else self.monitor.best
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """The directory of the exported best model (``model.safetensors`` inside), or None.
+
+        With the default ``select="avg"`` this is a window average, which no Lightning checkpoint
+        holds: ``best.json``'s ``steps`` names the snapshots it averages.
+        """
+        return None if self.monitor is None else self.monitor.best_model_path
+
+    def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
+        """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``.
+
+        ``model`` is a LightningModule like the trained one, or the submodule named by
+        ``model_attribute`` (e.g. the wrapped Hugging Face model).
+        """
+        best, path = self.best, self.best_model_path
+        if best is None:
+            raise FileNotFoundError(
+                "no best model has been exported yet (see best.json in the run directory)"
+            )
+        if path is None:
+            raise ValueError(
+                f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
+                "use select='avg' or 'raw' to export weights"
+            )
+        state = load_export(path)
+        wanted = set(model.state_dict())
+        if self._export_prefix and not wanted <= set(state):
+            prefix = self._export_prefix
+            state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+        model.load_state_dict(state, strict=strict)
+        return dict(best)
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            mine = [cb for cb in trainer.callbacks if isinstance(cb, StabilityCallback)]
+            if len(mine) > 1:
+                raise ValueError(
+                    f"StabilityCallback was added {len(mine)} times to this Trainer; use one: each would "
+                    "snapshot the same model into its own run directory, and their checkpoint states collide"
+                )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tasks = self.tasks if self.tasks is not None else [self._default_task(trainer)]
+        self._export_prefix = self._resolve_model_attribute(pl_module)
+        writer, self._sinks = self._destinations(trainer, [t.name for t in tasks])
+        config = self.config.replace(dirpath=self._configured_dirpath(trainer))
+        self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks, tensorboard_writer=writer)
+        self._latest_records = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The first hook where both the callback state (restored after on_fit_start under FSDP,
+        # DeepSpeed and ModelParallelStrategy) and trainer.global_step (restored with the loops, after
+        # on_fit_start under every strategy) are known.
+        monitor = self._require_monitor()
+        resumed = trainer.ckpt_path is not None or trainer.global_step > 0
+        restored, self._restored_state = self._restored_state, None
+        if restored is not None:
+            configured = monitor.config.dirpath
+            monitor.load_state_dict(restored)
+            if monitor.config.dirpath != configured:
+                rank_zero_info(
+                    f"StabilityCallback: continuing in the run directory {monitor.config.dirpath} saved in "
+                    f"the checkpoint (not {configured})"
+                )
+        self._warn_if_no_snapshot(trainer)
+        self._last_snapshot_step = trainer.global_step
+        self._open(trainer, pl_module, resume_step=trainer.global_step if resumed else None)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Under gradient accumulation several batches end on one global_step; only the first of them
+        # follows the optimizer step.
+        step = trainer.global_step
+        if not self._running or step == self._last_snapshot_step or not self.monitor.should_snapshot(step):
+            return
+        self._last_snapshot_step = step
+        self._latest_records = self.monitor.on_snapshot(pl_module, step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._abandon()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.monitor is not None:
+            return self.monitor.state_dict()
+        return dict(self._restored_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return  # saved before the monitor existed: nothing to restore
+        if (
+            not isinstance(state_dict, Mapping)
+            or "dirpath" not in state_dict
+            or not isinstance(state_dict["dirpath"], (str, type(None)))
+        ):
+            raise ValueError(
+                "the checkpoint's StabilityCallback state is not one this version wrote (expected a dict "
+                f"with 'dirpath'): {state_dict!r:.200}"
+            )
+        self._restored_state = dict(state_dict)
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_monitor(self) -> StabilityMonitor:
+        if self.monitor is None:
+            raise RuntimeError("StabilityCallback.on_fit_start did not run before on_train_start")
+        return self.monitor
+
+    def _default_task(self, trainer: Trainer) -> Task:
+        try:
+            return default_task_from_dataloader(_validation_dataloader(trainer))
+        except ValueError as error:
+            raise ValueError(f"StabilityCallback(tasks=None): {error}") from error
+
+    def _resolve_model_attribute(self, pl_module: LightningModule) -> str:
+        """The state-dict prefix of the exported model's entries inside the LightningModule ('' = all)."""
+        children = dict(pl_module.named_children())
+        if self.model_attribute is not None:
+            if self.model_attribute not in children:
+                raise ValueError(
+                    f"StabilityCallback(model_attribute={self.model_attribute!r}): the LightningModule has "
+                    f"no submodule of that name; its submodules are {sorted(children)}"
+                )
+            return f"{self.model_attribute}."
+        # Only when transformers is already loaded: a Lightning user without it must not pay its import.
+        transformers = sys.modules.get("transformers")
+        pretrained = getattr(transformers, "PreTrainedModel", None)
+        if pretrained is not None:
+            found = [name for name, child in children.items() if isinstance(child, pretrained)]
+            if len(found) == 1:
+                return f"{found[0]}."
+        return ""
+
+    def _configured_dirpath(self, trainer: Trainer) -> Path:
+        chosen = self.config.dirpath
+        if chosen is None:
+            chosen = Path(trainer.default_root_dir) / RUN_DIRECTORY_NAME
+        # Absolute, so the path saved in a checkpoint still names it from another working directory.
+        return Path(os.path.abspath(chosen))
+
+    def _destinations(self, trainer: Trainer, task_names: list[str]) -> tuple[Any, list[Sink]]:
+        """(the TensorBoard writer for the monitor, the other sinks): exactly one path per logger."""
+        if not trainer.is_global_zero:
+            return None, []  # the monitor runs sinks on rank 0 only; loggers are rank-0 objects
+        writer, sinks, others = None, [], []
+        for framework_logger in trainer.loggers:
+            if isinstance(framework_logger, TensorBoardLogger):
+                if not self.config.tensorboard:
+                    continue
+                if writer is None:
+                    writer = framework_logger.experiment
+                else:
+                    sinks.append(
+                        TensorBoardSink(None, task_names=task_names, writer=framework_logger.experiment)
+                    )
+            elif isinstance(framework_logger, WandbLogger):
+                synced = bool(getattr(framework_logger, "_wandb_init", {}).get("sync_tensorboard"))
+                # WandbLogger's own step axis: "global_step" when it syncs TensorBoard, else its own key.
+                step_metric = "global_step" if synced else "trainer/global_step"
+                sinks.append(
+                    WandbSink(framework_logger.experiment, step_metric=step_metric, task_names=task_names)
+                )
+            else:
+                others.append(framework_logger)
+        if others:
+            sinks.insert(0, FrameworkLoggersSink(others))
+        return writer, sinks
+
+    def _warn_if_no_snapshot(self, trainer: Trainer) -> None:
+        total = trainer.estimated_stepping_batches
+        if not isinstance(total, (int, float)) or total < 0 or math.isinf(total):
+            return  # unknown length (an iterable dataset without max_steps)
+        every = self.config.every_n_steps
+        first = (trainer.global_step // every + 1) * every
+        if first > total:
+            rank_zero_warn(
+                f"StabilityCallback: every_n_steps={every}, but this run ends at optimizer step {int(total)} "
+                f"(from step {trainer.global_step}), so no snapshot will be taken; lower every_n_steps"
+            )
+
+    def _open(self, trainer: Trainer, pl_module: LightningModule, resume_step: int | None) -> None:
+        monitor = self._require_monitor()
+        self._running = True
+        try:
+            monitor.open(resume_step=resume_step, model=pl_module)
+        except Exception as error:
+            message = f"StabilityCallback cannot use the run directory {monitor.config.dirpath}: {error!r}"
+            if self.config.on_error == "raise":
+                self._running = False
+                raise RuntimeError(f"{message} (on_error='raise')") from error
+            rank_zero_warn(
+                f"{message}. Training goes on without it: each snapshot tries again and logs the failure. "
+                "Pass dirpath= (or default_root_dir=) naming a writable directory"
+            )
+            return
+        last_step = monitor.state_dict()["last_step"]
+        if resume_step is None and last_step is not None and last_step > trainer.global_step:
+            rank_zero_warn(
+                f"StabilityCallback: the run directory {monitor.dirpath} already holds a run up to step "
+                f"{last_step}, and this fit starts at step {trainer.global_step} without a checkpoint: its "
+                "first snapshot drops the records after it. Pass dirpath= (or another default_root_dir) "
+                "to keep that run, or ckpt_path= to resume it"
+            )
+        wandb_sinks = [sink for sink in self._sinks if isinstance(sink, WandbSink)]
+        if wandb_sinks and monitor.history is not None:
+            # A resumed run's charts start from the history it continues, not from the restored step.
+            window = monitor.config.window
+            earlier = [
+                r
+                for r in monitor.history.records()
+                if r["window"] == (1 if r["variant"] == "raw" else window)
+            ]
+            for sink in wandb_sinks:
+                sink.preload(earlier)
+
+    def _close(self) -> None:
+        """The end of a fit: finish writes, export (``tasks=[]``), close the sinks. Collective."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.monitor.close()
+        finally:
+            self._close_sinks()
+
+    def _abandon(self) -> None:
+        """An exception ends the fit: finish the snapshot write in flight and release, without any
+        collective (another rank may be gone) and without exporting."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.monitor.abandon()
+        finally:
+            self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as error:
+                logger.warning("StabilityCallback: closing %s failed: %r", type(sink).__name__, error)
+
+
+def _validation_dataloader(trainer: Trainer):
+    """The validation loader as the user wrote it: not the copy Lightning prepares, which under DDP
+    carries a DistributedSampler (each rank would read different examples) and which is not set up yet at
+    ``on_fit_start``."""
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    if source is not None:
+        loaders = source.dataloader() if source.is_defined() else None
+    else:
+        loaders = trainer.val_dataloaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)) and not _is_tensor_pair(loaders):
+        if len(loaders) > 1:
+            raise ValueError(
+                f"the Trainer has {len(loaders)} validation dataloaders; the default task is built from one: "
+                "pass tasks=[...]"
+            )
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise ValueError(
+            "it builds its task from the Trainer's validation data, and this fit has none (no "
+            "val_dataloaders, no validation_step / val_dataloader): pass tasks=[...], or tasks=[] to only "
+            "buffer and average"
+        )
+    return loaders
+
+
+def _is_tensor_pair(value: Sequence) -> bool:
+    return len(value) == 2 and all(isinstance(item, torch.Tensor) for item in value)

@@ -1,0 +1,176 @@
+"""Weights & Biases sink: the stability scalars on the trainer's step axis, and one chart per task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from checkpoint_stability.sinks.base import (
+    MEAN_TASK,
+    METRICS,
+    VARIANTS,
+    layout_task_names,
+    scalar_items,
+    scalar_name,
+)
+
+# Higher is better for a score; MTV and IS measure instability, so lower is better.
+SUMMARIES = {"score": "max", "mtv": "min", "is": "min"}
+
+
+def chart_key(task: str) -> str:
+    """The key of a task's raw/avg/ens chart, e.g. ``stability/mean/chart``."""
+    return f"stability/{task}/chart"
+
+
+class WandbSink:
+    """Log stability records to a W&B run.
+
+    Every scalar key (``stability/<task>/<variant>/<metric>``) is declared once with
+    ``run.define_metric(key, step_metric=step_metric, summary=...)``, so W&B plots it against the
+    training step rather than its own call counter, and the run summary keeps the best value: the
+    maximum for scores, the minimum for MTV and IS. Each ``run.log`` payload carries the step-axis value
+    itself (``{step_metric: step}``), as Lightning's ``WandbLogger`` does with ``trainer/global_step``.
+
+    W&B has no multi-line chart built from scalar keys that a run can define, so besides the scalars
+    the sink logs one ``wandb.plot.line_series`` per task (``"mean"`` first) under
+    ``stability/<task>/chart``: the raw, avg and ens score over steps on one set of axes. A chart holds
+    its whole series and W&B stores every logged version, so it is re-logged at the first snapshot,
+    then every ``chart_every`` snapshots, and once more by :meth:`close` if the series grew since.
+
+    Every key starts with ``stability/``: W&B groups panels by the first path component, so everything
+    lands in one "stability" section.
+
+    ``run``: the run to log to (Lightning: ``WandbLogger.experiment``); ``None`` means ``wandb.run`` at
+    the first write. The run belongs to the caller: :meth:`close` does not finish it.
+
+    Example::
+
+        run = wandb.init(project="pretraining")
+        sink = WandbSink(run, task_names=["hellaswag"])
+        sink.write(500, records)  # scalars at trainer/global_step=500, charts stability/*/chart
+        sink.close()
+    """
+
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        step_metric: str = "trainer/global_step",
+        task_names: Sequence[str] = (),
+        chart_every: int = 10,
+    ) -> None:
+        if not isinstance(step_metric, str) or not step_metric:
+            raise ValueError(f"step_metric must be a non-empty metric name, got {step_metric!r}")
+        if isinstance(chart_every, bool) or not isinstance(chart_every, int) or chart_every < 1:
+            raise ValueError(f"chart_every must be an integer >= 1, got {chart_every!r}")
+        if run is not None:
+            for method in ("log", "define_metric"):
+                if not callable(getattr(run, method, None)):
+                    raise ValueError(f"run must be a wandb run with {method}(), got {type(run).__name__}")
+        self._run = run
+        self.step_metric = step_metric
+        self.task_names = layout_task_names(task_names)
+        self.chart_every = chart_every
+        self._defined: set[str] = set()
+        # (task, variant) -> [(step, score)], the series the charts are drawn from.
+        self._series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        self._writes = 0
+        self._charted_writes = 0
+        self._last_step: int | None = None
+        self._closed = False
+
+    @property
+    def run(self) -> Any:
+        if self._run is None:
+            import wandb
+
+            if wandb.run is None:
+                raise RuntimeError("WandbSink has no run: pass run= or call wandb.init() before training")
+            self._run = wandb.run
+        return self._run
+
+    def preload(self, records: Iterable[dict]) -> None:
+        """Seed the chart series with earlier score records (a resumed run's history), logging nothing."""
+        for record in records:
+            if record.get("variant") in VARIANTS and record.get("score") is not None:
+                step, score = int(record["step"]), float(record["score"])
+                self._add_point(record["task"], record["variant"], step, score)
+
+    def write(self, step: int, records: list[dict]) -> None:
+        """Log the scalars of ``records`` at ``step`` on the step axis; re-log the charts when due."""
+        if self._closed:
+            raise RuntimeError("WandbSink.write called after close()")
+        for record in records:
+            if "step" in record and record["step"] != step:
+                raise ValueError(
+                    f"records must all be of step {step}, got a record of step {record['step']!r}"
+                )
+        items = scalar_items(records)
+        run = self.run
+        self._define(run, items)
+        for record in records:
+            if record.get("score") is not None:
+                self._add_point(record["task"], record["variant"], step, float(record["score"]))
+        payload: dict[str, Any] = dict(items)
+        self._writes += 1
+        self._last_step = step
+        if self._writes == 1 or self._writes - self._charted_writes >= self.chart_every:
+            payload.update(self._charts())
+            self._charted_writes = self._writes
+        payload[self.step_metric] = step
+        run.log(payload)
+
+    def close(self) -> None:
+        """Log the final charts if the series grew since the last ones. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writes > self._charted_writes and self._last_step is not None:
+            self.run.log({**self._charts(), self.step_metric: self._last_step})
+            self._charted_writes = self._writes
+
+    # ------------------------------------------------------------------ internals
+
+    def _define(self, run: Any, items: dict[str, float]) -> None:
+        if not self._defined:
+            run.define_metric(self.step_metric)
+            # Declare the known keys up front, so the summary aggregates are there from the first point.
+            for task in self.task_names:
+                for variant in VARIANTS:
+                    for metric in METRICS:
+                        self._define_one(run, scalar_name(task, variant, metric), metric)
+        for name in items:
+            self._define_one(run, name, name.rsplit("/", 1)[-1])
+
+    def _define_one(self, run: Any, name: str, metric: str) -> None:
+        if name in self._defined:
+            return
+        run.define_metric(name, step_metric=self.step_metric, summary=SUMMARIES[metric])
+        self._defined.add(name)
+
+    def _add_point(self, task: str, variant: str, step: int, score: float) -> None:
+        series = self._series.setdefault((task, variant), [])
+        # A step seen again is a resumed run overwriting the abandoned trajectory's point.
+        while series and series[-1][0] >= step:
+            series.pop()
+        series.append((step, score))
+
+    def _charts(self) -> dict[str, Any]:
+        import wandb
+
+        tasks = [MEAN_TASK, *[t for t, _ in self._series if t != MEAN_TASK]]
+        charts = {}
+        for task in dict.fromkeys(tasks):
+            lines = [(v, self._series.get((task, v), [])) for v in VARIANTS]
+            lines = [(v, points) for v, points in lines if points]
+            if not lines:
+                continue
+            charts[chart_key(task)] = wandb.plot.line_series(
+                xs=[[s for s, _ in points] for _, points in lines],
+                ys=[[score for _, score in points] for _, points in lines],
+                keys=[v for v, _ in lines],
+                title=f"{task}: score (raw / avg / ens)",
+                xname=self.step_metric,
+            )
+        return charts
