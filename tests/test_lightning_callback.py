@@ -656,3 +656,33 @@ def test_ddp_on_error_raise_stops_every_rank_without_a_hang(ddp_runs):
     assert "rank 1 broke" in ranks[1]["error"]
     assert "flaky" in ranks[0]["error"] and "another rank" in ranks[0]["error"]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2
+
+
+def test_a_run_killed_with_sigkill_resumes_cleanly_from_its_last_checkpoint(tmp_path):
+    script = Path(__file__).parent / "scripts" / "lightning_killed.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    run_dir = tmp_path / "first" / "stability"
+    assert max(r["step"] for r in history(run_dir)) == 10  # the abandoned trajectory reached step 10
+
+    x, y = make_data(1)
+    resumed = StabilityCallback([classify_task(x, y)], window=3, every_n_steps=2, console=False)
+    (checkpoint,) = (tmp_path / "ckpts").glob("*step=8.ckpt")
+    trainer, _ = fit(tmp_path / "second", [resumed], max_steps=16, ckpt_path=str(checkpoint))
+    assert trainer.global_step == 16 and resumed.monitor.dirpath == run_dir
+
+    records = history(run_dir)
+    assert max(Counter((r["step"], r["task"], r["variant"], r["window"]) for r in records).values()) == 1
+    assert sorted({r["step"] for r in records}) == [2, 4, 6, 8, 10, 12, 14, 16]
+    manifest = json.loads((run_dir / "buffer" / "manifest.json").read_text())
+    stored = buffer_files(run_dir)
+    assert [e["step"] for e in manifest["snapshots"]] == sorted(stored) == [12, 14, 16]
+    assert sorted(p.name for p in (run_dir / "buffer").iterdir()) == sorted(
+        ["manifest.json", *(f"step-{s:08d}.safetensors" for s in (12, 14, 16))]
+    )
+    # The average the monitor holds is the float64 mean of what the buffer holds.
+    oracle = float64_mean([stored[s] for s in (12, 14, 16)])
+    averaged = resumed.monitor.average.mean()
+    assert set(oracle) <= set(averaged)
+    for name, value in oracle.items():
+        torch.testing.assert_close(averaged[name].double(), value.double(), rtol=0, atol=1e-6)
