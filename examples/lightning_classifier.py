@@ -46,9 +46,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from checkpoint_stability import instability_score, mean_total_variation
 from checkpoint_stability.callbacks.lightning import StabilityCallback
-from checkpoint_stability.history import History
+from checkpoint_stability.summary import print_summary
 
 SEED = 0
 CLASSES = 3
@@ -62,8 +61,6 @@ BATCH_SIZE = 16
 # settling into it: exactly the checkpoint-to-checkpoint noise that averaging and ensembling remove.
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
-FINAL_FRACTION = 0.2  # the summary looks at the last 20% of evaluations, when training has settled
-VARIANTS = ("raw", "avg", "ens")
 
 
 # ------------------------------------------------------------------------------------------------- the data
@@ -123,55 +120,6 @@ class SpiralClassifier(LightningModule):
 
 
 # --------------------------------------------------------------------------------------------- the summary
-
-
-def series_summary(history: History, task: str, variant: str) -> dict:
-    """Mean score over the first and the last 20% of one series' evaluations, and MTV and IS over the last."""
-    records = sorted(history.records(task=task, variant=variant), key=lambda record: record["step"])
-    outputs = {line["step"]: line["outputs"] for line in history.outputs(task, variant=variant)}
-    count = max(2, math.ceil(FINAL_FRACTION * len(records)))
-    first, last = records[:count], records[-count:]
-    return {
-        "score_first": sum(record["score"] for record in first) / len(first),
-        "score_last": sum(record["score"] for record in last) / len(last),
-        "mtv": mean_total_variation([record["score"] for record in last]),
-        "is": instability_score([outputs[record["step"]] for record in last]),
-        "evaluations": len(last),
-    }
-
-
-def print_summary(run_dir: Path, tasks: list[str]) -> None:
-    """The paper's comparison, recomputed from the run directory alone (as a later report would be)."""
-    history = History(run_dir)
-    evaluations = len(history.records(task=tasks[0], variant="raw"))
-    if evaluations < 2:
-        print(f"only {evaluations} evaluation(s) in {run_dir}: MTV and IS need at least two")
-        return
-    header = (
-        f"{'task':<10} {'variant':<7} {'score, first 20%':>16} {'score, last 20%':>15} "
-        f"{'MTV':>7} {'IS':>7} {'MTV/raw':>8} {'IS/raw':>7}"
-    )
-    summaries = {
-        (task, variant): series_summary(history, task, variant) for task in tasks for variant in VARIANTS
-    }
-    count = summaries[(tasks[0], "raw")]["evaluations"]
-    print(
-        f"\nSummary of {run_dir / 'history.jsonl'}, last {count} of {evaluations} evaluations for MTV and IS:"
-    )
-    print(header)
-    print("-" * len(header))
-    for task in tasks:
-        raw = summaries[(task, "raw")]
-        for variant in VARIANTS:
-            row = summaries[(task, variant)]
-            mtv_ratio = row["mtv"] / raw["mtv"] if raw["mtv"] > 0 else math.nan
-            is_ratio = row["is"] / raw["is"] if raw["is"] > 0 else math.nan
-            print(
-                f"{task:<10} {variant:<7} {row['score_first']:>16.3f} {row['score_last']:>15.3f} "
-                f"{row['mtv']:>7.4f} {row['is']:>7.4f} {mtv_ratio:>8.2f} {is_ratio:>7.2f}"
-            )
-    print("MTV: mean change of the score between evaluations; IS: share of per-example answers that flip.")
-    print("A ratio below 1 means steadier than the live model (raw).")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -252,7 +200,8 @@ def main() -> None:
     default_task = stability.monitor.tasks[0]
     print(f"\ndone: {args.steps} steps in {elapsed:.0f}s; the default task: {default_task!r}")
     run_dir = stability.monitor.dirpath
-    print_summary(run_dir, [default_task.name])
+    # The paper's comparison over the final 20% of evaluations, recomputed from the run directory alone.
+    print_summary(run_dir)
 
     best = stability.best
     if best is not None:

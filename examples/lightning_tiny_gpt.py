@@ -52,10 +52,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint_stability import instability_score, mean_total_variation
 from checkpoint_stability.callbacks.lightning import StabilityCallback
 from checkpoint_stability.datasets import cloze_examples, plays_text, split_text
-from checkpoint_stability.history import History
+from checkpoint_stability.summary import print_summary
 from checkpoint_stability.tasks import MultipleChoiceTask, NextTokenTask
 
 SEED = 0
@@ -72,8 +71,6 @@ CLOZE_ITEMS = 100
 CLOZE_BATCH_SIZE = 32  # (item, choice) rows per forward pass; larger batches are no faster on CPU
 NEXT_CHAR_TOKENS = 500
 HORIZON = 10  # the live MTV and IS logged at each snapshot look back over this many evaluations
-FINAL_FRACTION = 0.2  # the summary looks at the last 20% of evaluations, when training has settled
-VARIANTS = ("raw", "avg", "ens")
 
 
 # -------------------------------------------------------------------------------------------- the tokenizer
@@ -272,55 +269,6 @@ def next_char_task(held_out_ids: list[int]) -> NextTokenTask:
 # --------------------------------------------------------------------------------------------- the summary
 
 
-def series_summary(history: History, task: str, variant: str) -> dict:
-    """Mean score over the first and the last 20% of one series' evaluations, and MTV and IS over the last."""
-    records = sorted(history.records(task=task, variant=variant), key=lambda record: record["step"])
-    outputs = {line["step"]: line["outputs"] for line in history.outputs(task, variant=variant)}
-    count = max(2, math.ceil(FINAL_FRACTION * len(records)))
-    first, last = records[:count], records[-count:]
-    return {
-        "score_first": sum(record["score"] for record in first) / len(first),
-        "score_last": sum(record["score"] for record in last) / len(last),
-        "mtv": mean_total_variation([record["score"] for record in last]),
-        "is": instability_score([outputs[record["step"]] for record in last]),
-        "evaluations": len(last),
-    }
-
-
-def print_summary(run_dir: Path, tasks: list[str]) -> None:
-    """The paper's comparison, recomputed from the run directory alone (as a later report would be)."""
-    history = History(run_dir)
-    evaluations = len(history.records(task=tasks[0], variant="raw"))
-    if evaluations < 2:
-        print(f"only {evaluations} evaluation(s) in {run_dir}: MTV and IS need at least two")
-        return
-    header = (
-        f"{'task':<10} {'variant':<7} {'score, first 20%':>16} {'score, last 20%':>15} "
-        f"{'MTV':>7} {'IS':>7} {'MTV/raw':>8} {'IS/raw':>7}"
-    )
-    summaries = {
-        (task, variant): series_summary(history, task, variant) for task in tasks for variant in VARIANTS
-    }
-    count = summaries[(tasks[0], "raw")]["evaluations"]
-    print(
-        f"\nSummary of {run_dir / 'history.jsonl'}, last {count} of {evaluations} evaluations for MTV and IS:"
-    )
-    print(header)
-    print("-" * len(header))
-    for task in tasks:
-        raw = summaries[(task, "raw")]
-        for variant in VARIANTS:
-            row = summaries[(task, variant)]
-            mtv_ratio = row["mtv"] / raw["mtv"] if raw["mtv"] > 0 else math.nan
-            is_ratio = row["is"] / raw["is"] if raw["is"] > 0 else math.nan
-            print(
-                f"{task:<10} {variant:<7} {row['score_first']:>16.3f} {row['score_last']:>15.3f} "
-                f"{row['mtv']:>7.4f} {row['is']:>7.4f} {mtv_ratio:>8.2f} {is_ratio:>7.2f}"
-            )
-    print("MTV: mean change of the score between evaluations; IS: share of per-example answers that flip.")
-    print("A ratio below 1 means steadier than the live model (raw).")
-
-
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -401,7 +349,8 @@ def main() -> None:
     run_dir = stability.monitor.dirpath  # <out>/stability
     print(f"done: {args.steps} steps in {time.time() - started:.0f}s, run directory {run_dir}")
 
-    print_summary(run_dir, [task.name for task in tasks])
+    # The paper's comparison over the final 20% of evaluations, recomputed from the run directory alone.
+    print_summary(run_dir)
     best = stability.best
     if best is not None:
         # The averaged weights are in no Lightning checkpoint. Loaded into a bare CharGPT, outside
