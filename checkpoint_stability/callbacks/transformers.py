@@ -1,0 +1,320 @@
+"""StabilityCallback for the Hugging Face ``transformers.Trainer``: events delegating to a monitor."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.defaults import default_task_from_dataloader
+from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.selection import load_export
+from checkpoint_stability.sinks import Sink, TensorBoardSink
+from checkpoint_stability.sinks.base import scalar_items
+from checkpoint_stability.sinks.wandb import WandbSink
+from checkpoint_stability.tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+RUN_DIRECTORY_NAME = "stability"
+TENSORBOARD_RUN_NAME = "stability"
+WANDB_STEP_METRIC = "train/global_step"  # the step axis transformers' WandbCallback defines
+
+
+class StabilityCallback(TrainerCallback, ExportableState):
+    r"""Evaluate the model, its window average and its window ensemble side by side while a
+    ``transformers.Trainer`` trains.
+
+    Every ``every_n_steps`` optimizer steps (``state.global_step``, checked in ``on_step_end``, which runs
+    after the optimizer step; with gradient accumulation only steps count) the model's ``state_dict`` is
+    snapshotted into a rolling window and the tasks are run on the live model (``raw``), the window
+    average (``avg``) and the window ensemble (``ens``). All the work is done by one
+    :class:`~checkpoint_stability.StabilityMonitor`.
+
+    Where things go:
+
+    - Run directory: ``<args.output_dir>/stability`` unless ``dirpath=`` is given. Its path is saved in
+      ``trainer_state.json`` of every checkpoint (``stateful_callbacks``), and ``trainer.train(
+      resume_from_checkpoint=...)`` continues in the saved directory; what is newer than the restored
+      step is dropped. Leave ``restore_callback_states_from_checkpoint=False`` (the default): with
+      ``True`` transformers replaces this callback by a new ``StabilityCallback()`` without its tasks,
+      which is refused with a ``ValueError``.
+    - ``report_to`` containing ``"tensorboard"``: a TensorBoard run of its own at
+      ``$TENSORBOARD_LOGGING_DIR`` if set, else ``<output_dir>/runs/stability`` (beside the Trainer's
+      runs), with a custom-scalars layout; after a resume, points newer than the restored step are
+      purged. The monitor's own ``<dirpath>/tensorboard`` is not written.
+    - ``report_to`` containing ``"wandb"`` with an active ``wandb.run``: a
+      :class:`~checkpoint_stability.sinks.wandb.WandbSink` on the step axis ``train/global_step``.
+
+    Best-model interplay: ``on_evaluate`` adds the latest snapshot's values to the evaluation metrics as
+    ``eval_stability/<task>/<variant>/<metric>``, so ``metric_for_best_model="stability/mean/avg/score"``
+    with ``load_best_model_at_end=True`` works. ``eval_steps`` must then be a multiple of
+    ``every_n_steps`` (checked at ``on_train_begin``), so every evaluation follows a snapshot of its
+    own step. Before the first snapshot (``eval_on_start``) the keys hold the worst value
+    (``-inf``, or ``+inf`` when ``greater_is_better=False``), so such a checkpoint never beats a real one.
+    The Trainer's best checkpoint holds raw weights; the window average is exported by the monitor:
+    :attr:`best_model_path`, :meth:`load_best`.
+
+    ``tasks=None`` builds a default task from the Trainer's evaluation data (``input_ids``/``labels``
+    batches give a :class:`~checkpoint_stability.tasks.NextTokenTask`); without ``eval_dataset`` a
+    ``ValueError`` says to pass ``tasks``.
+
+    Args:
+        tasks: what to evaluate; ``None`` for a default task from ``eval_dataset``; ``[]`` for none.
+        \**settings: :class:`~checkpoint_stability.StabilityConfig` settings (``window``,
+            ``every_n_steps``, ``dirpath``, ``on_error``, ...).
+    """
+
+    def __init__(self, tasks: Sequence[Task] | None = None, **settings):
+        unknown = sorted(set(settings) - set(StabilityConfig.field_names()))
+        if unknown:
+            raise TypeError(
+                f"StabilityCallback got unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                f"{', '.join(StabilityConfig.field_names())}"
+            )
+        self.config = StabilityConfig(**settings)
+        if tasks is not None:
+            tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
+            tasks = StabilityMonitor.check_tasks(tasks, self.config)
+        self.tasks: list[Task] | None = tasks
+        self.monitor: StabilityMonitor | None = None
+        """The monitor of the current (or last) ``train``; built at ``on_train_begin``."""
+        self._sinks: list[Sink] = []
+        self._running = False
+        self._last_snapshot_step: int | None = None
+        self._latest_records: list[dict] = []
+        self._task_names: list[str] = []
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def latest_records(self) -> list[dict]:
+        """The records of the latest snapshot."""
+        return list(self._latest_records)
+
+    @property
+    def best(self) -> dict | None:
+        """What ``best.json`` says: the best model so far under the ``select`` policy, or None."""
+        return None if self.monitor is None else self.monitor.best
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """The directory of the exported best model (``model.safetensors`` inside), or None."""
+        return None if self.monitor is None else self.monitor.best_model_path
+
+    def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
+        """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``."""
+        best, path = self.best, self.best_model_path
+        if best is None:
+            raise FileNotFoundError(
+                "no best model has been exported yet (see best.json in the run directory)"
+            )
+        if path is None:
+            raise ValueError(
+                f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
+                "use select='avg' or 'raw' to export weights"
+            )
+        model.load_state_dict(load_export(path), strict=strict)
+        return dict(best)
+
+    def state(self) -> dict:
+        """What transformers saves in ``trainer_state.json`` (``ExportableState``): the monitor's state."""
+        saved = self.monitor.state_dict() if self.monitor is not None else {}
+        return {"args": {}, "attributes": {"stability_state": saved}}
+
+    # ------------------------------------------------------------------ events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.restore_callback_states_from_checkpoint and self.tasks is None:
+            raise ValueError(
+                "StabilityCallback does not support restore_callback_states_from_checkpoint=True (the "
+                "restored callback would lose its tasks); leave it False: the run directory is restored "
+                "from trainer_state.json anyway"
+            )
+        self._check_best_metric(args)
+        tasks = self.tasks if self.tasks is not None else [self._default_task(kwargs.get("eval_dataloader"))]
+        self._task_names = [t.name for t in tasks]
+        resume_step = state.global_step if state.global_step > 0 else None
+        self._sinks = self._destinations(args, resume_step) if state.is_world_process_zero else []
+        config = self.config.replace(dirpath=self._configured_dirpath(args), tensorboard=False)
+        self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks)
+        restored = _restored_state(state)
+        if restored:
+            configured = self.monitor.config.dirpath
+            self.monitor.load_state_dict(restored)
+            if self.monitor.config.dirpath != configured:
+                logger.info(
+                    "StabilityCallback: continuing in the run directory %s saved in the checkpoint (not %s)",
+                    self.monitor.config.dirpath,
+                    configured,
+                )
+        self._latest_records = []
+        self._last_snapshot_step = state.global_step
+        self._running = True
+        try:
+            self.monitor.open(resume_step=resume_step, model=model)
+        except Exception as error:
+            message = (
+                f"StabilityCallback cannot use the run directory {self.monitor.config.dirpath}: {error!r}"
+            )
+            if self.config.on_error == "raise":
+                self._running = False
+                raise RuntimeError(f"{message} (on_error='raise')") from error
+            logger.warning(
+                "%s. Training goes on without it; pass dirpath= naming a writable directory", message
+            )
+            return
+        if resume_step is not None and self.monitor.history is not None:
+            self._latest_records = _records_at_last_step(self.monitor.history.records(), resume_step)
+            window = self.monitor.config.window
+            earlier = [
+                r
+                for r in self.monitor.history.records()
+                if r["window"] == (1 if r["variant"] == "raw" else window)
+            ]
+            for sink in self._sinks:
+                if isinstance(sink, WandbSink):
+                    sink.preload(earlier)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if not self._running or step == self._last_snapshot_step or not self.monitor.should_snapshot(step):
+            return
+        self._last_snapshot_step = step
+        self._latest_records = self.monitor.on_snapshot(model, step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is None:
+            return
+        items = scalar_items(self._latest_records) if self._latest_records else {}
+        wanted = _stability_key(args.metric_for_best_model)
+        if wanted is not None and wanted not in items:
+            worst = -math.inf if args.greater_is_better in (None, True) else math.inf
+            items[wanted] = worst
+        for name, value in items.items():
+            metrics[f"eval_{name}"] = value
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_best_metric(self, args) -> None:
+        if _stability_key(args.metric_for_best_model) is None:
+            return
+        every = self.config.every_n_steps
+        eval_steps = args.eval_steps
+        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+        if strategy != "steps" or eval_steps is None or eval_steps < 1 or int(eval_steps) % every:
+            raise ValueError(
+                f"StabilityCallback: metric_for_best_model={args.metric_for_best_model!r} is a stability "
+                "value, so evaluations must fall on snapshot steps: use eval_strategy='steps' with "
+                f"eval_steps a multiple of every_n_steps={every} (got eval_strategy={strategy!r}, "
+                f"eval_steps={eval_steps!r})"
+            )
+
+    def _default_task(self, eval_dataloader) -> Task:
+        if eval_dataloader is None:
+            eval_dataloader = _trainer_eval_dataloader(self)
+        if eval_dataloader is None:
+            raise ValueError(
+                "StabilityCallback(tasks=None) builds its task from the Trainer's eval_dataset, and this "
+                "Trainer has none: pass eval_dataset= to the Trainer or tasks= to StabilityCallback"
+            )
+        try:
+            return default_task_from_dataloader(eval_dataloader)
+        except ValueError as error:
+            raise ValueError(f"StabilityCallback(tasks=None): {error}") from error
+
+    def _configured_dirpath(self, args) -> Path:
+        chosen = self.config.dirpath
+        if chosen is None:
+            chosen = Path(args.output_dir) / RUN_DIRECTORY_NAME
+        return Path(os.path.abspath(chosen))
+
+    def _destinations(self, args, resume_step: int | None) -> list[Sink]:
+        report_to = args.report_to or []
+        if isinstance(report_to, str):
+            report_to = [report_to]
+        sinks: list[Sink] = []
+        if ("tensorboard" in report_to or "all" in report_to) and self.config.tensorboard:
+            log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(
+                args.output_dir, "runs", TENSORBOARD_RUN_NAME
+            )
+            purge = None if resume_step is None else resume_step + 1
+            sinks.append(TensorBoardSink(log_dir, task_names=self._task_names, purge_step=purge))
+        if "wandb" in report_to or "all" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                wandb = None
+            if wandb is not None and wandb.run is not None:
+                sinks.append(WandbSink(wandb.run, step_metric=WANDB_STEP_METRIC, task_names=self._task_names))
+        return sinks
+
+    def _close(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.monitor.close()
+        finally:
+            for sink in self._sinks:
+                try:
+                    sink.close()
+                except Exception as error:
+                    logger.warning("StabilityCallback: closing %s failed: %r", type(sink).__name__, error)
+
+
+def _stability_key(metric: str | None) -> str | None:
+    """The logged stability name a ``metric_for_best_model`` refers to, or None."""
+    if not metric:
+        return None
+    name = metric[len("eval_") :] if metric.startswith("eval_") else metric
+    return name if name.startswith("stability/") else None
+
+
+def _restored_state(state) -> dict | None:
+    saved = (getattr(state, "stateful_callbacks", None) or {}).get(StabilityCallback.__name__)
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else None
+    if not isinstance(saved, dict):
+        return None
+    restored = saved.get("attributes", {}).get("stability_state")
+    return restored if isinstance(restored, dict) and "dirpath" in restored else None
+
+
+def _records_at_last_step(records: list[dict], step: int) -> list[dict]:
+    steps = [r["step"] for r in records if r["step"] <= step]
+    if not steps:
+        return []
+    last = max(steps)
+    return [r for r in records if r["step"] == last]
+
+
+def _trainer_eval_dataloader(callback: StabilityCallback) -> Any:
+    """The eval DataLoader of the Trainer running ``callback``: a TrainerCallback gets no Trainer, and the
+    handler's ``eval_dataloader`` is only set once an evaluation ran, so look up the calling Trainer."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+                if candidate.eval_dataset is None:
+                    return None
+                return candidate.get_eval_dataloader()
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
