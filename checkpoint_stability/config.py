@@ -152,6 +152,17 @@ class StabilityConfig:
         return out
 
     @classmethod
+    def from_settings(cls, owner: str, settings: dict) -> StabilityConfig:
+        """A config from keyword settings; an unknown name raises ``TypeError`` listing the settings."""
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(
+                f"{owner} got unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                f"{', '.join(cls.field_names())}"
+            )
+        return cls(**settings)
+
+    @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 

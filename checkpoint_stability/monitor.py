@@ -31,7 +31,7 @@ from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import instability_score, mean_total_variation, resolve_similarity
 from checkpoint_stability.runtime import Runtime, default_runtime
-from checkpoint_stability.selection import BestModelSelector
+from checkpoint_stability.selection import BestModelSelector, load_export
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
 from checkpoint_stability.state import (
     CapturedState,
@@ -263,6 +263,28 @@ class StabilityMonitor:
     def best_model_path(self) -> Path | None:
         """Directory of the exported best model (``model.safetensors`` inside), if any."""
         return None if self.selector is None else self.selector.best_path
+
+    def load_best(self, model: torch.nn.Module, *, strict: bool = True, prefix: str = "") -> dict:
+        """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``.
+
+        ``prefix``: when the export is of a wrapper (a LightningModule holding the model as an
+        attribute), the state-dict prefix of ``model``'s entries in it, e.g. ``"model."``.
+        """
+        best, path = self.best, self.best_model_path
+        if best is None:
+            raise FileNotFoundError(
+                "no best model has been exported yet (see best.json in the run directory)"
+            )
+        if path is None:
+            raise ValueError(
+                f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
+                "use select='avg' or 'raw' to export weights"
+            )
+        state = load_export(path)
+        if prefix and not set(model.state_dict()) <= set(state):
+            state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+        model.load_state_dict(state, strict=strict)
+        return dict(best)
 
     # ------------------------------------------------------------------ the pipeline
 

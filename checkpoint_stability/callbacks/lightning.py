@@ -18,7 +18,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.defaults import default_task_from_dataloader
 from checkpoint_stability.monitor import StabilityMonitor
-from checkpoint_stability.selection import load_export
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
 from checkpoint_stability.sinks.wandb import WandbSink
@@ -126,13 +125,7 @@ class StabilityCallback(Callback):
     def __init__(
         self, tasks: Sequence[Task] | None = None, *, model_attribute: str | None = None, **settings
     ):
-        unknown = sorted(set(settings) - set(StabilityConfig.field_names()))
-        if unknown:
-            raise TypeError(
-                f"StabilityCallback got unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
-                f"{', '.join(StabilityConfig.field_names())}"
-            )
-        self.config = StabilityConfig(**settings)
+        self.config = StabilityConfig.from_settings("StabilityCallback", settings)
         if tasks is not None:
             tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
             # Checked against the settings (names, select_metric, mean_prob) now, not when fit starts.
@@ -177,23 +170,9 @@ class StabilityCallback(Callback):
         ``model`` is a LightningModule like the trained one, or the submodule named by
         ``model_attribute`` (e.g. the wrapped Hugging Face model).
         """
-        best, path = self.best, self.best_model_path
-        if best is None:
-            raise FileNotFoundError(
-                "no best model has been exported yet (see best.json in the run directory)"
-            )
-        if path is None:
-            raise ValueError(
-                f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
-                "use select='avg' or 'raw' to export weights"
-            )
-        state = load_export(path)
-        wanted = set(model.state_dict())
-        if self._export_prefix and not wanted <= set(state):
-            prefix = self._export_prefix
-            state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
-        model.load_state_dict(state, strict=strict)
-        return dict(best)
+        if self.monitor is None:
+            raise FileNotFoundError("no best model has been exported yet: the callback has not run")
+        return self.monitor.load_best(model, strict=strict, prefix=self._export_prefix)
 
     # ------------------------------------------------------------------ hooks
 

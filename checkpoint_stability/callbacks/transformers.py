@@ -17,7 +17,6 @@ from transformers.trainer_callback import ExportableState
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.defaults import default_task_from_dataloader
 from checkpoint_stability.monitor import StabilityMonitor
-from checkpoint_stability.selection import load_export
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.base import scalar_items
 from checkpoint_stability.sinks.wandb import WandbSink
@@ -75,13 +74,7 @@ class StabilityCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, tasks: Sequence[Task] | None = None, **settings):
-        unknown = sorted(set(settings) - set(StabilityConfig.field_names()))
-        if unknown:
-            raise TypeError(
-                f"StabilityCallback got unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
-                f"{', '.join(StabilityConfig.field_names())}"
-            )
-        self.config = StabilityConfig(**settings)
+        self.config = StabilityConfig.from_settings("StabilityCallback", settings)
         if tasks is not None:
             tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
             tasks = StabilityMonitor.check_tasks(tasks, self.config)
@@ -113,18 +106,9 @@ class StabilityCallback(TrainerCallback, ExportableState):
 
     def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
         """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``."""
-        best, path = self.best, self.best_model_path
-        if best is None:
-            raise FileNotFoundError(
-                "no best model has been exported yet (see best.json in the run directory)"
-            )
-        if path is None:
-            raise ValueError(
-                f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
-                "use select='avg' or 'raw' to export weights"
-            )
-        model.load_state_dict(load_export(path), strict=strict)
-        return dict(best)
+        if self.monitor is None:
+            raise FileNotFoundError("no best model has been exported yet: the callback has not run")
+        return self.monitor.load_best(model, strict=strict)
 
     def state(self) -> dict:
         """What transformers saves in ``trainer_state.json`` (``ExportableState``): the monitor's state."""
