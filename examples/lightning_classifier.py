@@ -179,7 +179,7 @@ def main() -> None:
     trainer = Trainer(
         max_steps=args.steps,
         default_root_dir=args.out,  # the callback's run directory is <out>/stability
-        # Logs to <out>/lightning_logs/version_0. default_hp_metric=False: no placeholder "hp_metric" chart.
+        # Logs to <out>/lightning_logs/version_0. default_hp_metric=False: no empty "hp_metric" chart.
         logger=TensorBoardLogger(save_dir=args.out, default_hp_metric=False),
         callbacks=[stability],
         accelerator="cpu",
