@@ -15,6 +15,7 @@ import logging
 import pickle
 import time
 import traceback
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -196,6 +197,45 @@ class StabilityMonitor:
         """Rank 0 keeps the window of full weights; with sharded weights every rank keeps its shards'."""
         return self.runtime.is_main or self._sharded
 
+    def start(
+        self,
+        *,
+        resume_step: int | None = None,
+        model: torch.nn.Module | None = None,
+        restored_state: dict | None = None,
+        owner: str = "StabilityMonitor",
+    ) -> bool:
+        """What a framework adapter does when training starts; True if the run directory is open.
+
+        Restores the state saved in the training checkpoint (its run directory wins), opens, and
+        applies the ``on_error`` policy to a directory that cannot be used: ``"raise"`` raises a
+        ``RuntimeError``; ``"warn"`` warns once (rank 0) and training goes on, each snapshot trying
+        again. Sinks with a ``preload(records)`` method (W&B charts) are then given the history the run
+        continues. Collective.
+        """
+        if restored_state:
+            self.load_state_dict(restored_state)
+        try:
+            self.open(resume_step=resume_step, model=model)
+        except Exception as error:
+            message = f"{owner} cannot use the run directory {self.config.dirpath}: {error!r}"
+            if self.config.on_error == "raise":
+                raise RuntimeError(f"{message} (on_error='raise')") from error
+            if self.runtime.is_main:
+                warnings.warn(
+                    f"{message}. Training goes on without it: each snapshot tries again and logs the "
+                    "failure. Pass dirpath= naming a writable directory",
+                    stacklevel=2,
+                )
+            return False
+        if self.runtime.is_main and self.history is not None:
+            series = [r for r in self.history.records() if r["window"] == self._window_of(r["variant"])]
+            for sink in self.sinks:
+                preload = getattr(sink, "preload", None)
+                if callable(preload):
+                    preload(series)
+        return True
+
     def resume(self, step: int) -> None:
         """Continue a run from ``step`` (e.g. after loading a training checkpoint)."""
         if self._opened:
@@ -242,7 +282,13 @@ class StabilityMonitor:
             raise RuntimeError("load_state_dict must be called before the monitor opens its run directory")
         if not isinstance(state, dict) or "dirpath" not in state:
             raise ValueError(f"not a StabilityMonitor state: {state!r:.200}")
-        if state["dirpath"] is not None:
+        if state["dirpath"] is not None and Path(state["dirpath"]) != self.config.dirpath:
+            if self.config.dirpath is not None:
+                logger.info(
+                    "continuing in the run directory %s saved in the checkpoint (not %s)",
+                    state["dirpath"],
+                    self.config.dirpath,
+                )
             self.config = self.config.replace(dirpath=state["dirpath"])
         saved = state.get("config", {})
         changed = [

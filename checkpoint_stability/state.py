@@ -45,10 +45,6 @@ class CapturedState:
             out[alias] = self.tensors[canonical]
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's state-dict tensors, sharing storage with its parameters and buffers.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.defaults import default_task_from_dataloader
@@ -197,17 +197,7 @@ class StabilityCallback(Callback):
         # The first hook where both the callback state (restored after on_fit_start under FSDP,
         # DeepSpeed and ModelParallelStrategy) and trainer.global_step (restored with the loops, after
         # on_fit_start under every strategy) are known.
-        monitor = self._require_monitor()
         resumed = trainer.ckpt_path is not None or trainer.global_step > 0
-        restored, self._restored_state = self._restored_state, None
-        if restored is not None:
-            configured = monitor.config.dirpath
-            monitor.load_state_dict(restored)
-            if monitor.config.dirpath != configured:
-                rank_zero_info(
-                    f"StabilityCallback: continuing in the run directory {monitor.config.dirpath} saved in "
-                    f"the checkpoint (not {configured})"
-                )
         self._warn_if_no_snapshot(trainer)
         self._last_snapshot_step = trainer.global_step
         self._open(trainer, pl_module, resume_step=trainer.global_step if resumed else None)
@@ -333,18 +323,16 @@ class StabilityCallback(Callback):
 
     def _open(self, trainer: Trainer, pl_module: LightningModule, resume_step: int | None) -> None:
         monitor = self._require_monitor()
+        restored, self._restored_state = self._restored_state, None
         self._running = True
         try:
-            monitor.open(resume_step=resume_step, model=pl_module)
-        except Exception as error:
-            message = f"StabilityCallback cannot use the run directory {monitor.config.dirpath}: {error!r}"
-            if self.config.on_error == "raise":
-                self._running = False
-                raise RuntimeError(f"{message} (on_error='raise')") from error
-            rank_zero_warn(
-                f"{message}. Training goes on without it: each snapshot tries again and logs the failure. "
-                "Pass dirpath= (or default_root_dir=) naming a writable directory"
+            opened = monitor.start(
+                resume_step=resume_step, model=pl_module, restored_state=restored, owner="StabilityCallback"
             )
+        except RuntimeError:
+            self._running = False
+            raise
+        if not opened:
             return
         last_step = monitor.state_dict()["last_step"]
         if resume_step is None and last_step is not None and last_step > trainer.global_step:
@@ -354,17 +342,6 @@ class StabilityCallback(Callback):
                 "first snapshot drops the records after it. Pass dirpath= (or another default_root_dir) "
                 "to keep that run, or ckpt_path= to resume it"
             )
-        wandb_sinks = [sink for sink in self._sinks if isinstance(sink, WandbSink)]
-        if wandb_sinks and monitor.history is not None:
-            # A resumed run's charts start from the history it continues, not from the restored step.
-            window = monitor.config.window
-            earlier = [
-                r
-                for r in monitor.history.records()
-                if r["window"] == (1 if r["variant"] == "raw" else window)
-            ]
-            for sink in wandb_sinks:
-                sink.preload(earlier)
 
     def _close(self) -> None:
         """The end of a fit: finish writes, export (``tasks=[]``), close the sinks. Collective."""

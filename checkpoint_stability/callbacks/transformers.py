@@ -131,43 +131,21 @@ class StabilityCallback(TrainerCallback, ExportableState):
         self._sinks = self._destinations(args, resume_step) if state.is_world_process_zero else []
         config = self.config.replace(dirpath=self._configured_dirpath(args), tensorboard=False)
         self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks)
-        restored = _restored_state(state)
-        if restored:
-            configured = self.monitor.config.dirpath
-            self.monitor.load_state_dict(restored)
-            if self.monitor.config.dirpath != configured:
-                logger.info(
-                    "StabilityCallback: continuing in the run directory %s saved in the checkpoint (not %s)",
-                    self.monitor.config.dirpath,
-                    configured,
-                )
         self._latest_records = []
         self._last_snapshot_step = state.global_step
         self._running = True
         try:
-            self.monitor.open(resume_step=resume_step, model=model)
-        except Exception as error:
-            message = (
-                f"StabilityCallback cannot use the run directory {self.monitor.config.dirpath}: {error!r}"
+            opened = self.monitor.start(
+                resume_step=resume_step,
+                model=model,
+                restored_state=_restored_state(state),
+                owner="StabilityCallback",
             )
-            if self.config.on_error == "raise":
-                self._running = False
-                raise RuntimeError(f"{message} (on_error='raise')") from error
-            logger.warning(
-                "%s. Training goes on without it; pass dirpath= naming a writable directory", message
-            )
-            return
-        if resume_step is not None and self.monitor.history is not None:
+        except RuntimeError:
+            self._running = False
+            raise
+        if opened and resume_step is not None and self.monitor.history is not None:
             self._latest_records = _records_at_last_step(self.monitor.history.records(), resume_step)
-            window = self.monitor.config.window
-            earlier = [
-                r
-                for r in self.monitor.history.records()
-                if r["window"] == (1 if r["variant"] == "raw" else window)
-            ]
-            for sink in self._sinks:
-                if isinstance(sink, WandbSink):
-                    sink.preload(earlier)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
