@@ -6,16 +6,17 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.defaults import default_task_from_dataloader
+from checkpoint_stability.defaults import DEFAULT_TASK_NAME, default_task_from_dataloader
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.base import scalar_items
@@ -125,7 +126,7 @@ class StabilityCallback(TrainerCallback, ExportableState):
                 "from trainer_state.json anyway"
             )
         self._check_best_metric(args)
-        tasks = self.tasks if self.tasks is not None else [self._default_task(kwargs.get("eval_dataloader"))]
+        tasks = self.tasks if self.tasks is not None else self._default_tasks(args)
         self._task_names = [t.name for t in tasks]
         resume_step = state.global_step if state.global_step > 0 else None
         self._sinks = self._destinations(args, resume_step) if state.is_world_process_zero else []
@@ -184,18 +185,32 @@ class StabilityCallback(TrainerCallback, ExportableState):
                 f"eval_steps={eval_steps!r})"
             )
 
-    def _default_task(self, eval_dataloader) -> Task:
-        if eval_dataloader is None:
-            eval_dataloader = _trainer_eval_dataloader(self)
-        if eval_dataloader is None:
+    def _default_tasks(self, args) -> list[Task]:
+        trainer = _running_trainer(self)
+        eval_dataset = None if trainer is None else trainer.eval_dataset
+        if eval_dataset is None:
             raise ValueError(
                 "StabilityCallback(tasks=None) builds its task from the Trainer's eval_dataset, and this "
                 "Trainer has none: pass eval_dataset= to the Trainer or tasks= to StabilityCallback"
             )
-        try:
-            return default_task_from_dataloader(eval_dataloader)
-        except ValueError as error:
-            raise ValueError(f"StabilityCallback(tasks=None): {error}") from error
+        # Several evaluation sets (a dict) give one task each, named by their keys.
+        named = (
+            eval_dataset.items() if isinstance(eval_dataset, dict) else [(DEFAULT_TASK_NAME, eval_dataset)]
+        )
+        tasks = []
+        for name, dataset in named:
+            # The Trainer's own eval loader is split across processes by accelerate; the task must see
+            # every example on every rank (it splits its examples itself), so it gets a plain loader.
+            loader = DataLoader(
+                dataset,
+                batch_size=args.per_device_eval_batch_size,
+                collate_fn=_collate_model_inputs(trainer.data_collator),
+            )
+            try:
+                tasks.append(default_task_from_dataloader(loader, name=str(name)))
+            except ValueError as error:
+                raise ValueError(f"StabilityCallback(tasks=None), eval_dataset {name!r}: {error}") from error
+        return tasks
 
     def _configured_dirpath(self, args) -> Path:
         chosen = self.config.dirpath
@@ -263,9 +278,11 @@ def _records_at_last_step(records: list[dict], step: int) -> list[dict]:
     return [r for r in records if r["step"] == last]
 
 
-def _trainer_eval_dataloader(callback: StabilityCallback) -> Any:
-    """The eval DataLoader of the Trainer running ``callback``: a TrainerCallback gets no Trainer, and the
-    handler's ``eval_dataloader`` is only set once an evaluation ran, so look up the calling Trainer."""
+def _running_trainer(callback: StabilityCallback) -> Any:
+    """The ``transformers.Trainer`` whose callbacks include ``callback`` and which is running now, or None.
+
+    A ``TrainerCallback`` is never given its Trainer, and the handler's ``eval_dataloader`` is only set
+    once an evaluation ran; the Trainer is the ``self`` of a frame below ``on_train_begin``."""
     from transformers import Trainer
 
     frame = inspect.currentframe()
@@ -273,10 +290,19 @@ def _trainer_eval_dataloader(callback: StabilityCallback) -> Any:
         while frame is not None:
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
-                if candidate.eval_dataset is None:
-                    return None
-                return candidate.get_eval_dataloader()
+                return candidate
             frame = frame.f_back
     finally:
         del frame
     return None
+
+
+def _collate_model_inputs(collate: Any):
+    """``collate`` on the token fields only: a ``datasets.Dataset`` row may carry text columns beside them,
+    which the Trainer would drop for the model and which no collator can batch."""
+    kept = ("input_ids", "attention_mask", "labels")
+
+    def collate_model_inputs(rows: list) -> Any:
+        return collate([{k: r[k] for k in kept if k in r} if isinstance(r, Mapping) else r for r in rows])
+
+    return collate_model_inputs
