@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_lm import CORPUS, tiny_gpt2, tiny_tokenizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -149,14 +153,33 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     got, want = series(second), series(whole)
     assert [row[:4] for row in got] == [row[:4] for row in want]  # same steps, none twice
     assert [row[4] for row in got] == pytest.approx([row[4] for row in want], abs=1e-6)
+    # Same buffer: the same snapshot steps, holding the same weights.
+    whole_steps = manifest_steps(tmp_path / "whole" / "stability")
+    split_steps = manifest_steps(tmp_path / "split" / "stability")
+    assert whole_steps == split_steps == [6, 8]
+    for step in whole_steps:
+        name = f"buffer/step-{step:08d}.safetensors"
+        a = load_file(tmp_path / "whole" / "stability" / name)
+        b = load_file(tmp_path / "split" / "stability" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
 def test_final_weights_bit_identical_with_and_without(tmp_path):
-    plain = train(tmp_path / "plain").model.state_dict()
-    watched = train(tmp_path / "watched", [stability()]).model.state_dict()
-    assert plain.keys() == watched.keys()
-    for name in plain:
-        assert torch.equal(plain[name], watched[name]), name
+    # 48 training blocks in batches of 4: 12 steps an epoch, so 14 steps cross an epoch boundary (a new
+    # shuffle), and GPT-2's dropout draws from torch's generator at every step.
+    assert tiny_gpt2(0).config.resid_pdrop > 0
+    plain = train(tmp_path / "plain", max_steps=14).model
+    callback = stability()
+    watched_trainer = train(tmp_path / "watched", [callback], max_steps=14)
+    watched = watched_trainer.model
+    assert watched_trainer.state.epoch > 1
+    assert sorted({r["step"] for r in callback.monitor.history.records()}) == [2, 4, 6, 8, 10, 12, 14]
+    plain_state, watched_state = plain.state_dict(), watched.state_dict()
+    assert plain_state.keys() == watched_state.keys()
+    for name in plain_state:
+        assert torch.equal(plain_state[name], watched_state[name]), name
 
 
 def test_no_eval_dataset_names_tasks(tmp_path):
@@ -165,3 +188,120 @@ def test_no_eval_dataset_names_tasks(tmp_path):
     )
     with pytest.raises(ValueError, match="tasks"):
         trainer.train()
+
+
+class RaiseAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")
+
+
+def manifest_steps(dirpath) -> list[int]:
+    """The buffer's snapshot steps, after checking that the manifest and the files agree."""
+    manifest = json.loads((dirpath / "buffer" / "manifest.json").read_text())
+    files = sorted(path.name for path in (dirpath / "buffer").glob("step-*.safetensors"))
+    assert sorted(entry["file"] for entry in manifest["snapshots"]) == files
+    for name in files:
+        with safe_open(str(dirpath / "buffer" / name), framework="pt") as handle:
+            assert len(list(handle.keys())) > 0
+    return sorted(entry["step"] for entry in manifest["snapshots"])
+
+
+def test_a_failed_train_keeps_its_records_and_the_next_train_resumes(tmp_path):
+    callback = stability()
+    common = dict(max_steps=8, save_strategy="steps", save_steps=4)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(tmp_path, [callback, RaiseAt(5)], **common)
+    dirpath = tmp_path / "stability"
+    steps = sorted(
+        {json.loads(line)["step"] for line in (dirpath / "history.jsonl").read_text().splitlines()}
+    )
+    assert steps == [2, 4]
+    assert manifest_steps(dirpath) == [2, 4]
+
+    # The same callback object runs again: it closes the run the exception left open, then resumes.
+    train(tmp_path, [callback], resume=str(tmp_path / "checkpoint-4"), **common)
+    keys = [(r["step"], r["task"], r["variant"], r["window"]) for r in callback.monitor.history.records()]
+    assert len(keys) == len(set(keys))
+    assert sorted({key[0] for key in keys}) == [2, 4, 6, 8]
+    assert manifest_steps(dirpath) == [6, 8]
+
+
+def test_every_n_steps_beyond_max_steps_warns(tmp_path):
+    callback = stability(every_n_steps=10)
+    with pytest.warns(UserWarning, match=r"every_n_steps=10.*ends at optimizer step 6.*no snapshot"):
+        train(tmp_path, [callback])
+    assert callback.monitor.history.records() == []
+
+
+def test_unwritable_dirpath_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    callback = stability(dirpath=str(blocker / "stability"))
+    with pytest.warns(UserWarning, match=r"cannot use the run directory.*a-file"):
+        trainer = train(tmp_path / "out", [callback])
+    assert trainer.state.global_step == 6
+    with pytest.raises(RuntimeError, match=r"cannot use the run directory.*on_error='raise'"):
+        train(tmp_path / "strict", [stability(dirpath=str(blocker / "stability"), on_error="raise")])
+
+
+class ResizeEmbeddingsAt(TrainerCallback):
+    """A model that changes shape mid-run, as when tokens are added to the vocabulary."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            model.resize_token_embeddings(model.config.vocab_size + 8)
+
+
+def test_a_state_dict_that_changes_shape_restarts_the_window_with_a_message(tmp_path, caplog):
+    callback = stability()
+    # The resize comes after the stability callback's step-3 turn and before its step-4 snapshot.
+    with caplog.at_level("WARNING", logger="checkpoint_stability"):
+        # Plain SGD: Adam's state would keep the old shape (transformers resizes the Parameter in place).
+        train(tmp_path, [callback, ResizeEmbeddingsAt(3)], optim="sgd")
+    message = next(r.getMessage() for r in caplog.records if "restarting the window" in r.getMessage())
+    assert "transformer.wte.weight" in message and "restarting the window from step 4" in message
+    models = {r["step"]: r["n_models"] for r in callback.monitor.history.records() if r["variant"] == "avg"}
+    assert models == {2: 1, 4: 1, 6: 2}
+    assert manifest_steps(tmp_path / "stability") == [4, 6]
+
+
+def test_restore_callback_states_from_checkpoint(tmp_path):
+    common = dict(
+        max_steps=8, save_strategy="steps", save_steps=4, restore_callback_states_from_checkpoint=True
+    )
+    # tasks=None: the rebuilt copy keeps the settings and builds its default task again.
+    train(tmp_path / "default", [stability(), StopAt(4)], **common)
+    trainer = train(
+        tmp_path / "default", [stability()], resume=str(tmp_path / "default" / "checkpoint-4"), **common
+    )
+    (restored,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, StabilityCallback)]
+    assert restored.config.window == 2 and restored.config.every_n_steps == 2
+    assert sorted({r["step"] for r in restored.monitor.history.records()}) == [2, 4, 6, 8]
+
+    task = NextTokenTask.from_batches(
+        "held_out", [{"input_ids": torch.stack([b["input_ids"] for b in EVAL])}]
+    )
+    train(tmp_path / "given", [stability(tasks=[task]), StopAt(4)], **common)
+    with pytest.raises(ValueError, match="cannot hold its tasks"):
+        train(
+            tmp_path / "given",
+            [stability(tasks=[task])],
+            resume=str(tmp_path / "given" / "checkpoint-4"),
+            **common,
+        )
+
+
+def test_language_model_tasks_name_a_missing_tokenizer():
+    from checkpoint_stability.tasks import GenerationTask, MultipleChoiceTask
+
+    with pytest.raises(TypeError, match=r"tokenizer must have an encode.*got NoneType"):
+        MultipleChoiceTask("cloze", [{"context": "a", "choices": ["b", "c"], "label": 0}], None)
+    with pytest.raises(TypeError, match=r"tokenizer must have encode.*got NoneType"):
+        GenerationTask("answer", [{"prompt": "a", "target": "b"}], None)

@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,12 @@ class StabilityCallback(TrainerCallback, ExportableState):
     - Run directory: ``<args.output_dir>/stability`` unless ``dirpath=`` is given. Its path is saved in
       ``trainer_state.json`` of every checkpoint (``stateful_callbacks``), and ``trainer.train(
       resume_from_checkpoint=...)`` continues in the saved directory; what is newer than the restored
-      step is dropped. Leave ``restore_callback_states_from_checkpoint=False`` (the default): with
-      ``True`` transformers replaces this callback by a new ``StabilityCallback()`` without its tasks,
-      which is refused with a ``ValueError``.
+      step is dropped. ``restore_callback_states_from_checkpoint=True`` (not needed for any of this)
+      makes transformers replace the callback by a copy rebuilt from its saved settings; that works with
+      ``tasks=None``, and a callback given ``tasks`` refuses it with a ``ValueError``, as the copy has none.
+    - If ``train()`` raises, the Trainer tells no callback: the snapshot being written is finished in the
+      background, everything already recorded stays on disk, and the next ``train()`` (e.g. resuming
+      from a checkpoint) closes the old run first.
     - ``report_to`` containing ``"tensorboard"``: a TensorBoard run of its own at
       ``$TENSORBOARD_LOGGING_DIR`` if set, else ``<output_dir>/runs/stability`` (beside the Trainer's
       runs), with a custom-scalars layout; after a resume, points newer than the restored step are
@@ -114,18 +118,31 @@ class StabilityCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """What transformers saves in ``trainer_state.json`` (``ExportableState``): the monitor's state."""
         saved = self.monitor.state_dict() if self.monitor is not None else {}
-        return {"args": {}, "attributes": {"stability_state": saved}}
+        # "args" rebuild the callback if restore_callback_states_from_checkpoint=True; tasks cannot be
+        # saved, so "given_tasks" lets that copy refuse to run without them.
+        return {
+            "args": self.config.to_json(),
+            "attributes": {"stability_state": saved, "given_tasks": self.tasks is not None},
+        }
 
     # ------------------------------------------------------------------ events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args.restore_callback_states_from_checkpoint and self.tasks is None:
+        if getattr(self, "given_tasks", False) and self.tasks is None:
+            # restore_callback_states_from_checkpoint=True rebuilt this callback from its saved settings,
+            # and a task list cannot be saved in trainer_state.json.
             raise ValueError(
-                "StabilityCallback does not support restore_callback_states_from_checkpoint=True (the "
-                "restored callback would lose its tasks); leave it False: the run directory is restored "
-                "from trainer_state.json anyway"
+                "restore_callback_states_from_checkpoint=True replaced the StabilityCallback by a copy "
+                "rebuilt from trainer_state.json, which cannot hold its tasks; leave that setting False "
+                "(the run directory and the stability state are restored from the checkpoint anyway)"
             )
+        if self._running:
+            # A previous train() raised: the Trainer has no exception event, so its monitor is still
+            # open. Close it (flushing the snapshot being written) before this run opens the directory.
+            logger.warning("StabilityCallback: the previous train() did not finish; closing its run first")
+            self._close()
         self._check_best_metric(args)
+        self._warn_if_no_snapshot(state)
         tasks = self.tasks if self.tasks is not None else self._default_tasks(args)
         self._task_names = [t.name for t in tasks]
         resume_step = state.global_step if state.global_step > 0 else None
@@ -183,6 +200,15 @@ class StabilityCallback(TrainerCallback, ExportableState):
                 "value, so evaluations must fall on snapshot steps: use eval_strategy='steps' with "
                 f"eval_steps a multiple of every_n_steps={every} (got eval_strategy={strategy!r}, "
                 f"eval_steps={eval_steps!r})"
+            )
+
+    def _warn_if_no_snapshot(self, state) -> None:
+        every, last = self.config.every_n_steps, state.max_steps
+        if state.is_world_process_zero and last and (state.global_step // every + 1) * every > last:
+            warnings.warn(
+                f"StabilityCallback: every_n_steps={every}, but this run ends at optimizer step {last} (from "
+                f"step {state.global_step}), so no snapshot will be taken; lower every_n_steps",
+                stacklevel=2,
             )
 
     def _default_tasks(self, args) -> list[Task]:

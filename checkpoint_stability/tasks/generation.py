@@ -116,8 +116,8 @@ class GenerationTask:
                 raise ValueError(f"task {name!r}: {setting} must be an integer >= 1, got {value!r}")
         if not all(callable(getattr(tokenizer, method, None)) for method in ("encode", "decode")):
             raise TypeError(
-                f"task {name!r}: the tokenizer must have encode(text) and decode(ids), "
-                f"got {type(tokenizer).__name__}"
+                f"task {name!r}: the tokenizer must have encode(text) and decode(ids) (a Hugging Face "
+                f"tokenizer, for example), got {type(tokenizer).__name__}"
             )
         if normalize is not None and not callable(normalize):
             raise TypeError(f"task {name!r}: normalize must be a callable or None, got {normalize!r}")

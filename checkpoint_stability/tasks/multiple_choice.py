@@ -111,7 +111,10 @@ class MultipleChoiceTask:
         ):
             raise ValueError(f"{where}: max_length must be None or an integer >= 1, got {max_length!r}")
         if not callable(getattr(tokenizer, "encode", None)):
-            raise TypeError(f"{where}: the tokenizer must have an encode(text) method")
+            raise TypeError(
+                f"{where}: the tokenizer must have an encode(text) method (a Hugging Face tokenizer, for "
+                f"example), got {type(tokenizer).__name__}"
+            )
         if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Sequence):
             raise TypeError(f"{where}: examples must be a list of dicts, got {type(examples).__name__}")
         if not examples:
