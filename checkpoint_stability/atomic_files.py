@@ -56,3 +56,16 @@ def fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then the directories: for files written by code that does not
+    (``save_pretrained``), before the directory is renamed into place."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(Path(root))

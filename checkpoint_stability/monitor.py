@@ -20,6 +20,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,11 +29,12 @@ from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.ensemble import combine
+from checkpoint_stability.export import ModelExporter, export_target, fit_state_to, load_export
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import instability_score, mean_total_variation, resolve_similarity
 from checkpoint_stability.runtime import Runtime, default_runtime
-from checkpoint_stability.selection import BestModelSelector, load_export
+from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
 from checkpoint_stability.state import (
     CapturedState,
@@ -88,13 +90,17 @@ class StabilityMonitor:
         runtime: Runtime | None = None,
         sinks: Sequence[Sink] = (),
         tensorboard_writer=None,
+        export_prefix: str = "",
+        processing_class: Any = None,
         **settings,
     ):
         """``sinks``: extra destinations for the records (e.g. a framework logger); the caller owns them
         and closes them. ``tensorboard_writer``: an existing ``SummaryWriter`` to log into instead of
         ``<dirpath>/tensorboard``. ``runtime``: how to reach the other ranks (default: torch.distributed
-        when a process group with more than one rank is up). Other keywords are ``StabilityConfig``
-        settings."""
+        when a process group with more than one rank is up). ``export_prefix``: the state-dict prefix of
+        the model to export inside the snapshotted module (``"model."`` for a wrapper holding it as
+        ``self.model``; ``""``: all of it). ``processing_class``: a tokenizer saved beside Hugging Face
+        exports (default: a task's). Other keywords are ``StabilityConfig`` settings."""
         if config is None:
             config = StabilityConfig(**settings)
         elif settings:
@@ -104,6 +110,8 @@ class StabilityMonitor:
         self._runtime = runtime
         self._extra_sinks = list(sinks)
         self._tensorboard_writer = tensorboard_writer
+        self.export_prefix = export_prefix
+        self.processing_class = processing_class
         self._similarity = resolve_similarity(config.similarity)
         self._opened = False
         self.dirpath: Path | None = None
@@ -310,11 +318,11 @@ class StabilityMonitor:
         """Directory of the exported best model (``model.safetensors`` inside), if any."""
         return None if self.selector is None else self.selector.best_path
 
-    def load_best(self, model: torch.nn.Module, *, strict: bool = True, prefix: str = "") -> dict:
+    def load_best(self, model: torch.nn.Module, *, strict: bool = True, prefix: str | None = None) -> dict:
         """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``.
 
-        ``prefix``: when the export is of a wrapper (a LightningModule holding the model as an
-        attribute), the state-dict prefix of ``model``'s entries in it, e.g. ``"model."``.
+        ``model`` is the exported model, or the module that was trained (which holds it under ``prefix``,
+        default ``export_prefix``); tied entries a ``save_pretrained`` export leaves out are re-tied.
         """
         best, path = self.best, self.best_model_path
         if best is None:
@@ -326,10 +334,10 @@ class StabilityMonitor:
                 f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
                 "use select='avg' or 'raw' to export weights"
             )
+        prefix = self.export_prefix if prefix is None else prefix
         state = load_export(path)
-        if prefix and not set(model.state_dict()) <= set(state):
-            state = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
-        model.load_state_dict(state, strict=strict)
+        target = export_target(model, state, prefix)
+        target.load_state_dict(fit_state_to(state, target, prefix), strict=strict)
         return dict(best)
 
     # ------------------------------------------------------------------ the pipeline
@@ -794,6 +802,12 @@ class StabilityMonitor:
             mode=self.config.select_mode,
             # A window never holds more than `window` snapshots, so a larger threshold would never pass.
             min_snapshots=min(self.config.min_snapshots, self.config.window),
+            exporter=ModelExporter(
+                lambda: self._model() if self._model is not None else None,
+                prefix=self.export_prefix,
+                processing_class=self.processing_class,
+                tasks=tuple(self.tasks),
+            ),
         )
         if resume_step is not None:
             dropped_lines = self.history.truncate_after(resume_step)

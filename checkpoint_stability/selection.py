@@ -10,18 +10,14 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
-
-from checkpoint_stability.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
+from checkpoint_stability.atomic_files import atomic_write_text, fsync_directory, fsync_tree
+from checkpoint_stability.export import WEIGHTS_FILE, ModelExporter, has_weights, load_export
 from checkpoint_stability.state import CapturedState
 
 logger = logging.getLogger(__name__)
 
 BEST_FILE = "best.json"
 EXPORTS_DIR = "exports"
-WEIGHTS_FILE = "model.safetensors"
 _EXPORT_NAME = re.compile(r"^step-(\d{8,})-(raw|avg|ens)$")
 _CANDIDATES = {"avg": ("avg",), "raw": ("raw",), "any": ("avg", "raw", "ens")}
 
@@ -65,7 +61,9 @@ class BestModelSelector:
         metric: str = "mean",
         mode: str = "max",
         min_snapshots: int = 1,
+        exporter: ModelExporter | None = None,
     ):
+        """``exporter``: writes an export directory (default: ``model.safetensors`` of the whole state)."""
         if select is not None and select not in _CANDIDATES:
             raise ValueError(f"select must be one of {sorted(_CANDIDATES)} or None, got {select!r}")
         if mode not in ("max", "min"):
@@ -75,6 +73,7 @@ class BestModelSelector:
         self.metric = metric
         self.mode = mode
         self.min_snapshots = min_snapshots
+        self.exporter = exporter if exporter is not None else ModelExporter()
         self.best: dict | None = None
         self._open()
 
@@ -130,11 +129,9 @@ class BestModelSelector:
             _remove_tree(staging)
             staging.mkdir()
             try:
-                data = safetensors_save(
-                    weights.tensors,
-                    metadata={"step": str(step), "variant": variant, "aliases": json.dumps(weights.aliases)},
-                )
-                atomic_write_bytes(staging / WEIGHTS_FILE, data)
+                self.exporter.write(staging, weights, {"step": str(step), "variant": variant})
+                # save_pretrained writes its files without fsync; the rename below must not overtake them.
+                fsync_tree(staging)
                 _remove_tree(final)
                 os.replace(staging, final)
                 fsync_directory(exports)
@@ -232,8 +229,8 @@ def _best_problem(root: Path, best) -> str | None:
     export = root / relative
     if export.is_symlink() or (root / EXPORTS_DIR).is_symlink():
         return f"{export} is a symlink"
-    if not (export / WEIGHTS_FILE).is_file() or (export / WEIGHTS_FILE).is_symlink():
-        return f"{export / WEIGHTS_FILE} is missing"
+    if not has_weights(export):
+        return f"{export} holds no {WEIGHTS_FILE} (nor a sharded index)"
     return None
 
 
@@ -248,14 +245,4 @@ def _remove_tree(path: Path) -> None:
         logger.warning("could not remove %s: %s", path, error)
 
 
-def load_export(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of an export directory (or its ``model.safetensors``), ties restored."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    for alias, canonical in aliases.items():
-        tensors[alias] = tensors[canonical]
-    return tensors
+__all__ = ["BestModelSelector", "export_name", "load_export"]

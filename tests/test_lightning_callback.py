@@ -536,6 +536,46 @@ def test_load_best_into_the_lightning_module_or_the_named_submodule(tmp_path):
         )
 
 
+class WrappedGPT2(LightningModule):
+    """A LightningModule around a Hugging Face causal LM, found without model_attribute."""
+
+    def __init__(self):
+        super().__init__()
+        from tiny_lm import tiny_gpt2
+
+        self.lm = tiny_gpt2(0).train()
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.lm(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_a_wrapped_hugging_face_model_is_exported_with_save_pretrained(tmp_path):
+    from tiny_lm import CORPUS, tiny_gpt2, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor(tiny_tokenizer()(" ".join(CORPUS))["input_ids"][: 16 * 12]).view(12, 16)
+    callback = StabilityCallback([], window=2, every_n_steps=2, console=False)
+    _, trained = fit(
+        tmp_path, [callback], max_steps=4, model=WrappedGPT2(), data=(DataLoader(TensorDataset(ids), 4),)
+    )
+    path = callback.best_model_path
+    assert {"config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        assert not any(name.startswith("lm.") for name in handle.keys())  # the model, not the wrapper
+    # load_best gives a bare model and the wrapper the same (averaged) weights.
+    bare, whole = tiny_gpt2(1), WrappedGPT2()
+    callback.load_best(bare)
+    callback.load_best(whole)
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(bare.state_dict()[name], value) and torch.equal(whole.lm.state_dict()[name], value)
+    assert not torch.equal(reloaded.transformer.wte.weight, trained.lm.transformer.wte.weight)
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 

@@ -305,3 +305,50 @@ def test_language_model_tasks_name_a_missing_tokenizer():
         MultipleChoiceTask("cloze", [{"context": "a", "choices": ["b", "c"], "label": 0}], None)
     with pytest.raises(TypeError, match=r"tokenizer must have encode.*got NoneType"):
         GenerationTask("answer", [{"prompt": "a", "target": "b"}], None)
+
+
+class RecordWeights(TrainerCallback):
+    """The live weights at every step, copied: an oracle for the averages that owes nothing to the buffer."""
+
+    def __init__(self):
+        self.at = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_best_export_is_a_save_pretrained_directory_that_scores_what_the_history_says(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task = NextTokenTask.from_batches(
+        "held_out", [{"input_ids": torch.stack([b["input_ids"] for b in EVAL])}]
+    )
+    callback, weights = stability(tasks=[task]), RecordWeights()
+    trainer = Trainer(
+        model=tiny_gpt2(0),
+        args=arguments(tmp_path),
+        train_dataset=TRAIN,
+        processing_class=tiny_tokenizer(),
+        callbacks=[callback, weights],
+    )
+    trainer.train()
+    best, path = callback.best, callback.best_model_path
+    assert best["variant"] == "avg" and path.name == f"step-{best['step']:08d}-avg"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()  # still tied
+    assert task.evaluate(reloaded).score == pytest.approx(best["scores"]["held_out"], abs=1e-9)
+    assert AutoTokenizer.from_pretrained(path)("To be")["input_ids"] == tiny_tokenizer()("To be")["input_ids"]
+
+    # The export is the float64 mean of the live weights at the window's steps.
+    snapshots = [weights.at[s] for s in best["steps"]]
+    for name, value in reloaded.state_dict().items():
+        mean = sum(s[name].double() for s in snapshots) / len(snapshots)
+        torch.testing.assert_close(value.double(), mean.to(value.dtype).double(), rtol=0, atol=1e-6)
+
+    # load_best fills a fresh model the same way.
+    fresh = tiny_gpt2(1)
+    callback.load_best(fresh)
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

@@ -116,8 +116,11 @@ class StabilityCallback(Callback):
             default task from the validation data; ``[]`` for none.
         model_attribute: the attribute of the LightningModule holding the model the exports are of (for
             example ``"model"`` for a wrapped Hugging Face model); by default the one
-            ``transformers.PreTrainedModel`` child, if there is exactly one. :meth:`load_best` accepts that
-            submodule as well as the whole LightningModule.
+            ``transformers.PreTrainedModel`` child, if there is exactly one, else the whole module. An
+            export holds only that model: a ``save_pretrained`` directory for a Hugging Face model
+            (``AutoModelForCausalLM.from_pretrained(callback.best_model_path)`` loads it), else
+            ``model.safetensors``. :meth:`load_best` accepts that model as well as the whole
+            LightningModule.
         \**settings: :class:`~checkpoint_stability.StabilityConfig` settings (``window``,
             ``every_n_steps``, ``dirpath``, ``on_error``, ...); a bad one raises ``ValueError`` here.
     """
@@ -190,7 +193,9 @@ class StabilityCallback(Callback):
         self._export_prefix = self._resolve_model_attribute(pl_module)
         writer, self._sinks = self._destinations(trainer, [t.name for t in tasks])
         config = self.config.replace(dirpath=self._configured_dirpath(trainer))
-        self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks, tensorboard_writer=writer)
+        self.monitor = StabilityMonitor(
+            tasks, config, sinks=self._sinks, tensorboard_writer=writer, export_prefix=self._export_prefix
+        )
         self._latest_records = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

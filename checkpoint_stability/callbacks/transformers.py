@@ -148,7 +148,9 @@ class StabilityCallback(TrainerCallback, ExportableState):
         resume_step = state.global_step if state.global_step > 0 else None
         self._sinks = self._destinations(args, resume_step) if state.is_world_process_zero else []
         config = self.config.replace(dirpath=self._configured_dirpath(args), tensorboard=False)
-        self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks)
+        # The tokenizer the Trainer was given is saved beside each export (a save_pretrained directory).
+        processing_class = kwargs.get("processing_class")
+        self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks, processing_class=processing_class)
         self._latest_records = []
         self._last_snapshot_step = state.global_step
         self._running = True
