@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,12 +101,27 @@ def _records(path: Path):
             pending = b""
 
 
+def _is_exit(raw: bytes) -> bool:
+    try:
+        return wandb_internal_pb2.Record.FromString(raw).WhichOneof("record_type") == "exit"
+    except Exception:  # a record still being written
+        return False
+
+
 def read_offline_run(root: Path) -> OfflineRun:
     """The one offline run under ``root`` (a ``dir=`` given to ``wandb.init``), after it finished."""
     found = sorted(Path(root).rglob("offline-run-*/run-*.wandb"))
     assert len(found) == 1, found
+    # finish() can return before W&B's writer has written the log out: wait for its closing record.
+    deadline = time.monotonic() + 60
+    while True:
+        records = list(_records(found[0]))
+        if records and _is_exit(records[-1]):
+            break
+        assert time.monotonic() < deadline, f"{found[0]} has no exit record after 60 s"
+        time.sleep(0.1)
     run = OfflineRun(found[0].parent)
-    for raw in _records(found[0]):
+    for raw in records:
         record = wandb_internal_pb2.Record.FromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "history":

@@ -52,10 +52,10 @@ class StabilityCallback(TrainerCallback, ExportableState):
     - If ``train()`` raises, the Trainer tells no callback: the snapshot being written is finished in the
       background, everything already recorded stays on disk, and the next ``train()`` (e.g. resuming
       from a checkpoint) closes the old run first.
-    - ``report_to`` containing ``"tensorboard"``: a TensorBoard run of its own at
-      ``$TENSORBOARD_LOGGING_DIR`` if set, else ``<output_dir>/runs/stability`` (beside the Trainer's
-      runs), with a custom-scalars layout; after a resume, points newer than the restored step are
-      purged. The monitor's own ``<dirpath>/tensorboard`` is not written.
+    - ``report_to`` containing ``"tensorboard"``: a TensorBoard run of its own, ``stability``, beside the
+      Trainer's: ``$TENSORBOARD_LOGGING_DIR/stability`` if that variable is set, else
+      ``<output_dir>/runs/stability``; with a custom-scalars layout. After a resume, points newer than
+      the restored step are purged (from this run only). ``<dirpath>/tensorboard`` is not written.
     - ``report_to`` containing ``"wandb"`` with an active ``wandb.run``: a
       :class:`~checkpoint_stability.sinks.wandb.WandbSink` on the step axis ``train/global_step``.
 
@@ -252,9 +252,12 @@ class StabilityCallback(TrainerCallback, ExportableState):
             report_to = [report_to]
         sinks: list[Sink] = []
         if ("tensorboard" in report_to or "all" in report_to) and self.config.tensorboard:
-            log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(
-                args.output_dir, "runs", TENSORBOARD_RUN_NAME
-            )
+            # The Trainer's TensorBoardCallback writes into $TENSORBOARD_LOGGING_DIR itself (with "~"
+            # expanded): a run of our own inside it, so that our purge after a resume cannot hide the
+            # points the resumed Trainer logs there.
+            shared = os.environ.get("TENSORBOARD_LOGGING_DIR")
+            parent = os.path.expanduser(shared) if shared else os.path.join(args.output_dir, "runs")
+            log_dir = os.path.join(parent, TENSORBOARD_RUN_NAME)
             purge = None if resume_step is None else resume_step + 1
             sinks.append(TensorBoardSink(log_dir, task_names=self._task_names, purge_step=purge))
         if "wandb" in report_to or "all" in report_to:
