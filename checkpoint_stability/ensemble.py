@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
+from checkpoint_stability.tasks.base import Task, TaskResult
+
 ENSEMBLE_METHODS = ("vote", "mean_prob")
 
 Window = list[list[Any]]
@@ -103,6 +105,21 @@ def combine(
         return _mean_prob(logprobs)
     allowed = ", ".join(repr(name) for name in ENSEMBLE_METHODS)
     raise ValueError(f"unknown ensemble method {method!r}; allowed: {allowed}")
+
+
+def ensemble_result(method: str, task: Task, window: Sequence[TaskResult]) -> TaskResult:
+    """The ensemble of a window of raw results (oldest first), scored by ``task.score``: no model call.
+
+    Log-probabilities break vote ties only when every result in the window has them.
+    """
+    logprobs = None
+    if all(r.choice_logprobs is not None for r in window):
+        logprobs = [r.choice_logprobs for r in window]
+    outputs = combine(method, [r.outputs for r in window], logprobs)
+    newest = window[-1]
+    return TaskResult(
+        outputs=outputs, correct=task.score(outputs), targets=newest.targets, example_ids=newest.example_ids
+    )
 
 
 def _vote_example(window: Window, i: int, logprobs: LogprobWindow | None) -> Any:

@@ -82,6 +82,29 @@ def instability_score(outputs: Sequence[Sequence[Any]], similarity: str | Simila
     return math.fsum(per_example) / n
 
 
+def series_metrics(
+    scores: Sequence[float], outputs: Sequence[Sequence[Any]], similarity: str | Similarity = "exact"
+) -> tuple[float | None, float | None]:
+    """(MTV, IS) of one (task, variant) series over its trailing horizon, None where fewer than two
+    evaluations exist. IS only looks at the newest evaluations with as many examples as the newest one:
+    a task that changed size restarts it."""
+    outputs = trailing_same_length(list(outputs))
+    mtv = mean_total_variation(scores) if len(scores) >= 2 else None
+    instability = instability_score(outputs, similarity) if len(outputs) >= 2 else None
+    return mtv, instability
+
+
+def trailing_same_length(rows: list[list]) -> list[list]:
+    """The newest rows that have as many examples as the newest one."""
+    if not rows:
+        return rows
+    size = len(rows[-1])
+    start = len(rows)
+    while start > 0 and len(rows[start - 1]) == size:
+        start -= 1
+    return rows[start:]
+
+
 def exact_match(a: Any, b: Any) -> float:
     """1.0 if the two outputs are equal, else 0.0.
 

@@ -28,11 +28,11 @@ from checkpoint_stability.atomic_files import atomic_write_text
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.ensemble import combine
+from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.export import ModelExporter, export_target, fit_state_to, load_export
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
-from checkpoint_stability.metrics import instability_score, mean_total_variation, resolve_similarity
+from checkpoint_stability.metrics import resolve_similarity, series_metrics
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
@@ -482,17 +482,7 @@ class StabilityMonitor:
         if not window:
             return None
         try:
-            logprobs = None
-            if all(r.choice_logprobs is not None for r in window):
-                logprobs = [r.choice_logprobs for r in window]
-            outputs = combine(self.config.ensemble, [r.outputs for r in window], logprobs)
-            newest = window[-1]
-            return TaskResult(
-                outputs=outputs,
-                correct=task.score(outputs),
-                targets=newest.targets,
-                example_ids=newest.example_ids,
-            )
+            return ensemble_result(self.config.ensemble, task, window)
         except Exception as error:
             self._fault("ensemble", error, step=step, task=task.name, variant="ens")
             return None
@@ -583,10 +573,9 @@ class StabilityMonitor:
         return self._avg_models
 
     def _record(self, step: int, task: str, variant: str, n_models: int, score: float, now: float) -> dict:
-        scores = list(self._scores[(task, variant)])
-        outputs = _trailing_same_length(list(self._outputs[(task, variant)]))
-        mtv = mean_total_variation(scores) if len(scores) >= 2 else None
-        instability = instability_score(outputs, self._similarity) if len(outputs) >= 2 else None
+        mtv, instability = series_metrics(
+            list(self._scores[(task, variant)]), list(self._outputs[(task, variant)]), self._similarity
+        )
         return {
             "step": step,
             "task": task,
@@ -973,14 +962,3 @@ def _portable(error: BaseException | None) -> BaseException | None:
         return error
     except Exception:
         return RuntimeError(repr(error))
-
-
-def _trailing_same_length(rows: list[list]) -> list[list]:
-    """The newest rows that have as many examples as the newest one (a changed task restarts IS)."""
-    if not rows:
-        return rows
-    size = len(rows[-1])
-    start = len(rows)
-    while start > 0 and len(rows[start - 1]) == size:
-        start -= 1
-    return rows[start:]

@@ -1,0 +1,8 @@
+"""``python -m checkpoint_stability``: the same command line as ``checkpoint-stability``."""
+
+import sys
+
+from checkpoint_stability.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""Offline analysis of a saved series of checkpoints, as the paper does it (arXiv 2510.04848).
+
+For every checkpoint of the series, in step order, and every window size ``w``:
+
+* ``raw`` (window 1): the checkpoint itself, evaluated once;
+* ``avg`` (window ``w``): the uniform average of the last ``min(w, k)`` checkpoints (``k`` = checkpoints
+  so far), streamed tensor by tensor into the model;
+* ``ens`` (window ``w``): the raw outputs of those checkpoints combined per example (``vote`` or
+  ``mean_prob``) and re-scored: no model call.
+
+Results go to the same files the live monitor writes (``history.jsonl`` and ``examples/``, one record
+per (step, task, variant, window), with live MTV and IS over the trailing ``horizon`` evaluations of
+each (task, variant, window) series and the ``mean`` over tasks), so the same report reads both.
+
+A run directory can be resumed: what it already holds for a (step, task, variant, window) is not
+evaluated again, and stored raw outputs feed the ensembles. A rerun may add checkpoints after the last
+one, or windows; it refuses a different series, task list or ensemble setting (``analysis.json`` records
+them), since the stored windows would then mean something else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from checkpoint_stability.atomic_files import atomic_write_text
+from checkpoint_stability.checkpoint_files import Checkpoint, ModelLoader, check_series, resolve_checkpoint
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.ensemble import ensemble_result
+from checkpoint_stability.history import HISTORY_FILE, History
+from checkpoint_stability.isolation import isolated_evaluation
+from checkpoint_stability.metrics import resolve_similarity, series_metrics
+from checkpoint_stability.monitor import MEAN_TASK, StabilityMonitor
+from checkpoint_stability.tasks.base import Task, TaskResult
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WINDOWS = (1, 2, 5, 10, 20)
+ANALYSIS_FILE = "analysis.json"
+# Trainer checkpoints are "checkpoint-<N>" directories; this library's snapshots "step-<N>.safetensors".
+STEP_NAME = re.compile(r"(?:checkpoint|step)-(\d+)")
+TRAINER_STATE = "trainer_state.json"
+
+
+class AnalysisError(ValueError):
+    """A series or run directory that cannot be analysed as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """Checkpoints in step order, with where the steps came from."""
+
+    checkpoints: list[Checkpoint]
+    steps: list[int]
+    step_source: str
+    """``"names"`` (``checkpoint-<N>`` / ``step-<N>`` names or ``trainer_state.json``) or ``"positions"``."""
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What :func:`analyze` did."""
+
+    run_dir: Path
+    steps: list[int]
+    evaluations: int
+    """Task evaluations run (``task.evaluate`` calls)."""
+    skipped: int
+    """Task evaluations not run because the run directory already held their results."""
+    records_written: int
+    report: Path | None
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+def checkpoint_step(checkpoint: Checkpoint) -> int | None:
+    """The optimizer step of a checkpoint, if its name or its Trainer state says it.
+
+    A directory (or file) named ``checkpoint-<N>`` or ``step-<N>`` is step ``N`` (a bare file inside such
+    a directory too); otherwise ``global_step`` from a ``trainer_state.json`` beside the weights.
+
+    >>> import tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_file({"w": torch.zeros(1)}, f"{d}/step-00000300.safetensors")
+    ...     checkpoint_step(resolve_checkpoint(f"{d}/step-00000300.safetensors"))
+    300
+    """
+    if checkpoint.layout == "file":
+        names = [checkpoint.path.stem, checkpoint.path.parent.name]
+    else:
+        names = [checkpoint.directory.name]
+    for name in names:
+        match = STEP_NAME.fullmatch(name)
+        if match:
+            return int(match.group(1))
+    folder = checkpoint.directory or checkpoint.path.parent
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if type(step) is int and step >= 0 else None
+
+
+def order_series(checkpoints: Sequence[str | os.PathLike | Checkpoint]) -> Series:
+    """Resolve checkpoint arguments and put them in step order.
+
+    When every checkpoint has a step (:func:`checkpoint_step`), the series is sorted by it (a shell glob
+    puts ``checkpoint-1000`` before ``checkpoint-500``); otherwise the checkpoints keep the order given
+    and their steps are their positions 1..N.
+
+    Raises:
+        CheckpointError: a checkpoint that cannot be read.
+        AnalysisError: no checkpoints, or two checkpoints with the same step.
+    """
+    resolved = [resolve_checkpoint(c) for c in checkpoints]
+    if not resolved:
+        raise AnalysisError("no checkpoints given")
+    steps = [checkpoint_step(c) for c in resolved]
+    if any(step is None for step in steps):
+        known = [c.path for c, step in zip(resolved, steps, strict=True) if step is not None]
+        if known:
+            logger.warning(
+                "%d of %d checkpoints have no step in their name or trainer_state.json; using positions "
+                "1..%d in the order given for all of them",
+                len(resolved) - len(known),
+                len(resolved),
+                len(resolved),
+            )
+        return Series(resolved, list(range(1, len(resolved) + 1)), "positions")
+    order = sorted(range(len(resolved)), key=lambda i: steps[i])
+    for a, b in itertools.pairwise(order):
+        if steps[a] == steps[b]:
+            raise AnalysisError(
+                f"checkpoints {resolved[a].path} and {resolved[b].path} are both step {steps[a]}"
+            )
+    return Series([resolved[i] for i in order], [steps[i] for i in order], "names")
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def huggingface_model_factory(
+    directory: str | os.PathLike, *, from_config: bool = False, device: str | torch.device = "cpu"
+) -> Callable[[], torch.nn.Module]:
+    """A factory for the model checkpoints are loaded into: ``AutoModelForCausalLM`` from a local
+    directory (its weights with ``from_pretrained``, or only its config with ``from_config``).
+
+    Local files only: nothing is downloaded.
+    """
+    directory = Path(directory)
+
+    def build() -> torch.nn.Module:
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as error:
+            raise ImportError(
+                "building a model from a Hugging Face directory needs transformers: "
+                "pip install checkpoint-stability[transformers]"
+            ) from error
+        if not (directory / "config.json").is_file():
+            raise AnalysisError(f"{directory} has no config.json to build the model from")
+        from transformers.utils import logging as transformers_logging
+
+        # Its per-load bar would break into the analysis's own progress bar.
+        bar_was_on = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            if from_config:
+                config = AutoConfig.from_pretrained(directory, local_files_only=True)
+                model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        finally:
+            if bar_was_on:
+                transformers_logging.enable_progress_bar()
+        return model.to(device).eval()
+
+    return build
+
+
+# ------------------------------------------------------------------------------------------------- analyze
+
+
+def analyze(
+    checkpoints: Sequence[str | os.PathLike | Checkpoint],
+    tasks: Sequence[Task],
+    run_dir: str | os.PathLike,
+    *,
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    model_factory: Callable[[], torch.nn.Module] | None = None,
+    ensemble: str = "vote",
+    horizon: int = 20,
+    similarity: str = "exact",
+    progress: bool = True,
+    report: bool = True,
+) -> AnalysisResult:
+    """Evaluate raw checkpoints, window averages and window ensembles; write history and report.
+
+    Args:
+        checkpoints: model directories, ``.safetensors`` files or index JSONs; ordered by step (see
+            :func:`order_series`).
+        tasks: the tasks to evaluate (``task.evaluate(model)``); at least one.
+        run_dir: where ``history.jsonl``, ``examples/``, ``analysis.json`` and ``report/`` go; an
+            existing one is resumed.
+        windows: window sizes; 1 is the raw series (always evaluated: ensembles need it), each larger
+            size adds an ``avg`` and an ``ens`` series.
+        model_factory: builds the model every checkpoint is loaded into (once; weights are then copied
+            in place). Default: ``AutoModelForCausalLM.from_pretrained`` of the first checkpoint, which
+            must then be a model directory.
+        ensemble: ``"vote"`` or ``"mean_prob"``, as in the live monitor.
+        horizon: trailing evaluations over which a record's MTV and IS are computed.
+        similarity: ``"exact"`` or ``"char_f1"`` for IS.
+        progress: a tqdm bar on stderr over the model evaluations.
+        report: write the report (``checkpoint_stability.report.write_report``) at the end.
+
+    An average over a single checkpoint is that checkpoint, and windows that hold the same checkpoints
+    (``min(w, k)`` equal) share one evaluation.
+
+    Raises:
+        ValueError: bad settings or tasks. CheckpointError: unreadable or mismatched checkpoints.
+        AnalysisError: a run directory analysed with another series, tasks or ensemble settings.
+    """
+    windows = check_windows(windows)
+    config = StabilityConfig(ensemble=ensemble, horizon=horizon, similarity=similarity)
+    if config.ensemble is None:
+        raise ValueError("ensemble must be 'vote' or 'mean_prob' for an analysis")
+    tasks = StabilityMonitor.check_tasks(tasks, config)
+    if not tasks:
+        raise ValueError("analyze needs at least one task")
+    series = order_series(checkpoints)
+    check_series(series.checkpoints)
+    if model_factory is None:
+        first = series.checkpoints[0]
+        if first.layout == "file":
+            raise AnalysisError(
+                f"{first.path} is a bare safetensors file: say which model it belongs to "
+                "(model_factory=, or --model-config DIR on the command line)"
+            )
+        model_factory = huggingface_model_factory(first.directory)
+    run_dir = Path(run_dir)
+    _claim(run_dir, series, tasks, windows, config)
+    run = _Run(series, tasks, History(run_dir), windows, config, model_factory, progress)
+    run.run()
+    report_path = None
+    if report:
+        report_path = _write_report(run_dir)
+    return AnalysisResult(
+        run_dir, series.steps, run.evaluations, run.skipped, run.records_written, report_path
+    )
+
+
+def check_windows(windows: Sequence[int]) -> list[int]:
+    """Sorted distinct window sizes, each an integer >= 1.
+
+    >>> check_windows([5, 1, 2, 5])
+    [1, 2, 5]
+    """
+    if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence) or not windows:
+        raise ValueError(f"windows must be a non-empty list of integers >= 1, got {windows!r}")
+    for w in windows:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"window sizes must be integers >= 1, got {w!r}")
+    return sorted(set(windows))
+
+
+def _write_report(run_dir: Path) -> Path | None:
+    try:
+        from checkpoint_stability.report import write_report
+    except ImportError as error:
+        logger.warning("no report written (%s); the history is complete in %s", error, run_dir)
+        return None
+    return write_report(run_dir)
+
+
+def _claim(run_dir: Path, series: Series, tasks: list[Task], windows: list[int], config) -> None:
+    """Record what this run directory analyses; refuse to mix in a different analysis."""
+    now = {
+        "checkpoints": [
+            {"step": step, "name": _display_name(c)}
+            for step, c in zip(series.steps, series.checkpoints, strict=True)
+        ],
+        "step_source": series.step_source,
+        "tasks": sorted(task.name for task in tasks),
+        "windows": windows,
+        "ensemble": config.ensemble,
+        "horizon": config.horizon,
+        "similarity": config.similarity,
+    }
+    path = run_dir / ANALYSIS_FILE
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise AnalysisError(f"cannot read {path} ({error}); use a new run directory") from None
+        for key in ("tasks", "ensemble", "horizon", "similarity", "step_source"):
+            if before.get(key) != now[key]:
+                raise AnalysisError(
+                    f"{run_dir} was analysed with {key}={before.get(key)!r}, now {now[key]!r}; "
+                    "use the same settings to resume, or a new run directory"
+                )
+        old, new = before.get("checkpoints", []), now["checkpoints"]
+        for position, (a, b) in enumerate(zip(old, new, strict=False)):
+            if a != b:
+                raise AnalysisError(
+                    f"{run_dir} was analysed with another series: checkpoint {position + 1} was "
+                    f"{a['name']} (step {a['step']}), now {b['name']} (step {b['step']}). Windows would "
+                    "mix different checkpoints; a rerun may only add checkpoints after the last one. "
+                    "Use a new run directory"
+                )
+        if len(old) > len(new):
+            now["checkpoints"] = old
+        now["windows"] = sorted(set(before.get("windows", [])) | set(windows))
+    elif (run_dir / HISTORY_FILE).is_file() and (run_dir / HISTORY_FILE).stat().st_size > 0:
+        raise AnalysisError(
+            f"{run_dir} holds a history that analyze did not write (a live run?); use a new run directory"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(now, indent=1) + "\n")
+
+
+def _display_name(checkpoint: Checkpoint) -> str:
+    return checkpoint.directory.name if checkpoint.layout != "file" else checkpoint.path.name
+
+
+class _Run:
+    """One pass over the series in step order; everything already stored is reused, not recomputed."""
+
+    def __init__(self, series, tasks, history, windows, config, model_factory, show_progress):
+        self.series: Series = series
+        self.tasks: list[Task] = tasks
+        self.history: History = history
+        self.windows = [w for w in windows if w > 1]
+        self.config = config
+        self.similarity = resolve_similarity(config.similarity)
+        self.model_factory = model_factory
+        self.show_progress = show_progress
+        self.model: torch.nn.Module | None = None
+        self.loader: ModelLoader | None = None
+        self.evaluations = 0
+        self.skipped = 0
+        self.records_written = 0
+        self.position = {step: k for k, step in enumerate(series.steps)}
+        self.recorded = {(r["step"], r["task"], r["variant"], r["window"]): r for r in history.records()}
+        # Stored results: (task, step, variant, window) -> TaskResult; and avg ones by models held.
+        self.stored: dict[tuple, TaskResult] = {}
+        self.stored_avg: dict[tuple, TaskResult] = {}
+        for task in tasks:
+            meta = history.meta(task.name)
+            if meta is None:
+                continue
+            _check_same_task(task, meta, history.root)
+            for line in history.outputs(task.name):
+                result = _result_from_line(line, meta)
+                k = self.position.get(line["step"])
+                if result is None or k is None:
+                    continue
+                self.stored[(task.name, line["step"], line["variant"], line["window"])] = result
+                if line["variant"] == "avg":
+                    self.stored_avg[(task.name, line["step"], min(line["window"], k + 1))] = result
+        self.series_of: dict[tuple, deque] = {}
+
+    # ------------------------------------------------------------------ planning
+
+    def _jobs(self) -> list[tuple[int, str, int, list[Task]]]:
+        """The model evaluations still needed: (position, "raw" | "avg", models averaged, tasks)."""
+        jobs = []
+        for k, step in enumerate(self.series.steps):
+            raw = [t for t in self.tasks if (t.name, step, "raw", 1) not in self.stored]
+            if raw:
+                jobs.append((k, "raw", 1, raw))
+            by_models: dict[int, list[Task]] = {}
+            for w in self.windows:
+                n = min(w, k + 1)
+                for t in self.tasks:
+                    if (
+                        n == 1
+                        or (t.name, step, "avg", w) in self.stored
+                        or (t.name, step, n) in self.stored_avg
+                    ):
+                        continue
+                    needing = by_models.setdefault(n, [])
+                    if t not in needing:
+                        needing.append(t)
+            jobs.extend((k, "avg", n, needing) for n, needing in sorted(by_models.items()))
+            # From scratch: the raw evaluation plus one per distinct number of averaged checkpoints.
+            from_scratch = 1 + len({min(w, k + 1) for w in self.windows} - {1})
+            needed = len(raw) + sum(len(needing) for needing in by_models.values())
+            self.skipped += from_scratch * len(self.tasks) - needed
+        return jobs
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> None:
+        jobs = self._jobs()
+        if self.skipped:
+            logger.info(
+                "%d task evaluations are already in %s; skipping them", self.skipped, self.history.root
+            )
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(jobs), desc="analyze", unit="eval", file=sys.stderr, disable=not self.show_progress
+        )
+        by_position: dict[int, list] = {}
+        for job in jobs:
+            by_position.setdefault(job[0], []).append(job)
+        raw_window = {t.name: deque(maxlen=max([1, *self.windows])) for t in self.tasks}
+        try:
+            for k, step in enumerate(self.series.steps):
+                evaluated: dict[tuple, TaskResult] = {}
+                for _, kind, n, needing in by_position.get(k, []):
+                    bar.set_postfix_str(f"step {step} {kind}" + (f" of {n}" if kind == "avg" else ""))
+                    self._load(k, kind, n)
+                    for task in needing:
+                        evaluated[(task.name, kind, n)] = self._evaluate(task)
+                    bar.update(1)
+                results = {}
+                for task in self.tasks:
+                    raw = self.stored.get((task.name, step, "raw", 1)) or evaluated[(task.name, "raw", 1)]
+                    raw_window[task.name].append(raw)
+                    results[(task.name, "raw", 1)] = raw
+                    for w in self.windows:
+                        n = min(w, k + 1)
+                        results[(task.name, "avg", w)] = (
+                            self.stored.get((task.name, step, "avg", w))
+                            or self.stored_avg.get((task.name, step, n))
+                            or (raw if n == 1 else evaluated[(task.name, "avg", n)])
+                        )
+                        results[(task.name, "ens", w)] = self.stored.get(
+                            (task.name, step, "ens", w)
+                        ) or self._ensemble(task, list(raw_window[task.name])[-n:])
+                self._write(step, k, results)
+        finally:
+            bar.close()
+
+    def _load(self, k: int, kind: str, n: int) -> None:
+        if self.model is None:
+            self.model = self.model_factory()
+            self.loader = ModelLoader(self.model, self.series.checkpoints[0])
+        if kind == "raw":
+            self.loader.load(self.series.checkpoints[k])
+        else:
+            self.loader.load_average(self.series.checkpoints[k - n + 1 : k + 1])
+
+    def _evaluate(self, task: Task) -> TaskResult:
+        with isolated_evaluation(self.model):
+            result = task.evaluate(self.model)
+        if not isinstance(result, TaskResult):
+            raise TypeError(
+                f"task {task.name!r}: evaluate returned {type(result).__name__}, not a TaskResult"
+            )
+        self.evaluations += 1
+        return result
+
+    def _ensemble(self, task: Task, window: list[TaskResult]) -> TaskResult:
+        return ensemble_result(self.config.ensemble, task, window)
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, step: int, k: int, results: dict[tuple, TaskResult]) -> None:
+        """Outputs lines first, then the step's records in one append: a record implies its outputs."""
+        now = time.time()
+        records = []
+        pairs = [("raw", 1)] + [(variant, w) for w in self.windows for variant in ("avg", "ens")]
+        for variant, window in pairs:
+            n_models = 1 if variant == "raw" else min(window, k + 1)
+            per_task = []
+            for task in self.tasks:
+                result = results[(task.name, variant, window)]
+                if (task.name, step, variant, window) not in self.stored:
+                    if variant == "raw":
+                        self.history.write_meta(
+                            task.name, task.kind, task.metric, result.example_ids, result.targets
+                        )
+                    self.history.append_outputs(
+                        task.name,
+                        step,
+                        variant,
+                        window,
+                        result.outputs,
+                        result.correct,
+                        result.choice_logprobs,
+                    )
+                record = self.recorded.get((step, task.name, variant, window))
+                score = record["score"] if record is not None else result.score
+                self._series(task.name, variant, window).append((score, result.outputs))
+                if record is None:
+                    record = self._record(step, task.name, variant, window, n_models, score, now)
+                    records.append(record)
+                per_task.append(record)
+            mean_score = sum(r["score"] for r in per_task) / len(per_task)
+            record = self.recorded.get((step, MEAN_TASK, variant, window))
+            self._series(MEAN_TASK, variant, window).append(
+                (record["score"] if record is not None else mean_score, None)
+            )
+            if record is None:
+                record = self._record(step, MEAN_TASK, variant, window, n_models, mean_score, now)
+                iss = [r["is"] for r in per_task]
+                record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
+                records.append(record)
+        if records:
+            self.history.append_many(records)
+            self.records_written += len(records)
+
+    def _series(self, task: str, variant: str, window: int) -> deque:
+        key = (task, variant, window)
+        if key not in self.series_of:
+            self.series_of[key] = deque(maxlen=self.config.horizon)
+        return self.series_of[key]
+
+    def _record(
+        self, step: int, task: str, variant: str, window: int, n_models: int, score: float, now: float
+    ) -> dict:
+        # The monitor's live metrics: over the trailing horizon of this series, the record's own included.
+        entries = list(self._series(task, variant, window))
+        mtv, instability = series_metrics(
+            [s for s, _ in entries], [o for _, o in entries if o is not None], self.similarity
+        )
+        return {
+            "step": step,
+            "task": task,
+            "variant": variant,
+            "window": window,
+            "n_models": n_models,
+            "score": float(score),
+            "mtv": mtv,
+            "is": instability,
+            "time": now,
+        }
+
+
+def _check_same_task(task: Task, meta: dict, run_dir: Path) -> None:
+    """Refuse a task whose definition changed since the run directory recorded it: stored results would
+    otherwise be reused for a different task. Examples are compared when the task exposes them."""
+    changed = [key for key in ("kind", "metric") if getattr(task, key) != meta[key]]
+    for key in ("example_ids", "targets"):
+        value = getattr(task, key, None)
+        if isinstance(value, (list, tuple)) and json.loads(json.dumps(list(value))) != meta[key]:
+            changed.append(key)
+    if changed:
+        raise AnalysisError(
+            f"task {task.name!r} differs from the one recorded in {run_dir} ({', '.join(changed)} changed); "
+            "use a new run directory or another task name"
+        )
+
+
+def _result_from_line(line: dict, meta: dict) -> TaskResult | None:
+    """A stored examples line as a TaskResult (targets and ids from the task's meta), or None if damaged."""
+    try:
+        return TaskResult(
+            outputs=line["outputs"],
+            correct=line["correct"],
+            targets=meta["targets"],
+            example_ids=meta["example_ids"],
+            choice_logprobs=line.get("choice_logprobs"),
+        )
+    except (ValueError, TypeError):
+        return None
