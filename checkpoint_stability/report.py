@@ -1,0 +1,687 @@
+"""A Markdown report with PNG plots, written from a run directory alone (at train end, and by the CLI).
+
+``write_report(run_dir)`` reads ``history.jsonl`` and ``examples/`` and writes ``<run_dir>/report/``:
+
+* ``report.md`` — the run at a glance; a table of score, MTV and IS per task, variant and window over
+  the final 20% of evaluations (the paper's protocol) and over the whole run; the ensemble window-size
+  sweep; the error lines, if any;
+* ``scores-<task>.png`` — each task's score over steps for raw, avg and ens (and ``scores-mean.png``,
+  the mean over tasks, when there are several tasks);
+* ``flips-<task>.png`` — which examples change their score over the last evaluations, raw beside avg
+  and ens;
+* ``window-sweep.png`` — the vote ensemble of the last ``n`` raw evaluations, n = 1, 2, 5, 10, 20,
+  recomputed from the cached per-example outputs and the targets in ``examples/<task>.meta.json``: no
+  model, no forward pass.
+
+The report is built in a temporary sibling directory and swapped in with renames, so a crash leaves the
+previous report or the new one, never half of one. The run directory is only read: its files are copied
+before :class:`~checkpoint_stability.history.History` opens them, because opening repairs a torn last
+line, which must not race a training run still appending to the same files.
+
+matplotlib is an optional extra (``pip install checkpoint-stability[report]``). Figures are drawn on
+their own Agg canvases, so a user's interactive backend and pyplot state are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from checkpoint_stability.atomic_files import fsync_directory
+from checkpoint_stability.ensemble import vote
+from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
+from checkpoint_stability.metrics import char_f1, exact_match, instability_score, mean_total_variation
+from checkpoint_stability.summary import (
+    MEAN_TASK,
+    VARIANTS,
+    final_count,
+    series_keys,
+    series_records,
+    summarize,
+)
+
+REPORT_DIR = "report"
+REPORT_FILE = "report.md"
+FINAL_FRACTION = 0.2
+SWEEP_WINDOWS = (1, 2, 5, 10, 20)
+FLIP_EVALUATIONS = 20
+"""How many of the last evaluations the flip heatmaps show."""
+MAX_FLIP_ROWS = 40
+"""Most examples a heatmap shows (those that change most often); more would not be readable."""
+MAX_ERRORS_LISTED = 10
+INSTALL_HINT = "pip install checkpoint-stability[report]"
+
+
+def write_report(run_dir: str | os.PathLike, *, output_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``report.md`` and its PNG plots for the run in ``run_dir``; return the path of ``report.md``.
+
+    ``output_dir`` defaults to ``<run_dir>/report``. An existing report there is replaced as a whole
+    (stale plots of renamed tasks go too); a directory that holds anything besides ``report.md`` and
+    PNGs is refused rather than deleted. A run without any score record yet gets a short report saying
+    so. The run directory itself is never modified.
+
+    Example::
+
+        >>> import tempfile
+        >>> from checkpoint_stability.history import History
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     history = History(d)
+        ...     history.write_meta("t", kind="function", metric="exact_match", example_ids=[0, 1],
+        ...                        targets=["a", "b"])
+        ...     for step, outputs in ((10, ["a", "a"]), (20, ["a", "b"]), (30, ["b", "b"])):
+        ...         correct = [float(o == t) for o, t in zip(outputs, ["a", "b"])]
+        ...         history.append_outputs("t", step, "raw", 1, outputs, correct)
+        ...         history.append({"step": step, "task": "t", "variant": "raw", "window": 1,
+        ...                         "n_models": 1, "score": sum(correct) / 2, "mtv": None, "is": None})
+        ...     path = write_report(d)
+        ...     sorted(p.name for p in path.parent.iterdir())
+        ['flips-t.png', 'report.md', 'scores-t.png', 'window-sweep.png']
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist or holds no ``history.jsonl``.
+        ValueError: ``output_dir`` exists and is not a report directory.
+        ImportError: matplotlib is not installed.
+    """
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
+    _require_matplotlib()
+    target = Path(output_dir) if output_dir is not None else run_dir / REPORT_DIR
+    _check_replaceable(target)
+    history = _read_history(run_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "tmp")
+    staging.mkdir()  # not mkdtemp: its mode 0700 would become the report's, unreadable to others
+    try:
+        _ReportWriter(history, run_dir, staging).write()
+        _fsync_files(staging)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target / REPORT_FILE
+
+
+# ----------------------------------------------------------------------------------------------- the numbers
+
+
+def score_outputs(outputs: Sequence, targets: Sequence, metric: str) -> list[float]:
+    """Score outputs against a task's stored targets as the library's tasks do, by the metric's name.
+
+    ``"char_f1"`` is :func:`~checkpoint_stability.metrics.char_f1`; every other metric (accuracy,
+    exact_match, lm-eval's acc / acc_norm / acc_bytes) is exact equality, the way those tasks score a
+    chosen index or a normalised string. A list target holds several accepted answers (generation,
+    multi-target multiple choice): the best match counts.
+
+    >>> score_outputs([1, 0, "ab"], [1, [2, 3], ["x", "ba"]], "exact_match")
+    [1.0, 0.0, 0.0]
+    >>> score_outputs(["ab"], [["x", "ba"]], "char_f1")
+    [1.0]
+    """
+    if len(outputs) != len(targets):
+        raise ValueError(f"{len(outputs)} outputs for {len(targets)} targets")
+    similarity = char_f1 if metric == "char_f1" else exact_match
+    scores = []
+    for output, target in zip(outputs, targets, strict=True):
+        answers = target if isinstance(target, list) and not isinstance(output, list) else [target]
+        scores.append(max(float(similarity(output, answer)) for answer in answers))
+    return scores
+
+
+def window_sweep(
+    history: History,
+    task: str,
+    windows: Sequence[int] = SWEEP_WINDOWS,
+    *,
+    final_fraction: float = FINAL_FRACTION,
+) -> list[dict]:
+    """The vote ensemble of the last ``n`` raw evaluations at each step, for each ``n`` in ``windows``.
+
+    One row per ``n`` (those above the number of raw evaluations are left out): ``score`` (mean over the
+    final evaluations), ``mtv`` and ``is`` (over the same evaluations), ``evaluations`` and ``total``.
+    The vote breaks ties as the live ensemble does (summed log-probabilities where they were stored, else
+    the newest snapshot); its outputs are scored with :func:`score_outputs` against the task's stored
+    targets. ``n = 1`` reproduces the raw series. Fewer than two raw evaluations give no rows.
+
+    Raises:
+        ValueError: the task has no meta file (its targets are unknown).
+    """
+    meta = history.meta(task)
+    if meta is None:
+        raise ValueError(f"task {task!r} has no {EXAMPLES_DIR}/{task}.meta.json: its targets are unknown")
+    size = len(meta["targets"])
+    lines = [line for line in _series_lines(history, task, "raw", 1) if len(line["outputs"]) == size]
+    if len(lines) < 2:
+        return []
+    count = final_count(len(lines), final_fraction)
+    rows = []
+    for n in windows:
+        if n > len(lines):
+            continue
+        combined, scores = [], []
+        for end in range(len(lines) - count, len(lines)):
+            outputs = _vote_lines(lines[max(0, end - n + 1) : end + 1])
+            per_example = score_outputs(outputs, meta["targets"], meta["metric"])
+            combined.append(outputs)
+            scores.append(math.fsum(per_example) / len(per_example))
+        rows.append(
+            {
+                "n": n,
+                "score": math.fsum(scores) / len(scores),
+                "mtv": mean_total_variation(scores),
+                "is": instability_score(combined),
+                "evaluations": count,
+                "total": len(lines),
+            }
+        )
+    return rows
+
+
+def _series_lines(history: History, task: str, variant: str, window: int) -> list[dict]:
+    """Examples lines of one series ordered by step; a step written twice keeps its last line."""
+    by_step = {line["step"]: line for line in history.outputs(task, variant, window)}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _vote_lines(lines: list[dict]) -> list:
+    outputs = [[_hashable(o) for o in line["outputs"]] for line in lines]
+    logprobs = None
+    if all("choice_logprobs" in line for line in lines):
+        logprobs = [line["choice_logprobs"] for line in lines]
+    return [_unhashable(o) for o in vote(outputs, logprobs)]
+
+
+def _hashable(value: Any) -> Any:
+    # JSON turns a tuple output into a list; the vote counts outputs in a dict, so turn it back.
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def _unhashable(value: Any) -> Any:
+    return [_unhashable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _rescoring_mismatch(history: History, task: str) -> float:
+    """Share of stored raw per-example scores that re-scoring from meta.json does not reproduce."""
+    meta = history.meta(task)
+    differ = total = 0
+    for line in history.outputs(task, "raw", 1):
+        if len(line["outputs"]) != len(meta["targets"]):
+            continue
+        rescored = score_outputs(line["outputs"], meta["targets"], meta["metric"])
+        differ += sum(abs(a - b) > 1e-9 for a, b in zip(rescored, line["correct"], strict=True))
+        total += len(rescored)
+    return differ / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+class _ReportWriter:
+    """Renders report.md and the PNGs for one History into an (empty) directory."""
+
+    def __init__(self, history: History, run_dir: Path, out: Path):
+        self.history = history
+        self.run_dir = run_dir
+        self.out = out
+        self.records = history.records()
+        self.tasks = list(dict.fromkeys(r["task"] for r in self.records if r["task"] != MEAN_TASK))
+        self.final_label = f"final {round(100 * FINAL_FRACTION)}%"
+        self._file_names: set[str] = set()
+        self.summary: dict[tuple, dict] = {}
+        self.md: list[str] = []
+
+    def write(self) -> None:
+        self.md += ["# Checkpoint stability report", ""]
+        self.md += [
+            f"Run directory: `{self.run_dir.resolve()}`  ",
+            f"Written {time.strftime('%Y-%m-%d %H:%M')}",
+            "",
+        ]
+        if not self.tasks:
+            self.md += [
+                "**No evaluation records yet.** `history.jsonl` holds no score line: no snapshot has been "
+                "evaluated (or every evaluation failed). Rerun the report once the run has evaluated at "
+                "least one snapshot.",
+                "",
+            ]
+        else:
+            self._overview()
+            self._table()
+            self._curves()
+            self._flips()
+            self._sweep()
+        self._errors()
+        (self.out / REPORT_FILE).write_text("\n".join(self.md).rstrip() + "\n", encoding="utf-8")
+
+    # ------------------------------------------------------------------ sections
+
+    def _overview(self) -> None:
+        steps = sorted({r["step"] for r in self.records})
+        self.md += [
+            f"Evaluated at {len(steps)} step(s), {steps[0]} to {steps[-1]}.",
+            "",
+            "| task | kind | metric | examples | series (variant, window) |",
+            "|---|---|---|---:|---|",
+        ]
+        for task in self.tasks:
+            meta = self.history.meta(task) or {}
+            series = ", ".join(f"{v} {w}" for v, w in series_keys(self.history, task))
+            examples = len(meta["example_ids"]) if meta else "?"
+            self.md.append(
+                f"| {_cell(task)} | {_cell(meta.get('kind', '?'))} | {_cell(meta.get('metric', '?'))} "
+                f"| {examples} | {series} |"
+            )
+        self.md.append("")
+
+    def _table(self) -> None:
+        include_mean = len(self.tasks) > 1
+        final_rows = summarize(self.history, final_fraction=FINAL_FRACTION, include_mean=include_mean)
+        whole = {
+            _key(row): row for row in summarize(self.history, final_fraction=1.0, include_mean=include_mean)
+        }
+        self.summary = {_key(row): row for row in final_rows}
+        percent = round(100 * FINAL_FRACTION)
+        self.md += [f"## Stability: final {percent}% of evaluations and whole run", ""]
+        if not final_rows:
+            self.md += ["No series has two evaluations yet: MTV and IS need two.", ""]
+            return
+        self.md += [
+            f"| task | variant | window | evaluations, final {percent}% / all | score, final {percent}% "
+            f"| MTV, final {percent}% | IS, final {percent}% | MTV ÷ raw | IS ÷ raw "
+            "| score, whole run | MTV, whole run | IS, whole run |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        raw = {row["task"]: row for row in final_rows if row["variant"] == "raw"}
+        for row in final_rows:
+            run = whole[_key(row)]
+            base = raw.get(row["task"], {})
+            self.md.append(
+                f"| {_cell(row['task'])} | {row['variant']} | {row['window']} "
+                f"| {row['evaluations']} / {row['total']} | {row['score_last']:.4f} "
+                f"| {row['mtv']:.4f} | {_number(row['is'])} "
+                f"| {_ratio(row['mtv'], base.get('mtv'))} | {_ratio(row['is'], base.get('is'))} "
+                f"| {run['score_last']:.4f} | {run['mtv']:.4f} | {_number(run['is'])} |"
+            )
+        self.md += [
+            "",
+            "- **MTV** (mean total variation): the mean absolute change of the score between consecutive "
+            "evaluations. **IS** (instability score): the share of examples whose output changes between "
+            "consecutive evaluations (exact match), averaged over examples. Lower is steadier; "
+            "a ratio ÷ raw below 1 is steadier than the live model.",
+            f"- The final {percent}% is the last ceil({FINAL_FRACTION} × evaluations) of each series, "
+            "at least two. **window**: how many snapshots avg / ens combine (raw: 1).",
+        ]
+        if include_mean:
+            self.md.append(
+                "- **mean**: the score averaged over tasks at each step; its MTV is that of the mean-score "
+                "series, its IS the mean of the tasks' IS."
+            )
+        self.md += self._series_notes()
+        self.md.append("")
+
+    def _series_notes(self) -> list[str]:
+        notes = []
+        raw_steps = {r["step"] for r in self.records if r["variant"] == "raw"}
+        keys = dict.fromkeys(key for task in self.tasks for key in series_keys(self.history, task))
+        for variant, window in keys:
+            if variant == "raw":
+                continue
+            steps = {r["step"] for r in self.history.records(variant=variant, window=window)}
+            sparse = steps and raw_steps and len(steps) < len(raw_steps)
+            if variant == "avg" and sparse:
+                notes.append(
+                    f"- avg (window {window}) was evaluated at {len(steps)} of the {len(raw_steps)} "
+                    "snapshot steps (`average_every` > 1): its MTV and IS are computed over its own, "
+                    "sparser evaluations, so each change spans more training than raw's or ens's."
+                )
+        filling = [
+            r
+            for r in self.records
+            if r["variant"] != "raw" and r["n_models"] < r["window"] and r["task"] != MEAN_TASK
+        ]
+        if filling:
+            last = max(r["step"] for r in filling)
+            notes.append(
+                f"- Up to step {last}, some avg / ens evaluations combine fewer snapshots than their window "
+                "(the window was still filling up)."
+            )
+        return notes
+
+    def _curves(self) -> None:
+        from checkpoint_stability.report_plots import Curve, plot_scores
+
+        self.md += ["## Scores over training", ""]
+        self.md += [
+            "Grey: the live model (raw). Blue: the window's weight average (avg). Orange: the vote of the "
+            f"window's outputs (ens). Shaded: the {self.final_label} of evaluations that the table covers.",
+            "",
+        ]
+        names = self.tasks + ([MEAN_TASK] if len(self.tasks) > 1 else [])
+        for task in names:
+            curves = []
+            for variant, window in series_keys(self.history, task):
+                records = series_records(self.history, task, variant, window)
+                row = self.summary.get((task, variant, window))
+                curves.append(
+                    Curve(
+                        variant=variant,
+                        window=window,
+                        steps=[r["step"] for r in records],
+                        scores=[r["score"] for r in records],
+                        mtv=row["mtv"] if row else None,
+                    )
+                )
+            raw = next((c for c in curves if c.variant == "raw"), None)
+            others = [c for c in curves if c is not raw]
+            reference = raw or max(curves, key=lambda c: len(c.steps))
+            final_start = None
+            if len(reference.steps) >= 2:
+                final_start = reference.steps[-final_count(len(reference.steps), FINAL_FRACTION)]
+            metric = self._metric(task)
+            name = self._file_name("scores", task)
+            plot_scores(
+                self.out / name,
+                task=task,
+                metric=metric,
+                raw=raw,
+                others=others,
+                final_start=final_start,
+                final_label=self.final_label,
+            )
+            title = "Mean over tasks" if task == MEAN_TASK else f"Task {task}"
+            self.md += [f"![{title}: score over steps]({name})", ""]
+
+    def _metric(self, task: str) -> str:
+        if task == MEAN_TASK:
+            metrics = {(self.history.meta(t) or {}).get("metric") for t in self.tasks}
+            return metrics.pop() if len(metrics) == 1 and None not in metrics else "mean over tasks"
+        return (self.history.meta(task) or {}).get("metric", "score")
+
+    def _flips(self) -> None:
+        from checkpoint_stability.report_plots import FlipPanel, plot_flips
+
+        self.md += ["## Which examples flip", ""]
+        self.md += [
+            f"Per-example scores over the last {FLIP_EVALUATIONS} evaluations (or fewer): each row an "
+            "example, each column an evaluation; blue is correct. Examples whose score never changes in "
+            "any panel are left out; those that change most often in raw come first.",
+            "",
+        ]
+        for task in self.tasks:
+            meta = self.history.meta(task)
+            panels_data = self._flip_series(task)
+            if not panels_data or panels_data[0][0] != "raw":
+                self.md += [f"Task {task}: fewer than two raw evaluations with stored outputs.", ""]
+                continue
+            n_examples = len(panels_data[0][2][-1]["correct"])
+            panels_data = [p for p in panels_data if len(p[2][-1]["correct"]) == n_examples]
+            changes = [_changes(lines, n_examples) for _, _, lines in panels_data]
+            flipping = [i for i in range(n_examples) if any(c[i] for c in changes)]
+            counts = [sum(1 for i in range(n_examples) if c[i]) for c in changes]
+            summary = ", ".join(
+                f"{_variant_label(v, w)}: {count}"
+                for (v, w, _), count in zip(panels_data, counts, strict=True)
+            )
+            self.md.append(
+                f"Task {_cell(task)}: examples (of {n_examples}) whose score changes at least once over the "
+                f"last evaluations — {summary}."
+            )
+            if not flipping:
+                self.md += ["", "No example changes its score over these evaluations: nothing to show.", ""]
+                continue
+            raw_changes = changes[0]
+            raw_lines = panels_data[0][2]
+            order = sorted(
+                flipping,
+                key=lambda i: (
+                    -raw_changes[i],
+                    -sum(c[i] for c in changes),
+                    -math.fsum(line["correct"][i] for line in raw_lines),
+                    i,
+                ),
+            )
+            shown = order[:MAX_FLIP_ROWS]
+            ids = (
+                meta["example_ids"] if meta and len(meta["example_ids"]) == n_examples else range(n_examples)
+            )
+            ids = list(ids)
+            labels = [_short(ids[i]) for i in shown]
+            panels = []
+            for (variant, window, lines), count in zip(panels_data, counts, strict=True):
+                values = [[float(line["correct"][i]) for line in lines] for i in shown]
+                title = f"{_variant_label(variant, window)}\n{count} of {n_examples} change"
+                panels.append(FlipPanel(title=title, steps=[line["step"] for line in lines], values=values))
+            if len(shown) < len(flipping):
+                subtitle = (
+                    f"{len(shown)} of the {len(flipping)} examples whose score changes, most changes first"
+                )
+            else:
+                subtitle = f"all {len(flipping)} example(s) whose score changes at least once"
+            name = self._file_name("flips", task)
+            plot_flips(self.out / name, task=task, panels=panels, row_labels=labels, subtitle=subtitle)
+            self.md += ["", f"![Task {task}: per-example scores over the last evaluations]({name})", ""]
+
+    def _flip_series(self, task: str) -> list[tuple[str, int, list[dict]]]:
+        """(variant, window, last examples lines) for raw and the largest avg and ens windows (the
+        steadiest), each with at least two lines of the newest line's length."""
+        keys = series_keys(self.history, task)
+        series = [(v, w) for v, w in keys if v == "raw"][:1]
+        for variant in VARIANTS[1:]:
+            windows = [w for v, w in keys if v == variant]
+            if windows:
+                series.append((variant, max(windows)))
+        found = []
+        for variant, window in series:
+            lines = _series_lines(self.history, task, variant, window)[-FLIP_EVALUATIONS:]
+            size = len(lines[-1]["correct"]) if lines else 0
+            lines = [line for line in lines if len(line["correct"]) == size]
+            if len(lines) >= 2:
+                found.append((variant, window, lines))
+        return found
+
+    def _sweep(self) -> None:
+        from checkpoint_stability.report_plots import plot_window_sweep
+
+        percent = round(100 * FINAL_FRACTION)
+        self.md += ["## Ensemble window size", ""]
+        self.md += [
+            f"The vote of the last n raw evaluations at each step, recomputed from the stored per-example "
+            f"outputs and the targets in `{EXAMPLES_DIR}/<task>.meta.json` (no model is run); score, MTV "
+            f"and IS over the final {percent}% of evaluations. n = 1 is the live model (raw). Ties go to "
+            "the highest summed log-probability where the task stored them, else to the newest snapshot.",
+            "",
+        ]
+        sweeps: dict[str, list[dict]] = {}
+        notes = []
+        for task in self.tasks:
+            meta = self.history.meta(task)
+            if meta is None:
+                notes.append(f"- Task {_cell(task)}: no meta file (targets unknown); left out.")
+                continue
+            rows = window_sweep(self.history, task)
+            if not rows:
+                notes.append(f"- Task {_cell(task)}: fewer than two raw evaluations with stored outputs.")
+                continue
+            sweeps[task] = rows
+            if any(row["n"] == 2 for row in rows) and not self._has_logprobs(task):
+                notes.append(
+                    f"- Task {_cell(task)}: without stored log-probabilities, two snapshots that disagree "
+                    "tie and the newest wins, so n = 2 equals raw."
+                )
+            mismatch = _rescoring_mismatch(self.history, task)
+            if mismatch:
+                notes.append(
+                    f"- Task {_cell(task)}: re-scoring the stored raw outputs against meta.json's targets "
+                    f"with metric {meta['metric']!r} differs from the stored scores for "
+                    f"{100 * mismatch:.1f}% of them (a task whose metric normalises answers, e.g. an "
+                    "lm-eval generation task): its scores and MTV here are approximate, its IS is not."
+                )
+        if not sweeps:
+            self.md += [*notes, ""]
+            return
+        self.md += [
+            f"| task | n | score, final {percent}% | MTV, final {percent}% | IS, final {percent}% "
+            "| evaluations |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for task, rows in sweeps.items():
+            for row in rows:
+                self.md.append(
+                    f"| {_cell(task)} | {row['n']} | {row['score']:.4f} | {row['mtv']:.4f} | {row['is']:.4f} "
+                    f"| {row['evaluations']} / {row['total']} |"
+                )
+        self.md += [""] + notes + ([""] if notes else [])
+        name = self._file_name("window", "sweep")
+        plot_window_sweep(self.out / name, sweeps=sweeps, final_label=self.final_label)
+        self.md += [f"![Ensemble window-size sweep]({name})", ""]
+
+    def _has_logprobs(self, task: str) -> bool:
+        return all("choice_logprobs" in line for line in self.history.outputs(task, "raw", 1))
+
+    def _errors(self) -> None:
+        errors = self.history.errors()
+        if not errors:
+            return
+        self.md += ["## Errors", "", f"{len(errors)} error line(s) in `{HISTORY_FILE}`; the first ones:", ""]
+        self.md += ["| step | phase | task | variant | error |", "|---:|---|---|---|---|"]
+        for error in errors[:MAX_ERRORS_LISTED]:
+            message = error["error"].strip().splitlines()[0] if error["error"].strip() else ""
+            self.md.append(
+                f"| {error['step']} | {_cell(error['phase'])} | {_cell(error['task'] or '')} "
+                f"| {_cell(error['variant'] or '')} | {_cell(_short(message, 160))} |"
+            )
+        self.md.append("")
+
+    def _file_name(self, kind: str, task: str) -> str:
+        """``<kind>-<task>.png`` with the task name made file-name safe and unique within the report."""
+        stem = f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}"
+        name, k = f"{stem}.png", 2
+        while name.lower() in self._file_names:
+            name, k = f"{stem}-{k}.png", k + 1
+        self._file_names.add(name.lower())
+        return name
+
+
+def _changes(lines: list[dict], n_examples: int) -> list[int]:
+    """Per example, how many times its score changes between consecutive lines."""
+    return [
+        sum(lines[t]["correct"][i] != lines[t + 1]["correct"][i] for t in range(len(lines) - 1))
+        for i in range(n_examples)
+    ]
+
+
+def _key(row: dict) -> tuple:
+    return (row["task"], row["variant"], row["window"])
+
+
+def _variant_label(variant: str, window: int) -> str:
+    return "raw (live model)" if variant == "raw" else f"{variant}, window {window}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "n/a" if value is None or not base else f"{value / base:.2f}"
+
+
+def _cell(value: object) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _short(value: object, limit: int = 24) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------------------ the files
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist (or is not a directory)")
+    if not (run_dir / HISTORY_FILE).is_file():
+        # A Lightning / Hugging Face root directory holds the run directory as stability/.
+        nested = run_dir / "stability"
+        hint = f"; did you mean {nested}?" if (nested / HISTORY_FILE).is_file() else ""
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory: it has no {HISTORY_FILE} (the callback writes one under its "
+            f"dirpath, by default <root>/stability){hint}"
+        )
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"writing a report needs matplotlib, an optional extra: {INSTALL_HINT}") from error
+
+
+def _is_report_file(path: Path) -> bool:
+    return path.is_file() and (path.name == REPORT_FILE or path.suffix.lower() == ".png")
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to replace anything but an earlier report: the whole directory is swapped out."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"report output directory {target} exists and is not a directory")
+    foreign = sorted(p.name for p in target.iterdir() if not _is_report_file(p))
+    if foreign:
+        raise ValueError(
+            f"report output directory {target} holds files a report does not write "
+            f"({', '.join(foreign[:5])}); it would be replaced as a whole, so choose an empty or new "
+            "output_dir"
+        )
+
+
+def _read_history(run_dir: Path) -> History:
+    """Open a copy of the run's history, so that its repairs never touch a run still being written."""
+    with tempfile.TemporaryDirectory(prefix="checkpoint-stability-report-") as copy:
+        copy = Path(copy)
+        shutil.copyfile(run_dir / HISTORY_FILE, copy / HISTORY_FILE)
+        examples = run_dir / EXAMPLES_DIR
+        (copy / EXAMPLES_DIR).mkdir()
+        if examples.is_dir():
+            for path in examples.iterdir():
+                if path.is_file() and path.name.endswith((".jsonl", ".meta.json")):
+                    shutil.copyfile(path, copy / EXAMPLES_DIR / path.name)
+        # History keeps everything it read in memory, so the copy can go right away.
+        return History(copy)
+
+
+def _fsync_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_directory(directory)
+
+
+def _sibling(target: Path, purpose: str) -> Path:
+    """A free hidden name beside ``target``, unique to this process and call."""
+    return target.with_name(f".{target.name}.{purpose}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Put ``staging`` where ``target`` is: the old report is renamed aside, then removed.
+
+    A crash between the two renames leaves no ``target`` and the old report under a hidden name, never
+    a directory with half the files."""
+    old = None
+    if target.exists():
+        old = _sibling(target, "old")
+        os.rename(target, old)
+    os.rename(staging, target)
+    fsync_directory(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

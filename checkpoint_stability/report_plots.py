@@ -1,0 +1,270 @@
+"""The report's figures: score curves, per-example flip heatmaps and the ensemble window-size sweep.
+
+Every figure is a ``matplotlib.figure.Figure`` drawn by ``FigureCanvasAgg`` and saved as PNG, so nothing
+here touches pyplot's global state or the user's interactive backend. matplotlib is imported inside the
+functions: it is an optional extra (``pip install checkpoint-stability[report]``), and this module must
+import without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+RAW_COLOR = "#555555"
+VARIANT_COLORS = {"avg": "#1f77b4", "ens": "#e6550d"}
+# Several windows of one variant: light (small window) to dark (large window) in the variant's hue.
+VARIANT_COLORMAPS = {"avg": "Blues", "ens": "Oranges"}
+VARIANT_NAMES = {
+    "raw": "raw (live model)",
+    "avg": "avg (weight average)",
+    "ens": "ens (output vote)",
+}
+WRONG_COLOR, RIGHT_COLOR = "#f7f7f7", "#2c7fb8"
+DPI = 130
+
+_STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 9.5,
+    "figure.titlesize": 13,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+
+@dataclass
+class Curve:
+    """One (variant, window) score series of a task, with its MTV over the final evaluations."""
+
+    variant: str
+    window: int
+    steps: list[int]
+    scores: list[float]
+    mtv: float | None = None
+
+
+@dataclass
+class FlipPanel:
+    """Per-example scores of one variant over its last evaluations: ``values[row][column]``."""
+
+    title: str
+    steps: list[int]
+    values: list[list[float]]
+
+
+@contextlib.contextmanager
+def _figure(width: float, height: float) -> Iterator:
+    """A Figure attached to an Agg canvas, under the report's style (restored afterwards)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_STYLE):
+        figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(figure)
+        yield figure
+
+
+def _save(figure, path: Path) -> None:
+    # "tight" grows the canvas to hold legends placed below their panels, which the layout engine ignores.
+    figure.savefig(path, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+
+
+def _label(curve: Curve, with_variant: bool = True) -> str:
+    if curve.variant == "raw":
+        text = VARIANT_NAMES["raw"]
+    elif with_variant:
+        text = f"{VARIANT_NAMES.get(curve.variant, curve.variant)}, window {curve.window}"
+    else:
+        text = f"window {curve.window}"
+    return text if curve.mtv is None else f"{text} — MTV {curve.mtv:.3f}"
+
+
+def _plot_curve(axes, curve: Curve, color: str, *, raw: bool = False, label: str) -> None:
+    if raw:
+        # The live model is the noisy reference: thin, grey, drawn under the steadier variants.
+        axes.plot(curve.steps, curve.scores, color=color, lw=1.1, alpha=0.8, marker="o", ms=2.5, label=label)
+    else:
+        axes.plot(curve.steps, curve.scores, color=color, lw=2.0, marker="o", ms=3, label=label, zorder=3)
+
+
+def _shade_final(axes, final_start: int | None, last_step: int | None, fraction_label: str) -> None:
+    if final_start is None or last_step is None:
+        return
+    axes.axvspan(final_start, last_step, color="#fff3b0", alpha=0.6, lw=0, zorder=0, label=fraction_label)
+
+
+def plot_scores(
+    path: Path,
+    *,
+    task: str,
+    metric: str,
+    raw: Curve | None,
+    others: Sequence[Curve],
+    final_start: int | None,
+    final_label: str,
+) -> None:
+    """Score over steps for raw and each avg/ens window; the final evaluations that the table's MTV and
+    IS are computed over are shaded.
+
+    One panel when each variant has a single window; otherwise one panel per variant (raw repeated in
+    each as the reference), its windows shaded light to dark, so no panel holds more than a handful of
+    lines.
+    """
+    variants = list(dict.fromkeys(c.variant for c in others))
+    several = any(sum(c.variant == v for c in others) > 1 for v in variants)
+    groups = [[c for c in others if c.variant == v] for v in variants] if several else [list(others)]
+    groups = groups or [[]]
+    steps = [s for c in ([raw] if raw else []) + list(others) for s in c.steps]
+    last_step = max(steps, default=None)
+    width = 9.5 if len(groups) == 1 else 6.2 * len(groups)
+    with _figure(width, 4.8) as figure:
+        axes_row = figure.subplots(1, len(groups), sharey=True, squeeze=False)[0]
+        for axes, group in zip(axes_row, groups, strict=True):
+            _shade_final(axes, final_start, last_step, final_label)
+            if raw is not None:
+                _plot_curve(axes, raw, RAW_COLOR, raw=True, label=_label(raw))
+            if several:
+                variant = group[0].variant
+                colormap = _colormap(VARIANT_COLORMAPS.get(variant, "Greens"))
+                for k, curve in enumerate(group):
+                    shade = 0.45 + 0.55 * (k / (len(group) - 1)) if len(group) > 1 else None
+                    color = VARIANT_COLORS.get(variant, "#2ca02c") if shade is None else colormap(shade)
+                    _plot_curve(axes, curve, color, label=_label(curve, with_variant=False))
+                axes.set_title(VARIANT_NAMES.get(variant, variant))
+            else:
+                for curve in group:
+                    color = VARIANT_COLORS.get(curve.variant, "#2ca02c")
+                    _plot_curve(axes, curve, color, label=_label(curve))
+            axes.set_xlabel("optimizer step")
+            axes.grid(True, alpha=0.3)
+            if several:
+                # Below its own panel: each panel has its own windows, and nothing overlaps the curves.
+                axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
+        if not several:
+            figure.legend(*axes_row[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+        axes_row[0].set_ylabel(f"score ({metric})")
+        title = "mean over tasks" if task == "mean" else f"task {task!r}"
+        figure.suptitle(f"Score at each evaluation — {title}")
+        _save(figure, path)
+
+
+def _colormap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def plot_flips(
+    path: Path,
+    *,
+    task: str,
+    panels: Sequence[FlipPanel],
+    row_labels: Sequence[str],
+    subtitle: str,
+) -> None:
+    """Heatmaps of per-example scores (rows: examples, columns: the last evaluations), side by side.
+
+    Rows are the same examples in every panel, those that change most often on top, so a row that keeps
+    switching colour in the raw panel and stays one colour in the ens/avg panel is an answer the
+    integration steadied.
+    """
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.patches import Patch
+
+    rows = len(row_labels)
+    height = min(10.0, max(3.6, 0.15 * rows + 2.2))
+    width = max(7.0, 3.9 * len(panels) + 1.2)
+    colormap = LinearSegmentedColormap.from_list("correctness", [WRONG_COLOR, RIGHT_COLOR])
+    with _figure(width, height) as figure:
+        axes_row = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+        for axes, panel in zip(axes_row, panels, strict=True):
+            columns = len(panel.steps)
+            axes.imshow(
+                panel.values,
+                aspect="auto",
+                interpolation="nearest",
+                cmap=colormap,
+                vmin=0.0,
+                vmax=1.0,
+                extent=(-0.5, columns - 0.5, rows - 0.5, -0.5),
+            )
+            # Thin white lines between cells keep neighbouring examples and evaluations apart.
+            axes.set_xticks([c - 0.5 for c in range(1, columns)], minor=True)
+            axes.set_yticks([r - 0.5 for r in range(1, rows)], minor=True)
+            axes.grid(which="minor", color="white", lw=0.6)
+            axes.tick_params(which="minor", length=0)
+            for spine in axes.spines.values():
+                spine.set_visible(False)
+            ticks = _spread(columns, 6)
+            axes.set_xticks(ticks, [str(panel.steps[c]) for c in ticks], rotation=45, ha="right")
+            axes.set_xlabel("optimizer step")
+            axes.set_title(panel.title)
+        for axes in axes_row[1:]:
+            axes.tick_params(axis="y", length=0)
+        first = axes_row[0]
+        if rows <= 40:
+            first.set_yticks(range(rows), list(row_labels), fontsize=8 if rows > 20 else 9)
+            first.set_ylabel("example id")
+        else:
+            first.set_yticks([])
+            first.set_ylabel(f"{rows} examples (most changes on top)")
+        handles = [
+            Patch(facecolor=RIGHT_COLOR, label="correct (score 1)"),
+            Patch(facecolor=WRONG_COLOR, edgecolor="#999999", label="wrong (score 0)"),
+        ]
+        if any(v not in (0.0, 1.0) for panel in panels for row in panel.values for v in row):
+            handles.insert(1, Patch(facecolor=colormap(0.5), label="partial credit (lighter: lower)"))
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+        figure.suptitle(f"Which examples flip — task {task!r}\n{subtitle}")
+        _save(figure, path)
+
+
+def _spread(count: int, most: int) -> list[int]:
+    """At most ``most`` evenly spread indices of ``range(count)``, always including the last."""
+    if count <= most:
+        return list(range(count))
+    step = -(-(count - 1) // (most - 1))
+    ticks = list(range(count - 1, -1, -step))
+    return sorted(ticks)
+
+
+def plot_window_sweep(path: Path, *, sweeps: dict[str, list[dict]], final_label: str) -> None:
+    """Mean score, MTV and IS over the final evaluations against the vote ensemble's window size ``n``;
+    one line per task. ``n = 1`` is the live model itself."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    panels = (("score", "mean score"), ("mtv", "MTV (score change)"), ("is", "IS (answer flips)"))
+    windows = sorted({row["n"] for rows in sweeps.values() for row in rows})
+    with _figure(13.5, 4.4) as figure:
+        axes_row = figure.subplots(1, len(panels), squeeze=False)[0]
+        colors = _colormap("tab10")
+        for axes, (key, label) in zip(axes_row, panels, strict=True):
+            for k, (task, rows) in enumerate(sweeps.items()):
+                points = [(row["n"], row[key]) for row in rows if row[key] is not None]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    axes.plot(xs, ys, marker="o", lw=2, ms=5, color=colors(k % 10), label=task)
+            axes.set_xscale("log")
+            axes.xaxis.set_major_locator(FixedLocator(windows))
+            axes.xaxis.set_minor_locator(NullLocator())
+            axes.set_xticklabels([str(n) for n in windows])
+            axes.set_xlabel("ensemble window n (snapshots voted)")
+            axes.set_ylabel(label)
+            axes.set_title(f"{label}, {final_label}")
+            axes.grid(True, alpha=0.3)
+            if key != "score":
+                axes.set_ylim(bottom=0)
+        if len(sweeps) > 1:
+            handles, labels = axes_row[0].get_legend_handles_labels()
+            figure.legend(handles, labels, loc="outside right center", title="task")
+        else:
+            axes_row[0].legend(title="task")
+        figure.suptitle("Vote ensemble of the last n evaluations of the live model (n = 1: the live model)")
+        _save(figure, path)
