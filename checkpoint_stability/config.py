@@ -102,6 +102,11 @@ class StabilityConfig:
     """Write TensorBoard scalars (to the framework's destination when there is one, else
     ``<dirpath>/tensorboard``)."""
 
+    report: bool = True
+    """Write the stability report (``<dirpath>/report/report.md`` and its plots) when training ends
+    (rank 0). Needs matplotlib (the ``report`` extra); without it the report is skipped with a note.
+    ``checkpoint-stability report RUN_DIR`` writes it at any time."""
+
     def __post_init__(self) -> None:
         _require_int("window", self.window, minimum=1)
         _require_int("every_n_steps", self.every_n_steps, minimum=1)
@@ -123,7 +128,7 @@ class StabilityConfig:
             if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
                 raise ValueError(f"dirpath must be a non-empty path or None, got {self.dirpath!r}")
             self.dirpath = Path(self.dirpath)
-        for name in ("console", "tensorboard"):
+        for name in ("console", "tensorboard", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -33,6 +33,7 @@ from checkpoint_stability.export import ModelExporter, export_target, fit_state_
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import resolve_similarity, series_metrics
+from checkpoint_stability.report import write_report
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
@@ -252,7 +253,8 @@ class StabilityMonitor:
 
     def close(self) -> None:
         """Finish the write in flight, close the monitor's own sinks; with no tasks, export the
-        final window average as the run's model (there is no score to select on)."""
+        final window average as the run's model (there is no score to select on). Then write the
+        report (``report=True``)."""
         if self._opened:
             self._shutdown(final=True)
 
@@ -868,9 +870,26 @@ class StabilityMonitor:
             self._agree_on_window()
         if final:
             self._export_latest_average()
+            self._write_report()
         self._release()
         self._opened = False
         self._raise_held_error()
+
+    def _write_report(self) -> None:
+        """The report of the finished run (rank 0); a failure is a fault like any other, never fatal."""
+        if not (self.config.report and self.runtime.is_main and self.history is not None):
+            return
+        if not any(True for _ in self.history.records()):
+            return
+        try:
+            path = write_report(self.dirpath)
+        except ImportError as error:
+            logger.warning("no stability report at the end of training: %s", error)
+            return
+        except Exception as error:
+            self._fault("report", error, step=self._last_step)
+            return
+        logger.info("stability report: %s", path)
 
     def _release(self) -> None:
         """Close what the monitor itself opened; the caller's sinks stay open (they are the caller's)."""

@@ -430,3 +430,56 @@ def test_mean_prob_ensemble_through_the_monitor(tmp_path):
         StabilityMonitor(
             [FunctionTask("g", lambda m: ["a"], targets=["a"], kind="generation")], ensemble="mean_prob"
         )
+
+
+@pytest.mark.train_end_report
+def test_close_writes_the_report_whose_table_holds_the_history(tmp_path):
+    x, y = make_data(5)
+    monitor = StabilityMonitor(
+        [classify_task(x, y, "a")], dirpath=tmp_path, window=2, every_n_steps=5, console=False
+    )
+    train(20, monitor)
+    monitor.close()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "scores-a.png").stat().st_size > 0
+    # The whole-run raw score of task a, as the table prints it, from history.jsonl read by hand.
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    raw = [r["score"] for r in lines if r["task"] == "a" and r["variant"] == "raw"]
+    assert len(raw) == 4
+    assert f"{sum(raw) / len(raw):.4f}" in report
+
+
+@pytest.mark.train_end_report
+def test_report_setting_and_report_faults_never_stop_training(tmp_path, monkeypatch, caplog):
+    x, y = make_data(5)
+    quiet = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path / "off", every_n_steps=5, console=False, report=False
+    )
+    train(10, quiet)
+    quiet.close()
+    assert not (tmp_path / "off" / "report").exists()
+
+    def broken(run_dir, **_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("checkpoint_stability.monitor.write_report", broken)
+    faulty = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path / "full", every_n_steps=5, console=False
+    )
+    train(10, faulty)
+    with caplog.at_level(logging.WARNING):
+        faulty.close()
+    assert "report failed" in caplog.text and "No space left" in caplog.text
+    errors = [json.loads(line) for line in (tmp_path / "full" / "history.jsonl").read_text().splitlines()]
+    assert any(line.get("phase") == "report" for line in errors)
+
+    def no_matplotlib(run_dir, **_):
+        raise ImportError("the report needs matplotlib: pip install checkpoint-stability[report]")
+
+    monkeypatch.setattr("checkpoint_stability.monitor.write_report", no_matplotlib)
+    bare = StabilityMonitor([classify_task(x, y)], dirpath=tmp_path / "bare", every_n_steps=5, console=False)
+    train(10, bare)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        bare.close()
+    assert "pip install checkpoint-stability[report]" in caplog.text
