@@ -151,3 +151,29 @@ def test_a_pointer_outside_exports_is_refused(tmp_path, path, caplog):
     assert selector.best is None
     assert (outside / "model.safetensors").read_bytes() == b"keep me"
     assert "best.json" in caplog.text
+
+
+def test_a_failed_export_keeps_the_previous_best_and_leaves_no_staging(tmp_path, monkeypatch, caplog):
+    from checkpoint_stability.export import ModelExporter
+
+    real_write, calls = ModelExporter.write, []
+
+    def full_disk_after_the_first(self, directory, weights, metadata):
+        calls.append(metadata["step"])
+        if len(calls) == 1:
+            return real_write(self, directory, weights, metadata)
+        (directory / "model.safetensors").write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelExporter, "write", full_disk_after_the_first)
+    with caplog.at_level(logging.WARNING):
+        monitor, _ = run(tmp_path, min_snapshots=1, select_mode="min")
+    assert len(calls) >= 2, "the test needs a second best to fail on"
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["step"] == int(calls[0]) and monitor.best == best
+    # The kept export is whole: every tensor reads back.
+    assert set(read_export(tmp_path / best["path"])) >= {"hidden.weight", "out.bias", "norm.running_mean"}
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == [Path(best["path"]).name]
+    errors = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert any(line.get("phase") == "export" and "No space left" in line["error"] for line in errors)
+    assert "No space left" in caplog.text
