@@ -15,33 +15,31 @@ logger = logging.getLogger(__name__)
 class WindowAverage:
     """Running uniform mean over a sliding window of state dicts.
 
-        Each new snapshot is added to a running sum and the snapshot leaving the window is subtracted,
-        so an update costs O(P) whatever the window size. Floating tensors (parameters and floating
-        buffers, as ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` treats them) are averaged;
-        non-floating ones (step counters, integer buffers) are taken from the newest snapshot.
+    Each new snapshot is added to a running sum and the snapshot leaving the window is subtracted,
+    so an update costs O(P) whatever the window size. Floating tensors (parameters and floating
+    buffers, as ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` treats them) are averaged;
+    non-floating ones (step counters, integer buffers) are taken from the newest snapshot.
 
-        Add-and-subtract in a float32 sum lets rounding error random-walk, so every ``resum_every``
-        updates the sum is rebuilt exactly from the window's snapshots (summed in float64, one tensor at a
-        time), which bounds the drift. With a storage dtype the sum adds exactly the stored (rounded)
-        values, so subtracting an evicted snapshot read back from disk cancels what was added.
+    Add-and-subtract in a float32 sum lets rounding error random-walk, so every ``resum_every``
+    updates the sum is rebuilt exactly from the window's snapshots (summed in float64, one tensor at a
+    time), which bounds the drift. With a storage dtype the sum adds exactly the stored (rounded)
+    values, so subtracting an evicted snapshot read back from disk cancels what was added.
 
-        Example::
+    Example::
 
-            >>> import torch
-            >>> from checkpoint_stability.averaging import WindowAverage
-            >>> from checkpoint_stability.state import CapturedState
-
-    logger = logging.getLogger(__name__)
-            >>> average = WindowAverage(resum_every=100)
-            >>> a = CapturedState({"w": torch.tensor([1.0, 2.0])})
-            >>> b = CapturedState({"w": torch.tensor([3.0, 6.0])})
-            >>> average.update(a)
-            >>> average.update(b)
-            >>> average.mean()["w"]
-            tensor([2., 4.])
-            >>> average.update(CapturedState({"w": torch.tensor([5.0, 0.0])}), evicted=[lambda: a])
-            >>> average.mean()["w"], average.count
-            (tensor([4., 3.]), 2)
+        >>> import torch
+        >>> from checkpoint_stability.averaging import WindowAverage
+        >>> from checkpoint_stability.state import CapturedState
+        >>> average = WindowAverage(resum_every=100)
+        >>> a = CapturedState({"w": torch.tensor([1.0, 2.0])})
+        >>> b = CapturedState({"w": torch.tensor([3.0, 6.0])})
+        >>> average.update(a)
+        >>> average.update(b)
+        >>> average.mean()["w"]
+        tensor([2., 4.])
+        >>> average.update(CapturedState({"w": torch.tensor([5.0, 0.0])}), evicted=[lambda: a])
+        >>> average.mean()["w"], average.count
+        (tensor([4., 3.]), 2)
     """
 
     def __init__(self, accumulator_dtype: torch.dtype = torch.float32, resum_every: int | None = None):
@@ -83,6 +81,7 @@ class WindowAverage:
         ``window`` loads the whole new window (``added`` last); it is used instead of the incremental
         path when a periodic exact re-sum is due or the sum is stale.
         """
+        added.synchronize()
         self._updates_since_resum += 1
         due = self.resum_every is not None and self._updates_since_resum >= self.resum_every
         if window is not None and (self._stale or due):
@@ -99,7 +98,8 @@ class WindowAverage:
                     self._sum[name] = tensor.to(self.accumulator_dtype, copy=True)
                     self._dtypes[name] = tensor.dtype
             else:
-                self._newest[name] = tensor
+                # A copy: a snapshot taken from a GPU lives in pinned buffers the next snapshot reuses.
+                self._newest[name] = tensor.clone()
         self._aliases = dict(added.aliases)
         self._count += 1
         for load in evicted:
@@ -138,7 +138,7 @@ class WindowAverage:
         for name in names:
             reference = newest[name]
             if not reference.is_floating_point():
-                self._newest[name] = reference
+                self._newest[name] = reference.clone()
                 continue
             exact = torch.zeros(reference.shape, dtype=torch.float64)
             for source in sources:
@@ -175,10 +175,14 @@ class WindowAverage:
             raise KeyError(f"the window average has no tensor for model entries: {missing[:5]}")
         for name, target in targets.items():
             canonical = self._aliases.get(name, name)
-            if canonical in self._sum:
-                target.copy_(self._sum[canonical] / self._count)
-            else:
+            if canonical not in self._sum:
                 target.copy_(self._newest[canonical])
+            elif target.device == self._sum[canonical].device and target.is_contiguous():
+                # Divided straight into the live tensor: no temporary the size of the tensor, one pass
+                # over memory instead of two. Bit-identical to dividing and then casting.
+                torch.div(self._sum[canonical], self._count, out=target)
+            else:
+                target.copy_(self._sum[canonical] / self._count)
 
     def mismatch(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
         """Why a state dict (aliases included) cannot join this window, or None if it can."""

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from checkpoint_stability.atomic_files import atomic_write_bytes
-from checkpoint_stability.state import CapturedState, capture_state
+from checkpoint_stability.state import CapturedState, PinnedStaging, capture_state
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,60 @@ MANIFEST_FORMAT = 1
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 _TEMPORARY_NAME = re.compile(r"^\..+\.tmp-\d+$")
 _HASH_CHUNK = 8 << 20
+
+
+# safetensors' names for the dtypes a state dict holds; anything else goes through safetensors' own save.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> memoryview:
+    """The bytes of a safetensors file holding ``tensors`` (contiguous CPU tensors), built in one buffer.
+
+    ``safetensors.torch.save`` goes through a Python ``bytes`` per tensor and then joins them: on a
+    124M-parameter model that took 2.5 s against 0.9 s for ``save_file`` (benchmarks/RESULTS.md). Here
+    each tensor is copied once, by torch, into a preallocated buffer laid out as the format says: an
+    8-byte little-endian header length, the JSON header padded with spaces to a multiple of 8, then the
+    data, largest items first so every tensor sits at an offset aligned to its item size (as
+    safetensors lays it out). Files are read back only with safetensors' own readers.
+    """
+    if any(t.dtype not in _SAFETENSORS_DTYPES or t.device.type != "cpu" for t in tensors.values()):
+        return memoryview(safetensors_save(dict(tensors), metadata=dict(metadata)))
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    start = 8 + len(encoded)
+    buffer = torch.empty(start + offset, dtype=torch.uint8)
+    buffer[:8].copy_(torch.frombuffer(bytearray(len(encoded).to_bytes(8, "little")), dtype=torch.uint8))
+    buffer[8:start].copy_(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
+    for name in order:
+        tensor = tensors[name]
+        begin, end = header[name]["data_offsets"]
+        if end > begin:
+            flat = tensor.contiguous().reshape(-1)
+            buffer[start + begin : start + end].copy_(flat.view(torch.uint8))
+    return memoryview(buffer.numpy())
 
 
 def snapshot_file_name(step: int) -> str:
@@ -117,6 +171,8 @@ class SnapshotBuffer:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._entries: list[SnapshotEntry] = []
+        # Pinned host buffers for snapshots of CUDA weights, reused from one push to the next.
+        self._staging = PinnedStaging() if torch.cuda.is_available() else None
         self._open()
 
     # ------------------------------------------------------------------ reading
@@ -158,8 +214,9 @@ class SnapshotBuffer:
         """Snapshot ``state_dict`` at ``step``: copy it to CPU now, write it in the background.
 
         Waits first for the previous write (and raises its error, if it failed). Returns the CPU copy,
-        which stays valid and unchanged. The snapshot that falls out of the window is deleted once the
-        listener has seen it.
+        which stays valid and unchanged (CUDA weights: until the next push, which reuses its pinned
+        buffers; call ``synchronize()`` on it before reading it on the CPU). The snapshot that falls out
+        of the window is deleted once the listener has seen it.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
@@ -170,7 +227,7 @@ class SnapshotBuffer:
                 f"step {step} is not newer than the newest buffered snapshot ({newest}); "
                 "call truncate_after(step - 1) first when resuming from an earlier step"
             )
-        captured = capture_state(state_dict, self.storage_dtype)
+        captured = capture_state(state_dict, self.storage_dtype, self._staging)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
         self._pending = self._executor.submit(self._commit, step, captured)
@@ -233,7 +290,9 @@ class SnapshotBuffer:
         name = snapshot_file_name(step)
         path = self.directory / name
         try:
-            data = safetensors_save(
+            # On a GPU the copy to host may still be in flight on its side stream.
+            captured.synchronize()
+            data = serialize_safetensors(
                 captured.tensors, metadata={"step": str(step), "aliases": json.dumps(captured.aliases)}
             )
             atomic_write_bytes(path, data)

@@ -24,6 +24,14 @@ class CapturedState:
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str] = field(default_factory=dict)
+    ready: list = field(default_factory=list, repr=False)
+    """CUDA events that mark the end of copies still in flight to the host (empty when the copy is done)."""
+
+    def synchronize(self) -> None:
+        """Wait until the tensors hold their values: only a copy from a GPU can still be in flight."""
+        events, self.ready = self.ready, []
+        for event in events:
+            event.synchronize()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[self.aliases.get(name, name)]
@@ -105,28 +113,108 @@ def tied_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def capture_state(
-    tensors: Mapping[str, torch.Tensor], storage_dtype: torch.dtype | None = None
+    tensors: Mapping[str, torch.Tensor],
+    storage_dtype: torch.dtype | None = None,
+    staging: PinnedStaging | None = None,
 ) -> CapturedState:
     """Copy state-dict tensors to contiguous CPU tensors; floating ones cast to ``storage_dtype``.
 
     This is the only work a snapshot does on the training thread. On CPU it is one ``clone`` per
     tensor (``.to("cpu")`` of a CPU tensor would copy nothing and let training overwrite the snapshot).
+    With ``staging`` and CUDA tensors, the copy goes to ``staging``'s pinned buffers on a side stream and
+    this returns before it ends: call ``synchronize()`` on the result before reading it on the CPU.
     """
+    if staging is not None and any(t.device.type == "cuda" for t in tensors.values()):
+        return staging.capture(tensors, storage_dtype)
     aliases = tied_groups(tensors)
     copies: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name in aliases:
             continue
-        if tensor.is_sparse or tensor.device.type == "meta":
-            raise ValueError(
-                f"state-dict entry {name!r} is a {'sparse' if tensor.is_sparse else 'meta'} tensor; "
-                "only dense, materialised tensors can be snapshotted"
-            )
-        dtype = storage_dtype if (storage_dtype is not None and tensor.is_floating_point()) else None
+        _check_dense(name, tensor)
         copies[name] = tensor.detach().to(
-            device="cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format
+            device="cpu",
+            dtype=_stored_dtype(tensor, storage_dtype),
+            copy=True,
+            memory_format=torch.contiguous_format,
         )
     return CapturedState(copies, aliases)
+
+
+class PinnedStaging:
+    """Pinned host buffers, reused from one snapshot to the next, and a side stream per GPU to fill them.
+
+    A copy from pageable memory makes the CPU thread wait for the transfer; into pinned memory on a side
+    stream it is queued and the training thread goes on. The training stream is then made to wait (on
+    the GPU, not on the CPU) for the copy before its next kernel, because the next optimizer step must
+    not overwrite weights that are still being read. Reading the copy on the CPU waits for its event
+    (``CapturedState.synchronize``), which the snapshot writer thread does.
+
+    The buffers are reused, so a captured state is valid until the next capture: ``SnapshotBuffer``
+    waits for the previous write before capturing again, and nothing else keeps a captured state (the
+    window average copies what it keeps).
+
+    Not measured on these CPU-only machines (see benchmarks/RESULTS.md).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def capture(
+        self, tensors: Mapping[str, torch.Tensor], storage_dtype: torch.dtype | None
+    ) -> CapturedState:
+        aliases = tied_groups(tensors)
+        copies: dict[str, torch.Tensor] = {}
+        streams: dict[torch.device, torch.cuda.Stream] = {}
+        for name, tensor in tensors.items():
+            if name in aliases:
+                continue
+            _check_dense(name, tensor)
+            dtype = _stored_dtype(tensor, storage_dtype) or tensor.dtype
+            source = tensor.detach()
+            if source.device.type != "cuda":
+                copies[name] = source.to("cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+                continue
+            stream = streams.get(source.device)
+            if stream is None:
+                stream = self._streams.get(source.device)
+                if stream is None:
+                    stream = self._streams[source.device] = torch.cuda.Stream(source.device)
+                # Start after the work already queued on the training stream (the step that made these).
+                stream.wait_stream(torch.cuda.current_stream(source.device))
+                streams[source.device] = stream
+            target = self._buffer(name, tuple(source.shape), dtype)
+            with torch.cuda.stream(stream):
+                target.copy_(source, non_blocking=True)
+            # The allocator must not hand this memory to another tensor while the side stream reads it.
+            source.record_stream(stream)
+            copies[name] = target
+        events = []
+        for device, stream in streams.items():
+            event = torch.cuda.Event()
+            event.record(stream)
+            torch.cuda.current_stream(device).wait_event(event)
+            events.append(event)
+        return CapturedState(copies, aliases, events)
+
+    def _buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return buffer
+
+
+def _check_dense(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_sparse or tensor.device.type == "meta":
+        raise ValueError(
+            f"state-dict entry {name!r} is a {'sparse' if tensor.is_sparse else 'meta'} tensor; "
+            "only dense, materialised tensors can be snapshotted"
+        )
+
+
+def _stored_dtype(tensor: torch.Tensor, storage_dtype: torch.dtype | None) -> torch.dtype | None:
+    return storage_dtype if (storage_dtype is not None and tensor.is_floating_point()) else None
 
 
 @torch.no_grad()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,3 +323,34 @@ def test_bad_arguments(tmp_path):
     meta = torch.nn.Linear(2, 2, device="meta")
     with pytest.raises(ValueError, match="meta"):
         buffer.push(1, meta.state_dict())
+
+
+def test_serialized_snapshot_reads_back_with_safetensors_own_readers():
+    from safetensors.torch import load
+
+    tensors = {
+        "b_f32": torch.randn(3, 5),
+        "a_bf16": torch.randn(7).to(torch.bfloat16),
+        "half": torch.randn(2, 2).to(torch.float16),
+        "double": torch.randn(3, dtype=torch.float64),
+        "count": torch.tensor(41, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "small": torch.arange(3, dtype=torch.int8),
+        "empty": torch.zeros(0, 4),
+    }
+    data = buffer_module.serialize_safetensors(tensors, {"step": "7", "aliases": "{}"})
+    back = load(bytes(data))
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with open_bytes(bytes(data)) as path, safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"step": "7", "aliases": "{}"}
+
+
+@contextlib.contextmanager
+def open_bytes(data: bytes):
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "file.safetensors"
+        path.write_bytes(data)
+        yield path
