@@ -34,6 +34,7 @@ from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import resolve_similarity, series_metrics
 from checkpoint_stability.report import write_report
+from checkpoint_stability.run_lock import RunDirectoryLocked, RunLock
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
@@ -128,6 +129,7 @@ class StabilityMonitor:
         self._live_dtypes: dict[str, torch.dtype] = {}
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
+        self._lock: RunLock | None = None
         self._reset_caches()
 
     @staticmethod
@@ -784,6 +786,7 @@ class StabilityMonitor:
                     f"{self.dirpath / name} is a symlink; the run directory must hold its own files "
                     "(nothing outside it is read, written or deleted)"
                 )
+        self._lock = _lock_run_directory(self.dirpath)
         self._check_run_record()
         self.history = History(self.dirpath)
         self.selector = BestModelSelector(
@@ -794,7 +797,7 @@ class StabilityMonitor:
             # A window never holds more than `window` snapshots, so a larger threshold would never pass.
             min_snapshots=min(self.config.min_snapshots, self.config.window),
             exporter=ModelExporter(
-                lambda: self._model() if self._model is not None else None,
+                _trained_model_of(weakref.ref(self)),
                 prefix=self.export_prefix,
                 processing_class=self.processing_class,
                 tasks=tuple(self.tasks),
@@ -903,6 +906,9 @@ class StabilityMonitor:
             # Reported by _shutdown when it matters; here the writer thread is only released.
             with contextlib.suppress(SnapshotError):
                 self.buffer.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _reset_caches(self) -> None:
         horizon = self.config.horizon
@@ -981,3 +987,27 @@ def _portable(error: BaseException | None) -> BaseException | None:
         return error
     except Exception:
         return RuntimeError(repr(error))
+
+
+def _trained_model_of(monitor_ref: weakref.ReferenceType):
+    """The model the monitor last snapshotted, looked up through a weak reference: the selector must not
+    keep its monitor alive (a monitor dropped without ``close()`` then releases its run directory)."""
+
+    def trained_model() -> torch.nn.Module | None:
+        monitor = monitor_ref()
+        if monitor is None or monitor._model is None:
+            return None
+        return monitor._model()
+
+    return trained_model
+
+
+def _lock_run_directory(dirpath: Path) -> RunLock | None:
+    try:
+        return RunLock(dirpath)
+    except RunDirectoryLocked:
+        raise
+    except (ImportError, OSError) as error:
+        # No fcntl (Windows) or a file system without flock (some network ones): go on unlocked.
+        logger.warning("cannot lock the run directory %s (%r); two runs there would collide", dirpath, error)
+        return None
