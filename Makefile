@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install lint clean
+.PHONY: test demo install lint clean soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The long reliability runs (10,000 snapshots, 24 kill -9 trials): about a quarter of an hour.
+soak: install
+	$(BIN)/pytest -m soak -s -p no:cacheprovider tests/test_soak.py tests/test_crash.py
 
 demo: install
 	$(BIN)/python examples/pretrain_tiny_gpt.py

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from checkpoint_stability import History, StabilityMonitor
 from checkpoint_stability.buffer import SnapshotBuffer
+from checkpoint_stability.export import load_export
 
 # The child trains nothing: it pushes snapshots of a ~4 MB model through a real monitor and reports
 # on stdout which steps the buffer has acknowledged (manifest committed). In the stalled modes it
@@ -133,9 +134,11 @@ def test_kill_during_a_snapshot_write_keeps_the_previous_window(tmp_path, mode):
     monitor.close()
 
 
-def test_kill_at_random_moments(tmp_path):
-    rng = random.Random(1234)
-    for trial in range(3):
+def kill_at_random_moments(tmp_path, trials: int, seed: int) -> dict:
+    """Kill a child run at random moments ``trials`` times; check everything after each; count."""
+    rng = random.Random(seed)
+    seen = {"trials": 0, "snapshots kept": 0, "history lines": 0, "with a best export": 0}
+    for trial in range(trials):
         trial_dir = tmp_path / f"trial{trial}"
         trial_dir.mkdir()
         run_dir, _, evaluated = run_child(trial_dir, "random", kill_after=rng.uniform(0.2, 1.5))
@@ -165,4 +168,26 @@ def test_kill_at_random_moments(tmp_path):
                         oracle[key] = oracle.get(key, 0) + handle.get_tensor(key).double() / len(steps)
             for key, value in monitor.average.mean().items():
                 torch.testing.assert_close(value.double(), oracle[key], rtol=0, atol=1e-6)
+        # best.json names a complete export (the old best or the new one), and it is the only one left.
+        if monitor.best is not None:
+            exported = load_export(monitor.best_model_path)
+            assert set(exported) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+            assert [p.name for p in (run_dir / "exports").iterdir()] == [monitor.best_model_path.name]
+            seen["with a best export"] += 1
         monitor.close()
+        seen["trials"] += 1
+        seen["snapshots kept"] += len(steps)
+        seen["history lines"] += len(keys)
+    return seen
+
+
+def test_kill_at_random_moments(tmp_path):
+    seen = kill_at_random_moments(tmp_path, trials=3, seed=1234)
+    assert seen["trials"] == 3
+
+
+@pytest.mark.soak
+def test_soak_kill_at_random_moments(tmp_path):
+    seen = kill_at_random_moments(tmp_path, trials=24, seed=2026)
+    print(f"\nkill -9 soak: {seen}")
+    assert seen["trials"] == 24 and seen["with a best export"] > 0
