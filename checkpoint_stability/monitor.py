@@ -130,6 +130,8 @@ class StabilityMonitor:
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
         self._lock: RunLock | None = None
+        self._writing_step: int | None = None
+        self._non_finite_steps: set[int] = set()
         self._reset_caches()
 
     @staticmethod
@@ -444,11 +446,25 @@ class StabilityMonitor:
             except Exception as error:
                 self._fault("snapshot", error, step=step)
             self.average.reset([])
+        self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
         try:
             return self.buffer.push(step, live)
         except Exception as error:
             self._fault("snapshot", error, step=step)
             return None
+
+    def _admit_to_window(self, added: CapturedState, evicted, window) -> None:
+        """The buffer's listener (writer thread): a snapshot with NaN or infinite weights is kept out of
+        the window, so it cannot poison the average; its file is removed and the fault reported."""
+        added.synchronize()
+        bad = first_non_finite(added.tensors)
+        if bad is not None:
+            self._non_finite_steps.add(self._writing_step)
+            raise NonFiniteWeightsError(
+                f"the weights at step {self._writing_step} are not finite ({bad!r} holds NaN or infinity); "
+                "the snapshot is kept out of the window average and of selection"
+            )
+        self.average.update(added, evicted, window)
 
     def _wait_for_buffer(self) -> None:
         """Wait for the write in flight; a failed write is reported and the average re-summed."""
@@ -635,6 +651,8 @@ class StabilityMonitor:
         if self.runtime.is_main and self.selector is not None and self.config.select is not None and records:
             self._wait_for_buffer()
             chosen = self.selector.candidate(records, snapshots_in_window=len(self.buffer.steps))
+            if chosen is not None and step in self._non_finite_steps:
+                chosen = None  # raw weights with NaN/inf in them are not a model to ship
         if self._sharded:
             chosen = self.runtime.broadcast_object(chosen)
         if chosen is None:
@@ -820,7 +838,7 @@ class StabilityMonitor:
             directory,
             self.config.window,
             storage_dtype=self.config.storage_dtype,
-            listener=self.average.update,
+            listener=self._admit_to_window,
         )
         if resume_step is not None:
             dropped = self.buffer.truncate_after(resume_step)
@@ -1011,3 +1029,15 @@ def _lock_run_directory(dirpath: Path) -> RunLock | None:
         # No fcntl (Windows) or a file system without flock (some network ones): go on unlocked.
         logger.warning("cannot lock the run directory %s (%r); two runs there would collide", dirpath, error)
         return None
+
+
+class NonFiniteWeightsError(ValueError):
+    """A snapshot holds NaN or infinite weights."""
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding a NaN or an infinity, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None

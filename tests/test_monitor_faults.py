@@ -245,3 +245,39 @@ def test_raise_mode_surfaces_rank_zero_faults_at_the_end_of_the_snapshot(tmp_pat
     with pytest.raises(OSError, match="No space"):
         monitor.on_snapshot(model, 5)
     assert [e["phase"] for e in monitor.history.errors()] == ["history"]
+
+
+def test_non_finite_weights_stay_out_of_the_average_and_of_selection(tmp_path, caplog):
+    targets = [0, 1, 2, 3]
+
+    def predict(model):
+        # A poisoned model "answers" everything right, so raw selection would pick it if it could.
+        if not torch.isfinite(model.weight).all():
+            return list(targets)
+        return [1, 0, 3, 2] if model.weight.mean() > 0 else [0, 0, 0, 0]
+
+    task = FunctionTask("probe", predict, targets=targets)
+    monitor = StabilityMonitor([task], dirpath=tmp_path, window=3, every_n_steps=1, select="raw", **quiet())
+    model = torch.nn.Linear(4, 4)
+    history = {}
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 7):
+            with torch.no_grad():
+                model.weight.fill_(0.1 * step)
+                if step == 4:
+                    model.weight[0, 0] = float("nan")
+            history[step] = model.weight.detach().clone()
+            monitor.on_snapshot(model, step)
+    monitor.close()
+
+    assert "not finite" in caplog.text and "'weight'" in caplog.text and "step 4" in caplog.text
+    assert monitor.buffer.steps == [3, 5, 6]  # the window skips step 4
+    assert not (tmp_path / "buffer" / "step-00000004.safetensors").exists()
+    # The average is the float64 mean of the finite snapshots of the window, never NaN.
+    expected = sum(history[s].double() for s in monitor.buffer.steps) / len(monitor.buffer.steps)
+    torch.testing.assert_close(monitor.average.mean()["weight"].double(), expected, rtol=0, atol=1e-6)
+    # Step 4's raw record is what it is (score 1.0), but it was not selected.
+    raw = {r["step"]: r["score"] for r in monitor.history.records() if r["variant"] == "raw"}
+    assert raw[4] == 1.0 and monitor.best is not None and monitor.best["step"] != 4
+    errors = monitor.history.errors()
+    assert [e["step"] for e in errors] == [4] and "not finite" in errors[0]["error"]
