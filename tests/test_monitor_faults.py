@@ -281,3 +281,27 @@ def test_non_finite_weights_stay_out_of_the_average_and_of_selection(tmp_path, c
     assert raw[4] == 1.0 and monitor.best is not None and monitor.best["step"] != 4
     errors = monitor.history.errors()
     assert [e["step"] for e in errors] == [4] and "not finite" in errors[0]["error"]
+
+
+def test_another_models_snapshots_left_in_the_directory_restart_the_window(tmp_path, caplog):
+    first = StabilityMonitor([], dirpath=tmp_path, window=3, every_n_steps=1, **quiet())
+    small = torch.nn.Linear(6, 4)
+    for step in (1, 2, 3):
+        first.on_snapshot(small, step)
+    first.close()
+
+    wider = torch.nn.Linear(6, 8)
+    second = StabilityMonitor([], dirpath=tmp_path, window=3, every_n_steps=1, **quiet())
+    second.open(resume_step=3)
+    with caplog.at_level(logging.WARNING):
+        second.on_snapshot(wider, 4)
+        second.on_snapshot(wider, 5)
+    second.close()
+    assert "the model's 'bias' has shape (8,), the window's (4,)" in caplog.text  # the first that differs
+    assert "restarting the window from step 4" in caplog.text
+    assert second.buffer.steps == [4, 5]
+    assert sorted(p.name for p in (tmp_path / "buffer").glob("*.safetensors")) == [
+        "step-00000004.safetensors",
+        "step-00000005.safetensors",
+    ]
+    torch.testing.assert_close(second.average.mean()["weight"], wider.weight.detach())
