@@ -42,6 +42,7 @@ from checkpoint_stability.history import HISTORY_FILE, History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import resolve_similarity, series_metrics
 from checkpoint_stability.monitor import MEAN_TASK, StabilityMonitor
+from checkpoint_stability.run_lock import RunLock
 from checkpoint_stability.tasks.base import Task, TaskResult
 
 logger = logging.getLogger(__name__)
@@ -251,9 +252,15 @@ def analyze(
             )
         model_factory = huggingface_model_factory(first.directory)
     run_dir = Path(run_dir)
-    _claim(run_dir, series, tasks, windows, config)
-    run = _Run(series, tasks, History(run_dir), windows, config, model_factory, progress)
-    run.run()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Two analyses (or an analysis and a live run) writing one directory would interleave histories.
+    lock = RunLock(run_dir)
+    try:
+        _claim(run_dir, series, tasks, windows, config)
+        run = _Run(series, tasks, History(run_dir), windows, config, model_factory, progress)
+        run.run()
+    finally:
+        lock.release()
     report_path = None
     if report:
         report_path = _write_report(run_dir)

@@ -159,7 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from checkpoint_stability.checkpoint_files import CheckpointError
 
     # ValueError covers CheckpointError and AnalysisError; OSError a missing file or a full disk.
-    user_errors: tuple[type[BaseException], ...] = (CliError, CheckpointError, ValueError, OSError)
+    from checkpoint_stability.run_lock import RunDirectoryLocked
+
+    user_errors: tuple[type[BaseException], ...] = (
+        CliError,
+        CheckpointError,
+        ValueError,
+        OSError,
+        RunDirectoryLocked,
+    )
     try:
         return {"report": _report, "average": _average, "analyze": _analyze}[args.command](args)
     except user_errors as error:

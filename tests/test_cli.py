@@ -541,6 +541,16 @@ def test_analyze_refuses_what_it_cannot_do(checkpoints, tmp_path, tasks_module, 
     code, _, err = run([*other, "--no-report"], capsys)
     assert code == 2 and "another series" in err and "checkpoint-100" in err
 
+    # A directory another run holds (a live training run, or another analysis) is refused.
+    from checkpoint_stability.run_lock import RunLock
+
+    held = RunLock(run_dir)
+    try:
+        code, _, err = run([*first, "--no-report"], capsys)
+    finally:
+        held.release()
+    assert code == 2 and "in use by another run" in err
+
     small = tmp_path / "checkpoint-600"
     from transformers import GPT2Config, GPT2LMHeadModel
 
