@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -20,7 +21,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from checkpoint_stability.atomic_files import atomic_write_bytes
-from checkpoint_stability.state import CapturedState, PinnedStaging, capture_state
+from checkpoint_stability.state import (
+    CapturedState,
+    PinnedStaging,
+    capture_state,
+    check_dense,
+    stored_dtype,
+    tied_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,43 +54,126 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _layout(specs: Sequence[tuple[str, torch.dtype, tuple]]) -> tuple[list[str], dict[str, list]]:
+    """Data order and header entries of a safetensors file: largest items first, so that every tensor
+    sits at an offset aligned to its item size (as safetensors lays it out)."""
+    order = sorted(range(len(specs)), key=lambda k: (-specs[k][1].itemsize, specs[k][0]))
+    entries: dict[str, list] = {}
+    offset = 0
+    for k in order:
+        name, dtype, shape = specs[k]
+        size = math.prod(shape) * dtype.itemsize
+        entries[name] = [_SAFETENSORS_DTYPES[dtype], list(shape), [offset, offset + size]]
+        offset += size
+    return [specs[k][0] for k in order], entries
+
+
+def _header(entries: dict[str, list], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    for name, (dtype, shape, offsets) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _write_header(image: torch.Tensor, encoded: bytes, capacity: int) -> None:
+    """The 8-byte little-endian header length and the JSON header, padded with spaces (valid JSON
+    whitespace, as safetensors pads) to ``capacity`` bytes."""
+    padded = encoded + b" " * (capacity - len(encoded))
+    image[:8].copy_(torch.frombuffer(bytearray(capacity.to_bytes(8, "little")), dtype=torch.uint8))
+    image[8 : 8 + capacity].copy_(torch.frombuffer(bytearray(padded), dtype=torch.uint8))
+
+
 def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> memoryview:
-    """The bytes of a safetensors file holding ``tensors`` (contiguous CPU tensors), built in one buffer.
+    """The bytes of a safetensors file holding ``tensors`` (CPU tensors), built in one buffer.
 
     ``safetensors.torch.save`` goes through a Python ``bytes`` per tensor and then joins them: on a
-    124M-parameter model that took 2.5 s against 0.9 s for ``save_file`` (benchmarks/RESULTS.md). Here
-    each tensor is copied once, by torch, into a preallocated buffer laid out as the format says: an
-    8-byte little-endian header length, the JSON header padded with spaces to a multiple of 8, then the
-    data, largest items first so every tensor sits at an offset aligned to its item size (as
-    safetensors lays it out). Files are read back only with safetensors' own readers.
+    124M-parameter model that took 2.5 s against 0.9 s for ``save_file``. Here each tensor is copied
+    once, by torch, into a preallocated buffer laid out as the format says. Files are read back only
+    with safetensors' own readers.
     """
     if any(t.dtype not in _SAFETENSORS_DTYPES or t.device.type != "cpu" for t in tensors.values()):
         return memoryview(safetensors_save(dict(tensors), metadata=dict(metadata)))
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
+    order, entries = _layout([(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()])
+    encoded = _header(entries, metadata)
+    capacity = len(encoded) + (-len(encoded) % 8)
+    start = 8 + capacity
+    image = torch.empty(start + sum(e[2][1] - e[2][0] for e in entries.values()), dtype=torch.uint8)
+    _write_header(image, encoded, capacity)
     for name in order:
-        tensor = tensors[name]
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    start = 8 + len(encoded)
-    buffer = torch.empty(start + offset, dtype=torch.uint8)
-    buffer[:8].copy_(torch.frombuffer(bytearray(len(encoded).to_bytes(8, "little")), dtype=torch.uint8))
-    buffer[8:start].copy_(torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
-    for name in order:
-        tensor = tensors[name]
-        begin, end = header[name]["data_offsets"]
+        begin, end = entries[name][2]
         if end > begin:
-            flat = tensor.contiguous().reshape(-1)
-            buffer[start + begin : start + end].copy_(flat.view(torch.uint8))
-    return memoryview(buffer.numpy())
+            image[start + begin : start + end].copy_(tensors[name].contiguous().reshape(-1).view(torch.uint8))
+    return memoryview(image.numpy())
+
+
+class SnapshotImage:
+    """The bytes of a snapshot's safetensors file, in memory, that a CPU snapshot is copied straight into.
+
+    The copy on the training thread is then also the serialisation: the writer thread writes these bytes
+    as they are. The image is allocated once and reused by every later snapshot of the same tensors:
+    a fresh allocation of a model's size costs more in page faults than the copy itself (on a
+    124M-parameter GPT-2, a ``clone()`` took about 0.4 s, a copy into reused memory about 0.1 s; see
+    benchmarks/RESULTS.md). The price is that one snapshot's worth of memory stays allocated between
+    snapshots, and that a captured state is valid only until the next capture: ``SnapshotBuffer`` waits
+    for the previous write before capturing again, and the window average copies what it keeps.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._image: torch.Tensor | None = None
+        self._views: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, list] = {}
+        self._capacity = 0
+
+    def capture(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        storage_dtype: torch.dtype | None,
+        metadata: Mapping[str, str],
+    ) -> CapturedState | None:
+        """Copy ``tensors`` into the image; None if they cannot live in one (not on CPU, unusual dtypes)."""
+        aliases = tied_groups(tensors)
+        distinct = {name: t for name, t in tensors.items() if name not in aliases}
+        specs = []
+        for name, tensor in distinct.items():
+            check_dense(name, tensor)
+            dtype = stored_dtype(tensor, storage_dtype) or tensor.dtype
+            if tensor.device.type != "cpu" or dtype not in _SAFETENSORS_DTYPES:
+                return None
+            specs.append((name, dtype, tuple(tensor.shape)))
+        metadata = {**metadata, "aliases": json.dumps(aliases)}
+        key = tuple(specs)
+        if key != self._key:
+            self._allocate(key, metadata)
+        encoded = _header(self._entries, metadata)
+        if len(encoded) > self._capacity:
+            self._allocate(key, metadata)
+            encoded = _header(self._entries, metadata)
+        _write_header(self._image, encoded, self._capacity)
+        for name, tensor in distinct.items():
+            self._views[name].copy_(tensor.detach())
+        return CapturedState(
+            {name: self._views[name] for name in distinct},
+            aliases,
+            file_image=memoryview(self._image.numpy()),
+        )
+
+    def release(self) -> None:
+        self.__init__()
+
+    def _allocate(self, specs: tuple, metadata: Mapping[str, str]) -> None:
+        self.release()
+        _, self._entries = _layout(specs)
+        # Room for the header to grow (longer step numbers, aliases) without moving the data.
+        needed = len(_header(self._entries, metadata)) + 256
+        self._capacity = needed + (-needed % 8)
+        start = 8 + self._capacity
+        data_bytes = sum(entry[2][1] - entry[2][0] for entry in self._entries.values())
+        self._image = torch.empty(start + data_bytes, dtype=torch.uint8)
+        for name, dtype, shape in specs:
+            begin, end = self._entries[name][2]
+            self._views[name] = self._image[start + begin : start + end].view(dtype).view(shape)
+        self._key = specs
 
 
 def snapshot_file_name(step: int) -> str:
@@ -133,10 +224,11 @@ class SnapshotBuffer:
     and entries whose file is missing, truncated, a symlink, not a plain ``step-*.safetensors`` name, or
     fails its checksum are dropped with one warning each.
 
-    ``push`` copies the weights to CPU on the caller's thread (the only blocking part) and leaves the
-    file writing to one background thread. At most one write is in flight: the next ``push`` waits for
-    it, so memory stays bounded: the CPU copy of one snapshot, plus its serialised bytes while they are
-    written. Files read back (eviction, re-sums) are hashed in chunks and read one tensor at a time.
+    ``push`` copies the weights to CPU on the caller's thread (the only blocking part), straight into
+    the bytes of the file to be written, and leaves the writing to one background thread. At most one
+    write is in flight: the next ``push`` waits for it, so memory stays bounded: one snapshot's file
+    image, kept allocated and reused from push to push. Files read back (eviction, re-sums) are hashed
+    in chunks and read one tensor at a time.
 
     Example::
 
@@ -173,6 +265,7 @@ class SnapshotBuffer:
         self._entries: list[SnapshotEntry] = []
         # Pinned host buffers for snapshots of CUDA weights, reused from one push to the next.
         self._staging = PinnedStaging() if torch.cuda.is_available() else None
+        self._image = SnapshotImage()
         self._open()
 
     # ------------------------------------------------------------------ reading
@@ -214,9 +307,9 @@ class SnapshotBuffer:
         """Snapshot ``state_dict`` at ``step``: copy it to CPU now, write it in the background.
 
         Waits first for the previous write (and raises its error, if it failed). Returns the CPU copy,
-        which stays valid and unchanged (CUDA weights: until the next push, which reuses its pinned
-        buffers; call ``synchronize()`` on it before reading it on the CPU). The snapshot that falls out
-        of the window is deleted once the listener has seen it.
+        valid and unchanged until the next push, which reuses its memory (``SnapshotImage``, or for CUDA
+        weights pinned buffers: call ``synchronize()`` on it before reading it on the CPU). The snapshot
+        that falls out of the window is deleted once the listener has seen it.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
@@ -227,7 +320,9 @@ class SnapshotBuffer:
                 f"step {step} is not newer than the newest buffered snapshot ({newest}); "
                 "call truncate_after(step - 1) first when resuming from an earlier step"
             )
-        captured = capture_state(state_dict, self.storage_dtype, self._staging)
+        captured = self._image.capture(state_dict, self.storage_dtype, {"step": str(step)})
+        if captured is None:
+            captured = capture_state(state_dict, self.storage_dtype, self._staging)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
         self._pending = self._executor.submit(self._commit, step, captured)
@@ -273,6 +368,7 @@ class SnapshotBuffer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._image.release()
 
     def window_sources(self) -> list[LazySnapshot]:
         """Lazy, verified readers for the buffered snapshots; corrupt ones are dropped with a warning."""
@@ -292,16 +388,23 @@ class SnapshotBuffer:
         try:
             # On a GPU the copy to host may still be in flight on its side stream.
             captured.synchronize()
-            data = serialize_safetensors(
-                captured.tensors, metadata={"step": str(step), "aliases": json.dumps(captured.aliases)}
-            )
-            atomic_write_bytes(path, data)
+            data = captured.file_image
+            if data is None:
+                data = serialize_safetensors(
+                    captured.tensors, metadata={"step": str(step), "aliases": json.dumps(captured.aliases)}
+                )
+            # The checksum is computed on another thread while this one writes and waits for fsync
+            # (hashlib releases the GIL): on 124M parameters that hid most of 0.4 s of hashing.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-hash") as hasher:
+                digest = hasher.submit(_sha256_hex, data)
+                atomic_write_bytes(path, data)
+                sha256 = digest.result()
         except Exception as error:
             raise SnapshotError(step, f"could not write snapshot {path}: {error!r}") from error
         entry = SnapshotEntry(
             step=step,
             file=name,
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256,
             bytes=len(data),
             time=time.time(),
             aliases=dict(captured.aliases),
@@ -488,6 +591,10 @@ class LazySnapshot(Mapping):
 
     def canonical_keys(self) -> list[str]:
         return list(self._keys)
+
+
+def _sha256_hex(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _unsafe_entry_problem(directory: Path, name: str) -> str | None:

@@ -26,6 +26,9 @@ class CapturedState:
     aliases: dict[str, str] = field(default_factory=dict)
     ready: list = field(default_factory=list, repr=False)
     """CUDA events that mark the end of copies still in flight to the host (empty when the copy is done)."""
+    file_image: memoryview | None = field(default=None, repr=False)
+    """When the tensors were copied into the bytes of a safetensors file (``SnapshotBuffer`` does that on
+    CPU), those bytes, ready to be written as they are."""
 
     def synchronize(self) -> None:
         """Wait until the tensors hold their values: only a copy from a GPU can still be in flight."""
@@ -131,10 +134,10 @@ def capture_state(
     for name, tensor in tensors.items():
         if name in aliases:
             continue
-        _check_dense(name, tensor)
+        check_dense(name, tensor)
         copies[name] = tensor.detach().to(
             device="cpu",
-            dtype=_stored_dtype(tensor, storage_dtype),
+            dtype=stored_dtype(tensor, storage_dtype),
             copy=True,
             memory_format=torch.contiguous_format,
         )
@@ -170,8 +173,8 @@ class PinnedStaging:
         for name, tensor in tensors.items():
             if name in aliases:
                 continue
-            _check_dense(name, tensor)
-            dtype = _stored_dtype(tensor, storage_dtype) or tensor.dtype
+            check_dense(name, tensor)
+            dtype = stored_dtype(tensor, storage_dtype) or tensor.dtype
             source = tensor.detach()
             if source.device.type != "cuda":
                 copies[name] = source.to("cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format)
@@ -205,7 +208,7 @@ class PinnedStaging:
         return buffer
 
 
-def _check_dense(name: str, tensor: torch.Tensor) -> None:
+def check_dense(name: str, tensor: torch.Tensor) -> None:
     if tensor.is_sparse or tensor.device.type == "meta":
         raise ValueError(
             f"state-dict entry {name!r} is a {'sparse' if tensor.is_sparse else 'meta'} tensor; "
@@ -213,7 +216,7 @@ def _check_dense(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _stored_dtype(tensor: torch.Tensor, storage_dtype: torch.dtype | None) -> torch.dtype | None:
+def stored_dtype(tensor: torch.Tensor, storage_dtype: torch.dtype | None) -> torch.dtype | None:
     return storage_dtype if (storage_dtype is not None and tensor.is_floating_point()) else None
 
 

@@ -354,3 +354,28 @@ def open_bytes(data: bytes):
         path = Path(directory) / "file.safetensors"
         path.write_bytes(data)
         yield path
+
+
+def test_snapshots_copied_into_the_reused_file_image_read_back_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    model = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.BatchNorm1d(4))
+    buffer = SnapshotBuffer(tmp_path, window=3, storage_dtype=torch.bfloat16)
+    expected = {}
+    # Steps of growing length move the header's end; the data must not move with it.
+    for step in (1, 10, 123456789, 10**12):
+        with torch.no_grad():
+            model[0].weight.add_(0.5)
+        model[1].num_batches_tracked += 1
+        buffer.push(step, model.state_dict())
+        buffer.wait()
+        expected[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        back = load_file(str(tmp_path / snapshot_file_name(step)))
+        assert set(back) == set(expected[step])
+        for name, value in expected[step].items():
+            stored = value.to(torch.bfloat16) if value.is_floating_point() else value
+            assert torch.equal(back[name], stored), (step, name)
+        with safe_open(str(tmp_path / snapshot_file_name(step)), framework="pt") as handle:
+            assert handle.metadata()["step"] == str(step)
+    buffer.close()
+    assert buffer.steps == [10, 123456789, 10**12]
