@@ -52,14 +52,47 @@ CHILD = textwrap.dedent(
 
     stall_step_written = [False]
     buffer_module.atomic_write_bytes = stalling_write
+
+    # Exports and the best.json switch: stall once a first best exists, while the next is written.
+    from checkpoint_stability import export as export_module, selection as selection_module
+    real_export_write, real_text_write = export_module.atomic_write_bytes, selection_module.atomic_write_text
+    bests = [0]
+
+    def stalling_export_write(path, data):
+        if mode == "mid-export" and bests[0] >= 1:
+            with open(path, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+            print("stalled", flush=True)
+            time.sleep(600)
+        real_export_write(path, data)
+
+    def stalling_text_write(path, text):
+        if path.name == "best.json" and mode == "before-best" and bests[0] >= 1:
+            print("stalled", flush=True)
+            time.sleep(600)
+        real_text_write(path, text)
+        if path.name == "best.json":
+            bests[0] += 1
+
+    export_module.atomic_write_bytes = stalling_export_write
+    selection_module.atomic_write_text = stalling_text_write
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
     x = torch.randn(8, 512)
     task = FunctionTask("t", lambda m: m(x).argmax(-1).tolist(), targets=[0] * 8)
+    if mode in ("mid-export", "before-best"):
+        # A score that rises with every step, so that every snapshot makes a new best.
+        reached = [0]
+        rising = lambda m: [0] * min(8, reached[0]) + [1] * (8 - min(8, reached[0]))
+        task = FunctionTask("t", rising, targets=[0] * 8)
     monitor = StabilityMonitor([task], dirpath=run_dir, window=3, every_n_steps=1, console=False)
     for step in range(1, 1000):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
+        if mode in ("mid-export", "before-best"):
+            reached[0] = step
         monitor.on_snapshot(model, step)
         print(f"evaluated {step}", flush=True)
         if mode != "random":
@@ -131,6 +164,21 @@ def test_kill_during_a_snapshot_write_keeps_the_previous_window(tmp_path, mode):
     monitor.open(resume_step=4)
     assert monitor.buffer.steps == [2, 3, 4]
     assert monitor.average.count == 3
+    monitor.close()
+
+
+@pytest.mark.parametrize("mode", ["mid-export", "before-best"])
+def test_kill_while_a_new_best_is_exported_keeps_the_previous_best(tmp_path, mode):
+    run_dir, _, evaluated = run_child(tmp_path, mode)
+    before = json.loads((run_dir / "best.json").read_text())
+    exports = sorted(p.name for p in (run_dir / "exports").iterdir())
+    assert len(exports) >= 2, "the kill must land while a second export exists for this test to mean anything"
+    # Reopened: best.json still names the previous, complete export; the half-written one is gone.
+    monitor = StabilityMonitor([], dirpath=run_dir, window=3, every_n_steps=1, console=False)
+    monitor.open(resume_step=evaluated[-1])
+    assert monitor.best == before
+    assert set(load_export(monitor.best_model_path)) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert [p.name for p in (run_dir / "exports").iterdir()] == [monitor.best_model_path.name]
     monitor.close()
 
 
