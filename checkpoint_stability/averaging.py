@@ -11,6 +11,9 @@ from checkpoint_stability.state import CapturedState
 
 logger = logging.getLogger(__name__)
 
+# Elements re-summed at a time: a 16 MB float64 partial sum, small enough to come back from the heap.
+_RESUM_CHUNK = 1 << 21
+
 
 class WindowAverage:
     """Running uniform mean over a sliding window of state dicts.
@@ -121,7 +124,14 @@ class WindowAverage:
     def reset(
         self, sources: Sequence[Mapping[str, torch.Tensor]], aliases: Mapping[str, str] | None = None
     ) -> None:
-        """Rebuild the sum exactly from ``sources`` (oldest first): float64, one tensor at a time."""
+        """Rebuild the sum exactly from ``sources`` (oldest first): float64, a slice of a tensor at a time.
+
+        The float64 partial sums cover ``_RESUM_CHUNK`` elements at a time and land in the existing
+        accumulator tensors, so a re-sum allocates almost nothing: rebuilding into fresh tensors, with a
+        float64 copy of the largest tensor beside them, left about 1.5 snapshots' worth of freed memory
+        resident in the writer thread's heap (benchmarks/RESULTS.md, item 7).
+        """
+        previous = self._sum
         self._sum, self._newest, self._dtypes = {}, {}, {}
         self._count = len(sources)
         self._updates_since_resum = 0
@@ -140,11 +150,19 @@ class WindowAverage:
             if not reference.is_floating_point():
                 self._newest[name] = reference.clone()
                 continue
-            exact = torch.zeros(reference.shape, dtype=torch.float64)
-            for source in sources:
-                exact.add_(source[name])
-            self._sum[name] = exact.to(self.accumulator_dtype)
-            self._dtypes[name] = reference.dtype
+            shape, self._dtypes[name] = reference.shape, reference.dtype
+            del reference  # a file-backed source keeps its pages mapped while a tensor of it lives
+            total = previous.pop(name, None)
+            if total is None or total.shape != shape or total.dtype != self.accumulator_dtype:
+                total = torch.empty(shape, dtype=self.accumulator_dtype)
+            flat = total.view(-1)
+            for begin in range(0, flat.numel(), _RESUM_CHUNK):
+                end = min(begin + _RESUM_CHUNK, flat.numel())
+                exact = torch.zeros(end - begin, dtype=torch.float64)
+                for source in sources:
+                    exact.add_(source[name].reshape(-1)[begin:end])
+                flat[begin:end].copy_(exact)
+            self._sum[name] = total
 
     def mean(self, dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
         """The averaged state dict (aliases included, tied to their canonical tensor).

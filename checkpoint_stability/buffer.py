@@ -563,25 +563,26 @@ class SnapshotBuffer:
 
 
 class LazySnapshot(Mapping):
-    """Read-only mapping over a verified snapshot file; each tensor is read when asked for."""
+    """Read-only mapping over a verified snapshot file; each tensor is read when asked for.
+
+    Each read opens the file afresh. safetensors hands out tensors backed by a memory map of the file,
+    and a kept-open handle keeps every page it has served mapped, and counted as this process's resident
+    memory: re-summing a window through open handles showed the whole window's files as resident
+    (benchmarks/RESULTS.md, item 7). Opened per read, only the tensors still in use stay mapped.
+    """
 
     def __init__(self, path: Path, aliases: Mapping[str, str]):
         self.path = path
         self.aliases = dict(aliases)
         with safe_open(str(path), framework="pt") as handle:
             self._keys = list(handle.keys())
-        self._handle = None
-
-    def _open(self):
-        if self._handle is None:
-            self._handle = safe_open(str(self.path), framework="pt")
-        return self._handle
 
     def __getitem__(self, name: str) -> torch.Tensor:
         name = self.aliases.get(name, name)
         if name not in self._keys:
             raise KeyError(name)
-        return self._open().get_tensor(name)
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
