@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install lint clean soak
+.PHONY: test demo bench install lint clean soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ soak: install
 
 demo: install
 	$(BIN)/python examples/pretrain_tiny_gpt.py
+
+# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (about 7 minutes on 2 cores).
+bench: install
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

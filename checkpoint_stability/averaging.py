@@ -11,8 +11,18 @@ from checkpoint_stability.state import CapturedState
 
 logger = logging.getLogger(__name__)
 
-# Elements re-summed at a time: a 16 MB float64 partial sum, small enough to come back from the heap.
+# Elements added, subtracted or re-summed at a time. A re-sum's float64 partial sum of this many elements
+# is 16 MB, small enough to come back from the heap; and adding a bfloat16 snapshot into the float32 sum
+# slice by slice was 4 times faster than in one call on these CPUs (benchmarks/RESULTS.md, item 2).
 _RESUM_CHUNK = 1 << 21
+
+
+def _in_slices(total: torch.Tensor, tensor: torch.Tensor, operation) -> None:
+    """``operation(total, tensor)`` (an in-place add or subtract), applied slice by slice."""
+    flat_total, flat = total.view(-1), tensor.reshape(-1)
+    for begin in range(0, flat_total.numel(), _RESUM_CHUNK):
+        end = begin + _RESUM_CHUNK
+        operation(flat_total[begin:end], flat[begin:end])
 
 
 class WindowAverage:
@@ -96,7 +106,7 @@ class WindowAverage:
         for name, tensor in added.tensors.items():
             if tensor.is_floating_point():
                 if name in self._sum:
-                    self._sum[name].add_(tensor)
+                    _in_slices(self._sum[name], tensor, torch.Tensor.add_)
                 else:
                     self._sum[name] = tensor.to(self.accumulator_dtype, copy=True)
                     self._dtypes[name] = tensor.dtype
@@ -118,7 +128,7 @@ class WindowAverage:
                 return
             tensors = old.tensors if isinstance(old, CapturedState) else old
             for name, total in self._sum.items():
-                total.sub_(tensors[name])
+                _in_slices(total, tensors[name], torch.Tensor.sub_)
             self._count -= 1
 
     def reset(

@@ -1,0 +1,220 @@
+"""Run every benchmark, print the table and write benchmarks/RESULTS.md (``make bench``).
+
+    python benchmarks/run.py            # the full run, about 6-8 minutes on 2 CPU cores
+    python benchmarks/run.py --quick    # a smoke run on small models (its figures mean little)
+
+Each figure is a ratio of two things measured side by side in this run (or a count, or a size), next
+to the target the issue set for it. Nothing here is asserted: these are measurements, not tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in the demo: OpenMP threads that spin while they wait fought the other jobs on these 2-core machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import datetime
+import importlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import MODEL_SIZES, REPO, Figure
+
+BENCHMARKS = (
+    "snapshot_cost",
+    "evaluation_swap",
+    "window_average",
+    "ensemble_cost",
+    "evaluation_pause",
+    "disk",
+    "memory",
+    "exactness",
+)
+
+NOTES = """\
+## How to read this
+
+Every ratio is taken side by side in the same process run (the two sides alternated, medians of the
+repeats after a warm-up), so the load of other jobs on the shared cores falls on both sides; the load
+average at the start and end of the run is given above. Model sizes: GPT-2-shaped
+`GPT2LMHeadModel`s, randomly initialised (nothing downloaded); "demo" is the model of
+`examples/pretrain_tiny_gpt.py`.
+
+1. **Snapshot copy.** The floor is a bare `clone()` of each distinct tensor of the state dict.
+   `SnapshotBuffer.push` copies the weights straight into the bytes of the safetensors file it is
+   about to write (`SnapshotImage`), allocated once and reused by every later snapshot, so it pays no
+   page faults for fresh memory and can come in *under* the floor; the writer thread then writes those
+   bytes as they are (no serialisation copy). The file write, fsync and checksum run on the writer
+   thread; on 2 cores they still compete with training for CPU, which the "step time while a snapshot
+   write runs" figure shows. The loop-overhead figure is the honest total.
+2. **Window average.** Each update adds the new snapshot and subtracts the evicted one, read back
+   from disk and checked against its sha256; every `window` updates the sum is rebuilt exactly from
+   the window's files. Amortised, both windows read about one file per update besides the evicted
+   one, so the cost stays O(P). `AveragedModel.update_parameters` keeps a running mean in memory
+   with no window: it never has to subtract anything, so it reads nothing from disk and verifies
+   nothing; its ratio is the price of a *window* without keeping N copies in RAM. The naive
+   average (fairseq's `average_checkpoints.py`) reads and sums all N files at every snapshot.
+3. **Ensemble.** The vote combines the raw outputs cached from the window's earlier evaluations, so
+   a snapshot costs one raw and one avg evaluation whatever the window; the naive ensemble would run
+   N evaluations per snapshot.
+4. **Averaged-model evaluation.** The average is divided straight into the live tensors and the live
+   weights are restored from the snapshot just taken: two passes over memory that already exists,
+   against a clone's allocation plus copy.
+5. **Evaluation pause.** The price of the evaluations themselves, with the demo's tasks (raw + avg
+   evaluations, ensemble, metrics, history, TensorBoard and export of a new best). It depends on the
+   tasks, not on the callback; choose `every_n_steps` so that this pause is a small share of the
+   training time between snapshots.
+6. **Disk.** The buffer's write is durable: temporary file, fsync, rename, directory fsync,
+   sha256 (hashed on another thread while the file is written), manifest rewritten the same way.
+   A plain `save_file` only hands the bytes to the page cache, so that comparison measures this
+   disk's fsync speed more than the writer; with an fsync added to `save_file`, the comparison is
+   like for like. bfloat16 storage halves the bytes.
+7. **Memory.** Measured in a fresh process (`/proc/self/clear_refs` resets the high-water mark after
+   the model is built). By design the callback holds the reused file image (one snapshot), the
+   float32 accumulator, and briefly one tensor of an evicted file plus a 16 MB float64 slice of a
+   re-sum. Evicted files are opened per tensor read: safetensors hands out memory-mapped tensors,
+   and a handle kept open left the whole window's pages counted as resident.
+8. **Exactness.** The float32 running sum is rebuilt in float64 from the files every `window`
+   updates, which keeps add/subtract rounding from drifting; the note shows the drift without it.
+
+**GPU path (not measured here).** On CUDA, `SnapshotBuffer` copies into pinned host buffers reused
+from one snapshot to the next, with non-blocking copies on a side stream: the training thread only
+queues them, the training stream waits (on the GPU) for the copy before its next kernel, and the
+writer thread waits for the copy's event before writing. These machines have no GPU, so none of the
+figures above cover that path.
+"""
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as handle:
+        memory_kb = int(handle.readline().split()[1])
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram": f"{memory_kb / 2**20:.1f} GiB"}
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "transformers": transformers.__version__,
+        "checkpoint-stability commit": commit or "unknown",
+    }
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def table(figures: list[Figure]) -> str:
+    lines = ["| item | figure | value | target | met | notes |", "| --- | --- | --- | --- | --- | --- |"]
+    for f in figures:
+        met = "—" if f.met is None else ("yes" if f.met else "**no**")
+        lines.append(f"| {f.item} | {f.name} | {f.shown()} | {f.target or 'report'} | {met} | {f.note} |")
+    return "\n".join(lines)
+
+
+def results_markdown(figures, sizes, command, started, elapsed, load_start, load_end, quick) -> str:
+    info = machine()
+    size_rows = ["| model | parameters | shape |", "| --- | --- | --- |"]
+    for name, count in sorted(sizes.items(), key=lambda item: item[1]):
+        shape = MODEL_SIZES.get(name, {"demo": "examples/pretrain_tiny_gpt.py: 3 layers, width 96"}.get(name))
+        shape_text = (
+            shape
+            if isinstance(shape, str)
+            else (
+                ", ".join(f"{k}={v}" for k, v in shape.items() if not k.endswith("token_id"))
+                or "GPT2Config()"
+            )
+        )
+        size_rows.append(f"| {name} | {count:,} | {shape_text} |")
+    version_rows = "\n".join(f"- {name}: {value}" for name, value in versions().items())
+    return f"""# Benchmarks: what the callback costs
+
+{"**Quick smoke run: small models, the figures mean little.**" if quick else ""}
+
+Produced by `{command}` on {started:%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} minutes.
+
+- machine: {info["cpu"]}, {info["cores"]} cores, {info["ram"]} RAM, no GPU
+- load average (1, 5, 15 min): {load_start} at the start, {load_end} at the end (other jobs share the machine)
+{version_rows}
+
+## Model sizes
+
+{chr(10).join(size_rows)}
+
+## Figures
+
+{table(figures)}
+
+{NOTES}"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small models and few repeats: a smoke run")
+    parser.add_argument(
+        "--output", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="where to write the results"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated benchmark modules to run (all by default)"
+    )
+    args = parser.parse_args()
+    chosen = [name for name in BENCHMARKS if not args.only or name in args.only.split(",")]
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = load_average()
+    clock = time.perf_counter()
+    figures: list[Figure] = []
+    sizes: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="cs-bench-") as workdir:
+        for name in chosen:
+            module = importlib.import_module(f"benchmarks.{name}")
+            begin = time.perf_counter()
+            produced, used = module.run(args.quick, Path(workdir))
+            figures.extend(produced)
+            sizes.update(used)
+            print(f"[{name}: {time.perf_counter() - begin:.0f} s]", flush=True)
+            for figure in produced:
+                print(f"  {figure.name}: {figure.shown()} (target {figure.target or 'report'})", flush=True)
+    elapsed = time.perf_counter() - clock
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    if args.only:
+        command += f" --only {args.only}"
+    if not args.quick and not args.only:
+        command = "make bench  (= .venv/bin/python benchmarks/run.py)"
+    text = results_markdown(figures, sizes, command, started, elapsed, load_start, load_average(), args.quick)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print()
+    print(table(figures))
+    print(f"\nwritten {args.output} in {elapsed / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()
