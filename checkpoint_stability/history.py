@@ -222,17 +222,34 @@ def _dumps(obj: dict) -> str:
 
 
 class _JsonlFile:
-    """One append-only JSONL file and the valid records it holds, kept identical to the disk."""
+    """One append-only JSONL file; its valid records are read from the disk when asked for.
+
+    Nothing is kept in memory between a write and the next read: a run that lasts a week appends
+    hundreds of thousands of lines (per-example outputs above all) and must not hold them all. What a
+    read parsed is cached until the next append, so repeated reads of a finished run parse it once.
+    """
 
     def __init__(self, path: Path, check: Callable[[dict], dict]):
         self.path = path
         self._check = check
         # True when the file ends without "\n" and could not be repaired: the next append starts one.
         self._needs_newline = False
-        self.items: list[dict] = []
+        self._cache: list[dict] | None = None
         self._load()
 
+    @property
+    def items(self) -> list[dict]:
+        """The valid records, in file order (damaged lines skipped)."""
+        if self._cache is None:
+            _, lines, tail = self._read_lines()
+            if tail.strip():
+                lines.append(tail)  # a complete record whose newline could not be written
+            self._cache = [item for item in map(self._parse, lines) if item is not None]
+        return self._cache
+
     def _parse(self, raw: bytes) -> dict | None:
+        if not raw.strip():
+            return None
         obj = _loads_object(raw)
         if obj is None:
             return None
@@ -250,7 +267,9 @@ class _JsonlFile:
         return data, lines, tail
 
     def _load(self) -> None:
+        """Check the file once when it is opened: count damaged lines, repair a torn end."""
         data, lines, tail = self._read_lines()
+        items: list[dict] = []
         bad = 0
         for raw in lines:
             if raw.strip():
@@ -258,7 +277,7 @@ class _JsonlFile:
                 if item is None:
                     bad += 1
                 else:
-                    self.items.append(item)
+                    items.append(item)
         cut_at = None
         unterminated = False
         if tail.strip():
@@ -273,7 +292,7 @@ class _JsonlFile:
                 if item is None:
                     bad += 1
                 else:
-                    self.items.append(item)
+                    items.append(item)
                 unterminated = True
         elif tail:
             cut_at = len(data) - len(tail)  # whitespace residue: harmless, but would precede the next line
@@ -290,6 +309,7 @@ class _JsonlFile:
         except OSError as e:
             logger.warning("%s: could not repair the end of the file (%s); appending after it", self.path, e)
             self._needs_newline = True
+        self._cache = items  # what the monitor reads right after opening; dropped at the first append
 
     def _write(self, data: bytes) -> None:
         created = not self.path.exists()
@@ -315,11 +335,12 @@ class _JsonlFile:
         data = "".join(line + "\n" for line in lines).encode("utf-8")
         if self._needs_newline:
             data = b"\n" + data
-        # Parse back what was written, so memory holds exactly what a fresh reader would see.
-        items = [self._check(json.loads(line)) for line in lines]
+        # Parse back what is written: a line a fresh reader would skip must not reach the file.
+        for line in lines:
+            self._check(json.loads(line))
         self._write(data)
         self._needs_newline = False
-        self.items.extend(items)
+        self._cache = None
 
     def drop_after(self, step: int) -> int:
         _, lines, tail = self._read_lines()
@@ -338,7 +359,7 @@ class _JsonlFile:
         if dropped:
             atomic_write_bytes(self.path, b"".join(raw + b"\n" for raw in kept))
             self._needs_newline = False
-        self.items = [item for item in self.items if item["step"] <= step]
+        self._cache = None
         return dropped
 
 
