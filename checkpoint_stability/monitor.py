@@ -838,7 +838,7 @@ class StabilityMonitor:
             directory,
             self.config.window,
             storage_dtype=self.config.storage_dtype,
-            listener=self._admit_to_window,
+            listener=_weak_listener(weakref.WeakMethod(self._admit_to_window)),
         )
         if resume_step is not None:
             dropped = self.buffer.truncate_after(resume_step)
@@ -1018,6 +1018,18 @@ def _trained_model_of(monitor_ref: weakref.ReferenceType):
         return monitor._model()
 
     return trained_model
+
+
+def _weak_listener(method: weakref.WeakMethod):
+    """The buffer's listener without a strong reference back to the monitor (see _trained_model_of)."""
+
+    def listener(added, evicted, window) -> None:
+        bound = method()
+        if bound is None:
+            raise RuntimeError("the monitor that owns this snapshot buffer is gone")
+        bound(added, evicted, window)
+
+    return listener
 
 
 def _lock_run_directory(dirpath: Path) -> RunLock | None:
