@@ -37,7 +37,7 @@ soak: install
 demo: install
 	$(BIN)/python examples/pretrain_tiny_gpt.py
 
-# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (about 7 minutes on 2 cores).
+# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (about 9-10 minutes on 2 cores).
 bench: install
 	$(BIN)/python benchmarks/run.py
 
