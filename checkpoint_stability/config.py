@@ -140,6 +140,20 @@ class StabilityConfig:
     def accumulator_torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.accumulator_dtype == "float64" else torch.float32
 
+    def no_snapshot_message(self, owner: str, start_step: int, last_step: int) -> str | None:
+        """What to tell a user whose run, from ``start_step`` to ``last_step``, reaches no snapshot step.
+
+        >>> StabilityConfig(every_n_steps=50).no_snapshot_message("StabilityCallback", 0, 40)[:42]
+        'StabilityCallback: every_n_steps=50, but t'
+        """
+        every = self.every_n_steps
+        if (start_step // every + 1) * every <= last_step:
+            return None
+        return (
+            f"{owner}: every_n_steps={every}, but this run ends at optimizer step {last_step} (from step "
+            f"{start_step}), so no snapshot will be taken; lower every_n_steps"
+        )
+
     def replace(self, **changes) -> StabilityConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -453,6 +453,10 @@ class StabilityMonitor:
             self._fault("snapshot", error, step=step)
             return None
 
+    def _trained_model(self) -> torch.nn.Module | None:
+        """The model the monitor last snapshotted, if it still exists (exports look it up when due)."""
+        return None if self._model is None else self._model()
+
     def _admit_to_window(self, added: CapturedState, evicted, window) -> None:
         """The buffer's listener (writer thread): a snapshot with NaN or infinite weights is kept out of
         the window, so it cannot poison the average; its file is removed and the fault reported."""
@@ -815,7 +819,7 @@ class StabilityMonitor:
             # A window never holds more than `window` snapshots, so a larger threshold would never pass.
             min_snapshots=min(self.config.min_snapshots, self.config.window),
             exporter=ModelExporter(
-                _trained_model_of(weakref.ref(self)),
+                _weakly(weakref.WeakMethod(self._trained_model)),
                 prefix=self.export_prefix,
                 processing_class=self.processing_class,
                 tasks=tuple(self.tasks),
@@ -838,7 +842,9 @@ class StabilityMonitor:
             directory,
             self.config.window,
             storage_dtype=self.config.storage_dtype,
-            listener=_weak_listener(weakref.WeakMethod(self._admit_to_window)),
+            listener=_weakly(
+                weakref.WeakMethod(self._admit_to_window), gone="the monitor of this buffer is gone"
+            ),
         )
         if resume_step is not None:
             dropped = self.buffer.truncate_after(resume_step)
@@ -1007,29 +1013,20 @@ def _portable(error: BaseException | None) -> BaseException | None:
         return RuntimeError(repr(error))
 
 
-def _trained_model_of(monitor_ref: weakref.ReferenceType):
-    """The model the monitor last snapshotted, looked up through a weak reference: the selector must not
-    keep its monitor alive (a monitor dropped without ``close()`` then releases its run directory)."""
+def _weakly(method: weakref.WeakMethod, gone: str | None = None):
+    """``method`` of the monitor, called without a strong reference to it: the buffer and the selector
+    must not keep their monitor alive, or a monitor dropped without ``close()`` would keep its run
+    directory locked. Once the monitor is gone: None, or a ``RuntimeError(gone)``."""
 
-    def trained_model() -> torch.nn.Module | None:
-        monitor = monitor_ref()
-        if monitor is None or monitor._model is None:
-            return None
-        return monitor._model()
-
-    return trained_model
-
-
-def _weak_listener(method: weakref.WeakMethod):
-    """The buffer's listener without a strong reference back to the monitor (see _trained_model_of)."""
-
-    def listener(added, evicted, window) -> None:
+    def call(*args):
         bound = method()
         if bound is None:
-            raise RuntimeError("the monitor that owns this snapshot buffer is gone")
-        bound(added, evicted, window)
+            if gone is not None:
+                raise RuntimeError(gone)
+            return None
+        return bound(*args)
 
-    return listener
+    return call
 
 
 def _lock_run_directory(dirpath: Path) -> RunLock | None:

@@ -318,13 +318,9 @@ class StabilityCallback(Callback):
         total = trainer.estimated_stepping_batches
         if not isinstance(total, (int, float)) or total < 0 or math.isinf(total):
             return  # unknown length (an iterable dataset without max_steps)
-        every = self.config.every_n_steps
-        first = (trainer.global_step // every + 1) * every
-        if first > total:
-            rank_zero_warn(
-                f"StabilityCallback: every_n_steps={every}, but this run ends at optimizer step {int(total)} "
-                f"(from step {trainer.global_step}), so no snapshot will be taken; lower every_n_steps"
-            )
+        message = self.config.no_snapshot_message("StabilityCallback", trainer.global_step, int(total))
+        if message is not None:
+            rank_zero_warn(message)
 
     def _open(self, trainer: Trainer, pl_module: LightningModule, resume_step: int | None) -> None:
         monitor = self._require_monitor()

@@ -207,13 +207,11 @@ class StabilityCallback(TrainerCallback, ExportableState):
             )
 
     def _warn_if_no_snapshot(self, state) -> None:
-        every, last = self.config.every_n_steps, state.max_steps
-        if state.is_world_process_zero and last and (state.global_step // every + 1) * every > last:
-            warnings.warn(
-                f"StabilityCallback: every_n_steps={every}, but this run ends at optimizer step {last} (from "
-                f"step {state.global_step}), so no snapshot will be taken; lower every_n_steps",
-                stacklevel=2,
-            )
+        if not state.is_world_process_zero or not state.max_steps:
+            return
+        message = self.config.no_snapshot_message("StabilityCallback", state.global_step, state.max_steps)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
 
     def _default_tasks(self, args) -> list[Task]:
         trainer = _running_trainer(self)
