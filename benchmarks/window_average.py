@@ -42,15 +42,12 @@ class TimedAverage(WindowAverage):
         super().__init__(torch.float32, resum_every=window)
         self.recording = False
         self.durations: list[float] = []
-        self.incremental: list[float] = []  # the updates that added and subtracted (no re-sum)
 
     def update(self, added, evicted=(), window=None):
         start = time.perf_counter()
         super().update(added, evicted, window)
         if self.recording:
             self.durations.append(time.perf_counter() - start)
-            if self._updates_since_resum != 0 and evicted:
-                self.incremental.append(self.durations[-1])
 
 
 def naive_average(paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -71,10 +68,10 @@ def naive_average(paths: list[Path]) -> dict[str, torch.Tensor]:
 def incremental_update(paths: list[Path]) -> None:
     """A steady-state update of the average over ``paths[:-1]``: add ``paths[-1]``, drop the oldest."""
     window = [LazySnapshot(path, {}) for path in paths[:-1]]
-    average = WindowAverage(torch.float32)
+    average = WindowAverage(torch.float32, resum_every=len(window))
     average.reset(window)
     added = CapturedState(load_file(str(paths[-1])))
-    average.update(added, evicted=[lambda: window[0]])
+    average.update(added, evicted=[lambda: window[0]], window=lambda: [*window[1:], added])
 
 
 def measure_peak(mode: str, paths: list[str]) -> None:
@@ -115,7 +112,7 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
         for buffer in buffers.values():
             buffer.close()
         per_update = {w: statistics.mean(a.durations) for w, a in averages.items()}
-        incremental = {w: statistics.median(a.incremental) for w, a in averages.items()}
+        slowest = {w: max(a.durations) for w, a in averages.items()}
         ratio = per_update[large] / per_update[small]
         figures.append(
             Figure(
@@ -125,19 +122,19 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
                 target="<= 1.3",
                 met=ratio <= 1.3,
                 note=(
-                    f"mean over {measured} updates (re-sums included): {per_update[large] * 1e3:.0f} vs "
-                    f"{per_update[small] * 1e3:.0f} ms"
+                    f"mean over {measured} updates, the rolling exact re-sum included: "
+                    f"{per_update[large] * 1e3:.0f} vs {per_update[small] * 1e3:.0f} ms"
                 ),
             )
         )
         figures.append(
             Figure(
                 "2",
-                f"add-and-subtract update alone, window {large} / window {small} ({size}, bf16 storage)",
-                incremental[large] / incremental[small],
+                f"slowest update / mean update, window {large} ({size})",
+                slowest[large] / per_update[large],
                 note=(
-                    f"medians, re-sums left out: {incremental[large] * 1e3:.0f} vs "
-                    f"{incremental[small] * 1e3:.0f} ms"
+                    f"{slowest[large] * 1e3:.0f} vs {per_update[large] * 1e3:.0f} ms; "
+                    "no update pays for a whole-window re-sum"
                 ),
             )
         )

@@ -33,10 +33,14 @@ class WindowAverage:
     buffers, as ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` treats them) are averaged;
     non-floating ones (step counters, integer buffers) are taken from the newest snapshot.
 
-    Add-and-subtract in a float32 sum lets rounding error random-walk, so every ``resum_every``
-    updates the sum is rebuilt exactly from the window's snapshots (summed in float64, one tensor at a
-    time), which bounds the drift. With a storage dtype the sum adds exactly the stored (rounded)
-    values, so subtracting an evicted snapshot read back from disk cancels what was added.
+    Add-and-subtract in a float32 sum lets rounding error random-walk, so the sum is rebuilt exactly
+    from the window's snapshots (summed in float64), which bounds the drift. The rebuild is spread
+    over the updates: each update re-sums the next ``1/resum_every`` of the elements, so every element
+    is rebuilt at least once per ``resum_every`` updates and no single update pays for a whole-window
+    re-sum. With ``resum_every == window`` (the default the monitor uses) an update reads ``P/window``
+    elements from each of the ``window`` snapshots, P in all whatever the window: the cost per update
+    stays O(P) and flat. With a storage dtype the sum adds exactly the stored (rounded) values, so
+    subtracting an evicted snapshot read back from disk cancels what was added.
 
     Example::
 
@@ -71,7 +75,8 @@ class WindowAverage:
         self._dtypes: dict[str, torch.dtype] = {}  # dtype of each floating tensor as given
         self._aliases: dict[str, str] = {}
         self._count = 0
-        self._updates_since_resum = 0
+        self._slices: list[tuple[str, int, int, int, int]] | None = None  # the rolling re-sum's units
+        self._cursor = 0  # the next slice the rolling re-sum rebuilds
         self._stale = False
 
     @property
@@ -91,13 +96,11 @@ class WindowAverage:
     ) -> None:
         """Add ``added`` and subtract the snapshots produced by the ``evicted`` loaders.
 
-        ``window`` loads the whole new window (``added`` last); it is used instead of the incremental
-        path when a periodic exact re-sum is due or the sum is stale.
+        ``window`` loads the whole new window (``added`` last): the rolling exact re-sum reads its
+        slices from it, and it rebuilds the whole sum when the sum is stale.
         """
         added.synchronize()
-        self._updates_since_resum += 1
-        due = self.resum_every is not None and self._updates_since_resum >= self.resum_every
-        if window is not None and (self._stale or due):
+        if window is not None and self._stale:
             self.reset(window(), aliases=added.aliases)
             return
         if self._stale:
@@ -130,6 +133,33 @@ class WindowAverage:
             for name, total in self._sum.items():
                 _in_slices(total, tensors[name], torch.Tensor.sub_)
             self._count -= 1
+        if window is not None and self.resum_every is not None:
+            self._resum_next_slices(window, added.aliases)
+
+    def _resum_next_slices(
+        self, window: Callable[[], Sequence[Mapping[str, torch.Tensor]]], aliases: Mapping[str, str]
+    ) -> None:
+        """Rebuild the next ``1/resum_every`` of the sum's elements exactly (float64) from the window."""
+        if self._slices is None:
+            self._slices = _row_slices({name: total.shape for name, total in self._sum.items()})
+        if not self._slices:
+            return
+        sources = window()
+        if len(sources) != self._count:
+            # The window lost a snapshot while loading (a file found corrupt): the sum still holds it.
+            self.reset(sources, aliases=aliases)
+            return
+        total_elements = sum(total.numel() for total in self._sum.values())
+        quota = -(-total_elements // self.resum_every)  # ceil: resum_every updates cover every element
+        covered = 0
+        while covered < quota:
+            name, first_row, last_row, start, stop = self._slices[self._cursor]
+            self._cursor = (self._cursor + 1) % len(self._slices)
+            exact = torch.zeros(stop - start, dtype=torch.float64)
+            for source in sources:
+                exact.add_(_read_rows(source, name, first_row, last_row))
+            self._sum[name].view(-1)[start:stop].copy_(exact)
+            covered += stop - start
 
     def reset(
         self, sources: Sequence[Mapping[str, torch.Tensor]], aliases: Mapping[str, str] | None = None
@@ -144,7 +174,7 @@ class WindowAverage:
         previous = self._sum
         self._sum, self._newest, self._dtypes = {}, {}, {}
         self._count = len(sources)
-        self._updates_since_resum = 0
+        self._slices, self._cursor = None, 0
         self._stale = False
         self._aliases = dict(aliases or {})
         if not sources:
@@ -237,6 +267,32 @@ class WindowAverage:
                     f"the new snapshot's {name!r} has shape {tuple(tensors[name].shape)}, "
                     f"the window's has {tuple(total.shape)}"
                 )
+
+
+def _row_slices(shapes: Mapping[str, torch.Size]) -> list[tuple[str, int, int, int, int]]:
+    """The rolling re-sum's units: ``(name, first row, last row, first element, last element)``, about
+    ``_RESUM_CHUNK`` elements each, cut along the first dimension so that a file can serve one with
+    ``get_slice``, reading those rows only. A 0-d tensor is one unit."""
+    slices = []
+    for name, shape in shapes.items():
+        if len(shape) == 0:
+            slices.append((name, 0, 0, 0, 1))
+            continue
+        row = shape[1:].numel()
+        rows_per_slice = max(1, _RESUM_CHUNK // max(row, 1))
+        for first in range(0, shape[0], rows_per_slice):
+            last = min(first + rows_per_slice, shape[0])
+            slices.append((name, first, last, first * row, last * row))
+    return slices
+
+
+def _read_rows(source: Mapping, name: str, first: int, last: int) -> torch.Tensor:
+    """Rows ``first:last`` of tensor ``name`` of a snapshot, flattened (the whole of a 0-d tensor)."""
+    read_rows = getattr(source, "read_rows", None)
+    if read_rows is not None:
+        return read_rows(name, first, last)
+    tensor = source[name]
+    return (tensor if tensor.dim() == 0 else tensor[first:last]).reshape(-1)
 
 
 def _canonical_names(source: Mapping) -> list[str]:

@@ -263,6 +263,11 @@ class SnapshotBuffer:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._entries: list[SnapshotEntry] = []
+        # File name -> reader of a window file already known good: written by this buffer (its sha256
+        # taken from the very bytes written) or verified once since. The window average's rolling re-sum
+        # reads a slice of every window file at each update; hashing the whole window each time would
+        # cost O(window x P). An evicted file is still verified in full before it is subtracted.
+        self._readers: dict[str, LazySnapshot] = {}
         # Pinned host buffers for snapshots of CUDA weights, reused from one push to the next.
         self._staging = PinnedStaging() if torch.cuda.is_available() else None
         self._image = SnapshotImage()
@@ -375,9 +380,12 @@ class SnapshotBuffer:
         sources = []
         for entry in self.entries:
             try:
-                sources.append(self.open_lazy(entry.step))
+                reader = self.open_lazy(entry.step)
             except CorruptSnapshotError as error:
                 self.drop(entry.step, str(error))
+                continue
+            self._readers[entry.file] = reader
+            sources.append(reader)
         return sources
 
     # ------------------------------------------------------------------ internals
@@ -423,6 +431,8 @@ class SnapshotBuffer:
             with self._lock:
                 self._write_manifest(keep)
                 self._entries = keep
+            if entry in keep:
+                self._readers[name] = LazySnapshot(path, entry.aliases)
         except Exception as error:
             self._remove(path)
             if isinstance(error, SnapshotError):
@@ -442,13 +452,18 @@ class SnapshotBuffer:
             if entry.step == new.step:
                 sources.append(captured)
                 continue
-            try:
-                sources.append(self.open_lazy(entry.step))
-            except CorruptSnapshotError as error:
-                # Leaves the window that the manifest is about to commit.
-                keep.remove(entry)
-                logger.warning("dropping buffered snapshot %s: %s", self.directory / entry.file, error)
-                self._remove(self.directory / entry.file)
+            reader = self._readers.get(entry.file)
+            if reader is None:
+                try:
+                    reader = self.open_lazy(entry.step)
+                except CorruptSnapshotError as error:
+                    # Leaves the window that the manifest is about to commit.
+                    keep.remove(entry)
+                    logger.warning("dropping buffered snapshot %s: %s", self.directory / entry.file, error)
+                    self._remove(self.directory / entry.file)
+                    continue
+                self._readers[entry.file] = reader
+            sources.append(reader)
         return sources
 
     def _verify(self, entry: SnapshotEntry) -> None:
@@ -483,6 +498,7 @@ class SnapshotBuffer:
         atomic_write_bytes(self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
     def _remove(self, path: Path) -> None:
+        self._readers.pop(path.name, None)
         try:
             path.unlink(missing_ok=True)
         except OSError as error:  # a leftover is removed on the next open
@@ -583,6 +599,16 @@ class LazySnapshot(Mapping):
             raise KeyError(name)
         with safe_open(str(self.path), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def read_rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows ``first:last`` of one tensor, flattened (a 0-d tensor whole); reads only those rows."""
+        name = self.aliases.get(name, name)
+        if name not in self._keys:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as handle:
+            rows = handle.get_slice(name)
+            tensor = handle.get_tensor(name) if len(rows.get_shape()) == 0 else rows[first:last]
+        return tensor.reshape(-1)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

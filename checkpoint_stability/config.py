@@ -64,11 +64,12 @@ class StabilityConfig:
     the dtype the model trains in. Only floating tensors are cast."""
 
     accumulator_dtype: str = "float32"
-    """dtype of the running window sum: ``"float32"`` (re-summed exactly every ``resum_every`` updates so
-    rounding cannot drift) or ``"float64"``."""
+    """dtype of the running window sum: ``"float32"`` (rebuilt exactly a slice at a time, every element
+    once per ``resum_every`` updates, so rounding cannot drift) or ``"float64"``."""
 
     resum_every: int | None = None
-    """Re-sum the average from the buffered files every this many updates; ``None`` means ``window``."""
+    """Every element of the running sum is rebuilt exactly from the buffered files at least once per this
+    many updates, a slice at each update; ``None`` means ``window``, which keeps each update at O(P)."""
 
     similarity: str = "exact"
     """How IS compares two outputs of one example: ``"exact"`` match or ``"char_f1"`` (free-form text)."""

@@ -174,3 +174,99 @@ def test_a_window_file_corrupted_on_disk_does_not_jam_the_window(tmp_path, caplo
         if value.is_floating_point():
             torch.testing.assert_close(average.mean()[key].double(), value, rtol=0, atol=1e-6)
     assert "re-summing" in caplog.text
+
+
+def test_rolling_resum_heals_a_drifted_sum_within_resum_every_updates(tmp_path):
+    # Every element is rebuilt exactly from the files at least once per resum_every updates, a slice
+    # per update: a sum knocked off by +1 everywhere is healed after `window` pushes, and not after one.
+    model = SmallNet()
+    generator = torch.Generator().manual_seed(3)
+    average = WindowAverage(resum_every=4)
+    buffer = SnapshotBuffer(tmp_path, 4, listener=average.update)
+
+    def push(step):
+        drift(model, generator, step)
+        buffer.push(step, model.state_dict())
+        buffer.wait()
+
+    for step in range(1, 7):
+        push(step)
+    for total in average._sum.values():
+        total.add_(1.0)
+    push(7)
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    mean = average.mean()
+    off = [k for k, v in oracle.items() if v.is_floating_point() and not torch.allclose(mean[k].double(), v)]
+    assert off, "one update re-summed everything: the re-sum is not spread over the updates"
+    for step in range(8, 11):
+        push(step)
+    buffer.close()
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    for key, value in oracle.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(average.mean()[key].double(), value, rtol=0, atol=1e-6)
+
+
+def test_an_update_reads_about_one_snapshot_of_elements_whatever_the_window(tmp_path):
+    # O(P) per update: the rolling re-sum reads P/window elements from each of the window's files.
+    torch.manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(512, 1024) for i in range(8)}  # 4.2M elements, 8 tensors
+    elements = sum(t.numel() for t in state.values())
+    reads: dict[int, list[int]] = {}
+    for window in (2, 8):
+        average = WindowAverage(resum_every=window)
+        counted: list[int] = []
+
+        def listener(added, evicted, load_window, average=average, counted=counted, window=window):
+            def counting_window():
+                sources = load_window()
+                return [_CountingSource(source, counted) for source in sources]
+
+            counted.clear()
+            average.update(added, evicted, counting_window)
+            reads.setdefault(window, []).append(sum(counted))
+
+        buffer = SnapshotBuffer(tmp_path / f"w{window}", window, listener=listener)
+        for step in range(1, 3 * window + 1):
+            for tensor in state.values():
+                tensor.add_(0.01)
+            buffer.push(step, state)
+        buffer.close()
+    for window, per_update in reads.items():
+        steady = per_update[window:]
+        # One slice can overshoot the quota; slices here are 2 rows' worth short of 2M elements.
+        assert all(elements * 0.9 <= r <= elements * 1.6 for r in steady), (window, steady, elements)
+
+
+class _CountingSource:
+    def __init__(self, source, counted):
+        self.source, self.counted = source, counted
+
+    def __getitem__(self, name):
+        return self.source[name]
+
+    def read_rows(self, name, first, last):
+        if hasattr(self.source, "read_rows"):
+            rows = self.source.read_rows(name, first, last)
+        else:  # the snapshot just taken, still in memory
+            rows = self.source[name][first:last].reshape(-1)
+        self.counted.append(rows.numel())
+        return rows
+
+
+def test_window_files_are_hashed_once_not_at_every_update(tmp_path, monkeypatch):
+    calls = []
+    original = SnapshotBuffer._verify
+
+    def counting_verify(self, entry):
+        calls.append(entry.step)
+        return original(self, entry)
+
+    monkeypatch.setattr(SnapshotBuffer, "_verify", counting_verify)
+    _, average, buffer = run_window(tmp_path, pushes=20, window=5)
+    # Only the evicted files are read back in full and verified (steps 1..15), each once.
+    assert calls == list(range(1, 16))
+    oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
+    for key, value in oracle.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(average.mean()[key].double(), value, rtol=0, atol=1e-6)
