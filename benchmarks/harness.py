@@ -112,6 +112,17 @@ def interleaved(
     Garbage from the previous call is collected before timing the next, so one candidate's frees do not
     land in the other's time.
     """
+    samples = interleaved_samples(candidates, repeats, warmup, before_each)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    before_each: Callable[[], object] | None = None,
+) -> dict[str, list[float]]:
+    """Every timed sample of ``interleaved`` (seconds, round by round), for the spread of a ratio."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(warmup + repeats):
         for name, fn in candidates.items():
@@ -121,7 +132,16 @@ def interleaved(
             elapsed = timed(fn)
             if round_ >= warmup:
                 samples[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def ratio_spread(numerators: list[float], denominators: list[float]) -> str:
+    """The interquartile range of the round-by-round ratios, e.g. ``"rounds: 0.91-1.08"``."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators, strict=True))
+    if len(ratios) < 4:
+        return f"rounds: {ratios[0]:.2f}-{ratios[-1]:.2f}"
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"middle half of rounds: {low:.2f}-{high:.2f}"
 
 
 def perturb(model: torch.nn.Module, scale: float = 1e-3) -> None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import threading
 import time
@@ -21,8 +22,9 @@ from benchmarks.harness import (
     bare_clone,
     distinct_tensors,
     gpt2,
-    interleaved,
+    interleaved_samples,
     parameter_count,
+    ratio_spread,
 )
 from checkpoint_stability import StabilityMonitor
 from checkpoint_stability.atomic_files import atomic_write_bytes
@@ -37,12 +39,13 @@ def blocked_time(size: str, repeats: int, workdir: Path) -> tuple[Figure, int]:
     buffer = SnapshotBuffer(workdir / f"push-{size}", window=2)
     steps = iter(range(1, 10_000))
     # The writer must be idle at each measurement: the blocked time is the copy, not a queue behind it.
-    times = interleaved(
+    samples = interleaved_samples(
         {"push": lambda: buffer.push(next(steps), live), "clone": lambda: bare_clone(floor_state)},
         repeats,
         before_each=buffer.wait,
     )
     buffer.close()
+    times = {name: statistics.median(values) for name, values in samples.items()}
     ratio = times["push"] / times["clone"]
     figure = Figure(
         "1",
@@ -50,7 +53,10 @@ def blocked_time(size: str, repeats: int, workdir: Path) -> tuple[Figure, int]:
         ratio,
         target="<= 1.25",
         met=ratio <= 1.25,
-        note=f"push {times['push'] * 1e3:.0f} ms, clone {times['clone'] * 1e3:.0f} ms",
+        note=(
+            f"push {times['push'] * 1e3:.1f} ms, clone {times['clone'] * 1e3:.1f} ms, medians of {repeats}; "
+            + ratio_spread(samples["push"], samples["clone"])
+        ),
     )
     return figure, parameter_count(model)
 
@@ -164,8 +170,11 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
     figures, sizes = [], {}
     with tempfile.TemporaryDirectory(dir=workdir) as directory:
         directory = Path(directory)
-        for size in ("1M",) if quick else ("10M", "50M", "124M"):
-            figure, count = blocked_time(size, repeats=3 if quick else 5, workdir=directory)
+        # Many more repeats where a snapshot takes milliseconds: one unlucky round moved the 10M ratio
+        # from 1.0 to 1.45 with 5 repeats.
+        repeats = {"1M": 3} if quick else {"10M": 30, "50M": 9, "124M": 5}
+        for size, count_of_repeats in repeats.items():
+            figure, count = blocked_time(size, repeats=count_of_repeats, workdir=directory)
             figures.append(figure)
             sizes[size] = count
         loop_size = "1M" if quick else "10M"

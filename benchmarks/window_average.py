@@ -153,7 +153,11 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
         )
 
         files = sorted((directory / f"w{large}").glob("step-*.safetensors"))[-naive_n:]
-        naive_time = statistics.median(timed_naive(files) for _ in range(2))
+        # The files were just written, so they sit in the page cache: the naive way reads them at memory
+        # speed, the case least favourable to the comparison (a model too big for the page cache makes
+        # the naive way read N files from disk per snapshot, against our one evicted file).
+        naive_runs = [timed_naive(files) for _ in range(3)]
+        naive_time = statistics.median(naive_runs)
         speedup = naive_time / per_update[large]
         figures.append(
             Figure(
@@ -162,7 +166,10 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
                 speedup,
                 target=">= 5",
                 met=speedup >= 5,
-                note=f"{naive_time:.2f} s vs {per_update[large] * 1e3:.0f} ms per snapshot",
+                note=(
+                    f"{naive_time:.2f} s (median of {', '.join(f'{t:.2f}' for t in naive_runs)} s, "
+                    f"files in the page cache) vs {per_update[large] * 1e3:.0f} ms per snapshot"
+                ),
             )
         )
         paths = [str(p) for p in files]
