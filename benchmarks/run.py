@@ -44,9 +44,10 @@ NOTES = """\
 
 Every ratio is taken side by side in the same process run (the two sides alternated, medians of the
 repeats after a warm-up), so the load of other jobs on the shared cores falls on both sides; the load
-average at the start and end of the run is given above. Model sizes: GPT-2-shaped
-`GPT2LMHeadModel`s, randomly initialised (nothing downloaded); "demo" is the model of
-`examples/pretrain_tiny_gpt.py`.
+average at the start and end of the run is given above. Where a note gives the middle half of the
+rounds, that is the interquartile range of the round-by-round ratios: how far one round can be off.
+Model sizes: GPT-2-shaped `GPT2LMHeadModel`s, randomly initialised (nothing downloaded); "demo" is
+the model of `examples/pretrain_tiny_gpt.py`.
 
 1. **Snapshot copy.** The floor is a bare `clone()` of each distinct tensor of the state dict.
    `SnapshotBuffer.push` copies the weights straight into the bytes of the safetensors file it is
@@ -56,12 +57,16 @@ average at the start and end of the run is given above. Model sizes: GPT-2-shape
    thread; on 2 cores they still compete with training for CPU, which the "step time while a snapshot
    write runs" figure shows. The loop-overhead figure is the honest total.
 2. **Window average.** Each update adds the new snapshot and subtracts the evicted one, read back
-   from disk and checked against its sha256; every `window` updates the sum is rebuilt exactly from
-   the window's files. Amortised, both windows read about one file per update besides the evicted
-   one, so the cost stays O(P). `AveragedModel.update_parameters` keeps a running mean in memory
-   with no window: it never has to subtract anything, so it reads nothing from disk and verifies
-   nothing; its ratio is the price of a *window* without keeping N copies in RAM. The naive
-   average (fairseq's `average_checkpoints.py`) reads and sums all N files at every snapshot.
+   from disk and checked against its sha256, then rebuilds the next `1/window` of the sum's elements
+   exactly (float64) from the window's files, reading only those rows of each (`get_slice`). Every
+   update so reads about P elements besides the evicted file whatever the window: the cost is O(P)
+   and flat, with no update paying for a whole-window re-sum (the "slowest / mean" figure). An
+   earlier version rebuilt the whole sum every `window` updates and re-hashed every window file to
+   do it; window 2 was then 1.41 times cheaper than window 32 per update, and updates twice as slow.
+   `AveragedModel.update_parameters` keeps a running mean in memory with no window: it never has to
+   subtract anything, so it reads nothing from disk and verifies nothing; its ratio is the price of
+   a *window* without keeping N copies in RAM. The naive average (fairseq's
+   `average_checkpoints.py`) reads and sums all N files at every snapshot.
 3. **Ensemble.** The vote combines the raw outputs cached from the window's earlier evaluations, so
    a snapshot costs one raw and one avg evaluation whatever the window; the naive ensemble would run
    N evaluations per snapshot.
@@ -76,14 +81,16 @@ average at the start and end of the run is given above. Model sizes: GPT-2-shape
    sha256 (hashed on another thread while the file is written), manifest rewritten the same way.
    A plain `save_file` only hands the bytes to the page cache, so that comparison measures this
    disk's fsync speed more than the writer; with an fsync added to `save_file`, the comparison is
-   like for like. bfloat16 storage halves the bytes.
+   like for like. The third figure is the buffer's write with its fsyncs made no-ops (in the
+   benchmark only): the writer's own cost against `save_file`. bfloat16 storage halves the bytes.
 7. **Memory.** Measured in a fresh process (`/proc/self/clear_refs` resets the high-water mark after
    the model is built). By design the callback holds the reused file image (one snapshot), the
    float32 accumulator, and briefly one tensor of an evicted file plus a 16 MB float64 slice of a
    re-sum. Evicted files are opened per tensor read: safetensors hands out memory-mapped tensors,
    and a handle kept open left the whole window's pages counted as resident.
-8. **Exactness.** The float32 running sum is rebuilt in float64 from the files every `window`
-   updates, which keeps add/subtract rounding from drifting; the note shows the drift without it.
+8. **Exactness.** Every element of the float32 running sum is rebuilt in float64 from the files
+   once per `window` updates, a slice per update, which keeps add/subtract rounding from drifting;
+   the note shows the drift without it.
 
 **GPU path (not measured here).** On CUDA, `SnapshotBuffer` copies into pinned host buffers reused
 from one snapshot to the next, with non-blocking copies on a side stream: the training thread only
