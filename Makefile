@@ -37,7 +37,7 @@ soak: install
 demo: install
 	$(BIN)/python examples/pretrain_tiny_gpt.py
 
-# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (7-10 minutes on 2 cores, more under load).
+# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (5-10 minutes on 2 cores, depending on load).
 bench: install
 	$(BIN)/python benchmarks/run.py
 
