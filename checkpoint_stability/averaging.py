@@ -155,9 +155,7 @@ class WindowAverage:
         while covered < quota:
             name, first_row, last_row, start, stop = self._slices[self._cursor]
             self._cursor = (self._cursor + 1) % len(self._slices)
-            exact = torch.zeros(stop - start, dtype=torch.float64)
-            for source in sources:
-                exact.add_(_read_rows(source, name, first_row, last_row))
+            exact = _exact_sum(sources, name, first_row, last_row, stop - start)
             self._sum[name].view(-1)[start:stop].copy_(exact)
             covered += stop - start
 
@@ -166,10 +164,10 @@ class WindowAverage:
     ) -> None:
         """Rebuild the sum exactly from ``sources`` (oldest first): float64, a slice of a tensor at a time.
 
-        The float64 partial sums cover ``_RESUM_CHUNK`` elements at a time and land in the existing
-        accumulator tensors, so a re-sum allocates almost nothing: rebuilding into fresh tensors, with a
-        float64 copy of the largest tensor beside them, left about 1.5 snapshots' worth of freed memory
-        resident in the writer thread's heap (benchmarks/RESULTS.md, item 7).
+        The float64 partial sums cover about ``_RESUM_CHUNK`` elements (whole rows) at a time and land
+        in the existing accumulator tensors, so a re-sum allocates almost nothing: rebuilding into fresh
+        tensors, with a float64 copy of the largest tensor beside them, left about 1.5 snapshots' worth
+        of freed memory resident in the writer thread's heap (benchmarks/RESULTS.md, item 7).
         """
         previous = self._sum
         self._sum, self._newest, self._dtypes = {}, {}, {}
@@ -195,13 +193,8 @@ class WindowAverage:
             total = previous.pop(name, None)
             if total is None or total.shape != shape or total.dtype != self.accumulator_dtype:
                 total = torch.empty(shape, dtype=self.accumulator_dtype)
-            flat = total.view(-1)
-            for begin in range(0, flat.numel(), _RESUM_CHUNK):
-                end = min(begin + _RESUM_CHUNK, flat.numel())
-                exact = torch.zeros(end - begin, dtype=torch.float64)
-                for source in sources:
-                    exact.add_(source[name].reshape(-1)[begin:end])
-                flat[begin:end].copy_(exact)
+            for _, first_row, last_row, start, stop in _row_slices({name: shape}):
+                total.view(-1)[start:stop].copy_(_exact_sum(sources, name, first_row, last_row, stop - start))
             self._sum[name] = total
 
     def mean(self, dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
@@ -284,6 +277,14 @@ def _row_slices(shapes: Mapping[str, torch.Size]) -> list[tuple[str, int, int, i
             last = min(first + rows_per_slice, shape[0])
             slices.append((name, first, last, first * row, last * row))
     return slices
+
+
+def _exact_sum(sources: Sequence[Mapping], name: str, first: int, last: int, elements: int) -> torch.Tensor:
+    """Rows ``first:last`` of tensor ``name`` summed over ``sources`` in float64, flattened."""
+    exact = torch.zeros(elements, dtype=torch.float64)
+    for source in sources:
+        exact.add_(_read_rows(source, name, first, last))
+    return exact
 
 
 def _read_rows(source: Mapping, name: str, first: int, last: int) -> torch.Tensor:

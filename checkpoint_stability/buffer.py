@@ -431,8 +431,7 @@ class SnapshotBuffer:
             with self._lock:
                 self._write_manifest(keep)
                 self._entries = keep
-            if entry in keep:
-                self._readers[name] = LazySnapshot(path, entry.aliases)
+            self._readers[name] = LazySnapshot(path, entry.aliases)
         except Exception as error:
             self._remove(path)
             if isinstance(error, SnapshotError):
