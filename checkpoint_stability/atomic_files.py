@@ -6,25 +6,42 @@ import contextlib
 import os
 from pathlib import Path
 
+from checkpoint_stability.confinement import writable_file
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, *, inside: str | os.PathLike | None = None
+) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content.
 
     The bytes go to ``.<name>.tmp-<pid>`` in the same directory (``os.replace`` is only atomic within
     one file system), are fsynced, renamed over ``path``, and the directory is fsynced so the rename
     itself survives a power loss. Raises ``OSError`` on failure, leaving ``path`` untouched.
 
+    ``inside``: the run (or output) directory ``path`` belongs to; ``path`` must then be a regular file
+    or missing, in a folder whose real path is inside it (``confinement.writable_file``), or
+    ``confinement.UnsafePathError`` is raised and nothing is written.
+
     Example::
 
         atomic_write_bytes("run/state.json", b'{"step": 3}\\n')
     """
     path = Path(path)
+    if inside is not None:
+        writable_file(inside, path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        # O_EXCL | O_NOFOLLOW: a link planted under the temporary name is never written through.
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.islink(tmp) or os.path.isfile(tmp):
+                tmp.unlink()  # left by a crash of this pid's predecessor
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if inside is not None:
+            writable_file(inside, path)  # checked again: the target may have been swapped meanwhile
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -33,14 +50,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, *, inside: str | os.PathLike | None = None) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text.
 
     Example::
 
         atomic_write_text("run/notes.txt", "resumed at step 3000\\n")
     """
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), inside=inside)
 
 
 def fsync_directory(directory: Path) -> None:

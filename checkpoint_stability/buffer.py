@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from checkpoint_stability.atomic_files import atomic_write_bytes
+from checkpoint_stability.json_files import DamagedJSONError, read_json_object
 from checkpoint_stability.state import (
     CapturedState,
     PinnedStaging,
@@ -405,7 +406,7 @@ class SnapshotBuffer:
             # (hashlib releases the GIL): on 124M parameters that hid most of 0.4 s of hashing.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-hash") as hasher:
                 digest = hasher.submit(_sha256_hex, data)
-                atomic_write_bytes(path, data)
+                atomic_write_bytes(path, data, inside=self.directory)
                 sha256 = digest.result()
         except Exception as error:
             raise SnapshotError(step, f"could not write snapshot {path}: {error!r}") from error
@@ -494,7 +495,9 @@ class SnapshotBuffer:
             "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype),
             "snapshots": [e.to_json() for e in entries],
         }
-        atomic_write_bytes(self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(
+            self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), inside=self.directory
+        )
 
     def _remove(self, path: Path) -> None:
         self._readers.pop(path.name, None)
@@ -535,15 +538,18 @@ class SnapshotBuffer:
         if not path.exists():
             return [], False
         try:
-            raw = json.loads(path.read_text())
-            snapshots = raw["snapshots"]
+            snapshots = read_json_object(path, f"manifest {path}").get("snapshots")
             if not isinstance(snapshots, list):
-                raise TypeError("'snapshots' is not a list")
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            logger.warning("manifest %s is unreadable (%s); starting an empty buffer", path, error)
+                raise DamagedJSONError(f"manifest {path}: 'snapshots' is missing or not a list")
+        except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
+            logger.warning("%s; starting an empty buffer", error)
             return [], True
         entries: list[SnapshotEntry] = []
-        changed = False
+        # A manifest edited by hand (or by a tool) may list its entries out of order: judge them by step,
+        # so an early entry listed last does not push out the whole window as "not increasing".
+        ordered = sorted(snapshots, key=_entry_step_or_last)
+        changed = ordered != snapshots
+        snapshots = ordered
         for item in snapshots:
             try:
                 entry = SnapshotEntry(
@@ -567,6 +573,7 @@ class SnapshotBuffer:
             if problem is None:
                 try:
                     self._verify(entry)
+                    problem = _alias_problem(self.directory / entry.file, entry.aliases)
                 except CorruptSnapshotError as error:
                     problem = str(error)
             if problem is not None:
@@ -621,6 +628,31 @@ class LazySnapshot(Mapping):
 
 def _sha256_hex(data: memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _entry_step_or_last(item: object) -> tuple[int, int]:
+    """Sort key of a raw manifest entry: its step, malformed entries last (they are dropped anyway)."""
+    step = item.get("step") if isinstance(item, dict) else None
+    if type(step) is int:
+        return (0, step)
+    return (1, 0)
+
+
+def _alias_problem(path: Path, aliases: Mapping[str, str]) -> str | None:
+    """Why the manifest's tied-tensor aliases cannot be used with the file, or None."""
+    if not aliases:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    except Exception as error:  # a header safetensors refuses: the file is as good as corrupt
+        return f"unreadable safetensors header ({error})"
+    for alias, target in aliases.items():
+        if target not in keys:
+            return f"alias {alias!r} names the tensor {target!r}, which the file does not hold"
+        if alias in keys:
+            return f"alias {alias!r} is also a tensor of the file"
+    return None
 
 
 def _unsafe_entry_problem(directory: Path, name: str) -> str | None:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from checkpoint_stability.atomic_files import atomic_write_bytes
+from checkpoint_stability.json_files import DamagedJSONError, parse_json_object, read_json_object
 from checkpoint_stability.state import CapturedState, tied_groups
 
 WEIGHTS_FILE = "model.safetensors"
@@ -142,7 +143,9 @@ def load_export(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         index = path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_object(index, str(index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise DamagedJSONError(f"{index}: 'weight_map' must map tensor names to file names")
             files = sorted(set(weight_map.values()))
             for name in files:
                 if Path(name).name != name:
@@ -158,8 +161,12 @@ def load_export(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        aliases = parse_json_object((handle.metadata() or {}).get("aliases", "{}"), f"the aliases of {path}")
     for alias, canonical in aliases.items():
+        if not isinstance(canonical, str) or canonical not in tensors:
+            raise DamagedJSONError(
+                f"{path}: the alias {alias!r} names {canonical!r}, which the file does not hold"
+            )
         tensors[alias] = tensors[canonical]
     return tensors
 

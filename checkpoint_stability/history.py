@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint_stability.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
+from checkpoint_stability.confinement import UnsafePathError, is_inside, open_confined, writable_file
+from checkpoint_stability.json_files import read_json_object
 from checkpoint_stability.tasks.base import validate_task_name as _validate_name
 
 logger = logging.getLogger(__name__)
@@ -183,6 +185,10 @@ def _check_history_line(obj: dict) -> dict:
     return obj
 
 
+def _is_score(value: object) -> bool:
+    return type(value) in (bool, int, float) and 0 <= value <= 1
+
+
 def _check_outputs_line(obj: dict) -> dict:
     ok = (
         _is_int(obj.get("step"), 0)
@@ -190,13 +196,16 @@ def _check_outputs_line(obj: dict) -> dict:
         and _is_int(obj.get("window"), 1)
         and isinstance(obj.get("outputs"), list)
         and isinstance(obj.get("correct"), list)
+        and len(obj["correct"]) == len(obj["outputs"])
+        and all(_is_score(value) for value in obj["correct"])
     )
     if not ok:
         raise _Bad
     if "choice_logprobs" in obj:
-        if not isinstance(obj["choice_logprobs"], list):
+        logprobs = obj["choice_logprobs"]
+        if not isinstance(logprobs, list) or len(logprobs) != len(obj["outputs"]):
             raise _Bad
-        obj["choice_logprobs"] = _decode_logprobs(obj["choice_logprobs"])
+        obj["choice_logprobs"] = _decode_logprobs(logprobs)
     return obj
 
 
@@ -229,9 +238,17 @@ class _JsonlFile:
     read parsed is cached until the next append, so repeated reads of a finished run parse it once.
     """
 
-    def __init__(self, path: Path, check: Callable[[dict], dict]):
+    def __init__(
+        self, path: Path, check: Callable[[dict], dict], root: Path | None, *, readable: bool = True
+    ):
         self.path = path
         self._check = check
+        # False for a file refused by a read-only opener (a link, a FIFO): it reads as empty.
+        self._readable = readable
+        # The run directory the file must stay inside; None: opened for reading only (never repaired).
+        self._root = root
+        if root is not None:
+            writable_file(root, path)
         # True when the file ends without "\n" and could not be repaired: the next append starts one.
         self._needs_newline = False
         self._cache: list[dict] | None = None
@@ -259,6 +276,8 @@ class _JsonlFile:
             return None
 
     def _read_lines(self) -> tuple[bytes, list[bytes], bytes]:
+        if not self._readable:
+            return b"", [], b""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -298,12 +317,17 @@ class _JsonlFile:
             cut_at = len(data) - len(tail)  # whitespace residue: harmless, but would precede the next line
         if bad:
             logger.warning("%s: skipped %d damaged line(s); they are left in the file", self.path, bad)
+        if self._root is None:
+            self._cache = items
+            return
         try:
             if cut_at is not None:
-                with open(self.path, "r+b") as f:
-                    f.truncate(cut_at)
-                    f.flush()
-                    os.fsync(f.fileno())
+                fd = open_confined(self._root, self.path, os.O_RDWR)
+                try:
+                    os.ftruncate(fd, cut_at)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             elif unterminated:
                 self._write(b"\n")
         except OSError as e:
@@ -311,9 +335,14 @@ class _JsonlFile:
             self._needs_newline = True
         self._cache = items  # what the monitor reads right after opening; dropped at the first append
 
+    def _writable_root(self) -> Path:
+        if self._root is None:
+            raise RuntimeError(f"{self.path} was opened for reading only")
+        return self._root
+
     def _write(self, data: bytes) -> None:
         created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_confined(self._writable_root(), self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             start = os.lseek(fd, 0, os.SEEK_END)
             try:
@@ -357,7 +386,7 @@ class _JsonlFile:
             else:
                 kept.append(raw)  # damaged lines stay, byte for byte
         if dropped:
-            atomic_write_bytes(self.path, b"".join(raw + b"\n" for raw in kept))
+            atomic_write_bytes(self.path, b"".join(raw + b"\n" for raw in kept), inside=self._writable_root())
             self._needs_newline = False
         self._cache = None
         return dropped
@@ -390,15 +419,33 @@ class History:
     ``float("-inf")``; NaN and ``+inf`` are rejected.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
+        """``read_only``: read what is there without creating, repairing or writing anything (a report of
+        a run that may still be going); files that are not regular files inside ``root`` are then
+        skipped with a warning instead of refused."""
         self.root = Path(root)
+        self.read_only = read_only
         self._examples_dir = self.root / EXAMPLES_DIR
-        self._examples_dir.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self._examples_dir.mkdir(parents=True, exist_ok=True)
+            if not is_inside(self._examples_dir, self.root):
+                raise UnsafePathError(
+                    f"{self._examples_dir} resolves to {os.path.realpath(self._examples_dir)}, outside "
+                    "the run directory; the run directory must hold its own files"
+                )
         self._lock = threading.RLock()
-        self._history = _JsonlFile(self.root / HISTORY_FILE, _check_history_line)
+        self._warned_misfits: set[str] = set()
         self._outputs: dict[str, _JsonlFile] = {}
         self._metas: dict[str, dict] = {}
-        for path in sorted(self._examples_dir.iterdir()):
+        self._history = self._open_jsonl(self.root / HISTORY_FILE, _check_history_line)
+        try:
+            entries = sorted(self._examples_dir.iterdir()) if self._examples_dir.is_dir() else []
+        except OSError as e:
+            if not read_only:
+                raise
+            logger.warning("%s: cannot list the examples (%s); reading none", self._examples_dir, e)
+            entries = []
+        for path in entries:
             name = path.name
             if name.endswith(_META_SUFFIX):
                 task = self._task_from_file_name(name[: -len(_META_SUFFIX)])
@@ -408,8 +455,25 @@ class History:
                         self._metas[task] = meta
             elif name.endswith(_OUTPUTS_SUFFIX):
                 task = self._task_from_file_name(name[: -len(_OUTPUTS_SUFFIX)])
-                if task is not None and path.is_file():
-                    self._outputs[task] = _JsonlFile(path, _check_outputs_line)
+                if task is not None:
+                    self._outputs[task] = self._open_jsonl(path, _check_outputs_line)
+
+    def _open_jsonl(self, path: Path, check: Callable[[dict], dict]) -> _JsonlFile:
+        """Writable: a file that is a link, not regular or outside the run raises UnsafePathError.
+        Read-only: it is skipped with a warning (read as empty)."""
+        if not self.read_only:
+            return _JsonlFile(path, check, self.root)
+        try:
+            writable_file(self.root, path)
+        except UnsafePathError as error:
+            logger.warning("%s; not reading it", error)
+            return _JsonlFile(path, check, None, readable=False)
+        return _JsonlFile(path, check, None)
+
+    def _writable_root(self) -> Path:
+        if self.read_only:
+            raise RuntimeError(f"the history in {self.root} was opened read-only")
+        return self.root
 
     @staticmethod
     def _task_from_file_name(stem: str) -> str | None:
@@ -418,14 +482,13 @@ class History:
         except ValueError:
             return None  # not ours (hidden or temporary file)
 
-    @staticmethod
-    def _read_meta(path: Path, task: str) -> dict | None:
+    def _read_meta(self, path: Path, task: str) -> dict | None:
         try:
-            raw = path.read_bytes()
-        except OSError as e:
-            logger.warning("%s: cannot read the task's meta file (%s); ignoring it", path, e)
+            writable_file(self.root, path)
+            meta = _check_meta(read_json_object(path), task)
+        except (OSError, ValueError) as e:  # UnsafePathError and DamagedJSONError are ValueErrors
+            logger.warning("%s: the task's meta file cannot be used (%s); ignoring it", path, e)
             return None
-        meta = _check_meta(_loads_object(raw), task)
         if meta is None:
             logger.warning("%s: the task's meta file is damaged; ignoring it", path)
         return meta
@@ -473,12 +536,26 @@ class History:
             f = self._outputs.get(task)
             if f is None:
                 return []
-            return [
-                dict(item)
-                for item in f.items
-                if (variant is None or item["variant"] == variant)
-                and (window is None or item["window"] == window)
-            ]
+            meta = self._metas.get(task)
+            size = None if meta is None else len(meta["example_ids"])
+            lines = []
+            misfits = 0
+            for item in f.items:
+                if size is not None and len(item["outputs"]) != size:
+                    misfits += 1  # parseable, but not about this task's examples: damaged
+                elif (variant is None or item["variant"] == variant) and (
+                    window is None or item["window"] == window
+                ):
+                    lines.append(dict(item))
+            if misfits and task not in self._warned_misfits:
+                self._warned_misfits.add(task)
+                logger.warning(
+                    "%s: skipped %d line(s) whose outputs do not match the task's %d examples",
+                    f.path,
+                    misfits,
+                    size,
+                )
+            return lines
 
     # ---------------------------------------------------------------------------------------------- writing
 
@@ -582,7 +659,7 @@ class History:
                 return
             if path.exists():
                 logger.warning("%s: replacing a damaged meta file", path)
-            atomic_write_text(path, text)
+            atomic_write_text(path, text, inside=self._writable_root())
             self._metas[task] = meta
 
     def append_outputs(
@@ -626,7 +703,9 @@ class History:
             f = self._outputs.get(task)
             if f is None:
                 f = self._outputs[task] = _JsonlFile(
-                    self._examples_dir / f"{task}{_OUTPUTS_SUFFIX}", _check_outputs_line
+                    self._examples_dir / f"{task}{_OUTPUTS_SUFFIX}",
+                    _check_outputs_line,
+                    self._writable_root(),
                 )
             f.append([_dumps(line)])
 

@@ -28,13 +28,15 @@ from checkpoint_stability.atomic_files import atomic_write_text
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.confinement import UnsafePathError, writable_file
 from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.export import ModelExporter, export_target, fit_state_to, load_export
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
+from checkpoint_stability.json_files import read_json_object
 from checkpoint_stability.metrics import resolve_similarity, series_metrics
 from checkpoint_stability.report import write_report
-from checkpoint_stability.run_lock import RunDirectoryLocked, RunLock
+from checkpoint_stability.run_lock import LOCK_FILE, LockingUnsupported, RunLock
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
@@ -181,7 +183,11 @@ class StabilityMonitor:
         self.dirpath = Path(chosen)
         if model is not None:
             self._sharded = is_sharded(model)
-        steps = [(self._open_shared, self.runtime.is_main), (self._open_buffer, self._owns_buffer)]
+        steps = [
+            (self._open_shared, self.runtime.is_main),
+            (self._open_buffer, self._owns_buffer),
+            (self._open_series, self.runtime.is_main),
+        ]
         for open_part, here in steps:
             error = None
             if here:
@@ -191,14 +197,12 @@ class StabilityMonitor:
                     error = caught
             failure = self._first_error_of_any_rank(error)
             if failure is not None:
+                # Whatever failed, the lock and the files opened so far are let go: a failed open
+                # must not leave the directory locked by this very process.
                 self._release()
                 raise failure
-        if self._sharded:
-            self._agree_on_window()
-        if self.runtime.is_main:
-            self._rebuild_series()
-            self._own_sinks = self._build_sinks(resume_step)
-            self.sinks = [*self._extra_sinks, *self._own_sinks]
+            if open_part == self._open_buffer and self._sharded:
+                self._agree_on_window()
         # Every rank decides the same way when an avg evaluation is due, so every rank needs the count.
         self._last_step, self._snapshots_taken = self.runtime.broadcast_object(
             (self._last_step, self._snapshots_taken)
@@ -231,7 +235,7 @@ class StabilityMonitor:
         try:
             self.open(resume_step=resume_step, model=model)
         except Exception as error:
-            message = f"{owner} cannot use the run directory {self.config.dirpath}: {error!r}"
+            message = f"{owner} cannot use the run directory {self.config.dirpath}: {describe_error(error)}"
             if self.config.on_error == "raise":
                 raise RuntimeError(f"{message} (on_error='raise')") from error
             if self.runtime.is_main:
@@ -759,7 +763,9 @@ class StabilityMonitor:
         self._warned.add((phase, task))
         where = f" (task {task!r}, variant {variant})" if task else ""
         action = "stopping (on_error='raise')" if self.config.on_error == "raise" else "skipped"
-        message = f"checkpoint-stability: {phase} failed at step {step}{where}: {error!r}; {action}"
+        message = (
+            f"checkpoint-stability: {phase} failed at step {step}{where}: {describe_error(error)}; {action}"
+        )
         if first:
             logger.warning("%s\n%s", message, "".join(traceback.format_exception(error)).rstrip())
         else:
@@ -769,7 +775,7 @@ class StabilityMonitor:
                 self.history.append_error(
                     step if step is not None else (self._last_step or 0),
                     phase,
-                    repr(error),
+                    describe_error(error),
                     task=task,
                     variant=variant,
                 )
@@ -802,12 +808,14 @@ class StabilityMonitor:
     def _open_shared(self, resume_step: int | None) -> None:
         """Rank 0: the run directory, its history and selection, the world-size record."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        for name in ("buffer", "history.jsonl", "examples", "exports", "best.json", "tensorboard", RUN_FILE):
+        for name in ("buffer", "examples", "exports", "tensorboard"):
             if (self.dirpath / name).is_symlink():
-                raise ValueError(
+                raise UnsafePathError(
                     f"{self.dirpath / name} is a symlink; the run directory must hold its own files "
                     "(nothing outside it is read, written or deleted)"
                 )
+        for name in ("history.jsonl", "best.json", RUN_FILE, LOCK_FILE):
+            writable_file(self.dirpath, self.dirpath / name)
         self._lock = _lock_run_directory(self.dirpath)
         self._check_run_record()
         self.history = History(self.dirpath)
@@ -832,6 +840,12 @@ class StabilityMonitor:
                 logger.info(
                     "resuming from step %d: dropped %d newer history lines", resume_step, dropped_lines
                 )
+
+    def _open_series(self, resume_step: int | None) -> None:
+        """Rank 0: the live series rebuilt from the history, and the sinks."""
+        self._rebuild_series()
+        self._own_sinks = self._build_sinks(resume_step)
+        self.sinks = [*self._extra_sinks, *self._own_sinks]
 
     def _open_buffer(self, resume_step: int | None) -> None:
         """The window of this rank's weights (all of them on rank 0, or this rank's shards)."""
@@ -858,8 +872,8 @@ class StabilityMonitor:
         now = {"world_size": self.runtime.world_size, "sharded": self._sharded}
         if path.exists():
             try:
-                before = json.loads(path.read_text())
-            except (OSError, ValueError) as error:
+                before = read_json_object(path)
+            except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
                 logger.warning("ignoring unreadable %s (%s)", path, error)
                 before = None
             # Full weights resume under any world size (rank 0 holds them); shards need the same split.
@@ -874,7 +888,7 @@ class StabilityMonitor:
                 )
             if before == now:
                 return
-        atomic_write_text(path, json.dumps(now) + "\n")
+        atomic_write_text(path, json.dumps(now) + "\n", inside=self.dirpath)
 
     def _agree_on_window(self) -> None:
         """Sharded runs: every rank keeps only the steps that every rank has (a write may fail on one)."""
@@ -1032,12 +1046,21 @@ def _weakly(method: weakref.WeakMethod, gone: str | None = None):
 def _lock_run_directory(dirpath: Path) -> RunLock | None:
     try:
         return RunLock(dirpath)
-    except RunDirectoryLocked:
-        raise
-    except (ImportError, OSError) as error:
-        # No fcntl (Windows) or a file system without flock (some network ones): go on unlocked.
-        logger.warning("cannot lock the run directory %s (%r); two runs there would collide", dirpath, error)
+    except (ImportError, LockingUnsupported) as error:
+        # No fcntl (Windows) or a file system without flock (some network ones): go on unlocked. Any
+        # other failure (read-only, no permission, lock.json a directory) is the directory's fault
+        # and is raised, naming the file: locking is never silently turned off.
+        logger.warning(
+            "cannot lock the run directory %s (%s); two runs there would collide",
+            dirpath,
+            describe_error(error),
+        )
         return None
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` with the file an ``OSError`` names (``repr`` drops it: ``OSError(30, ...)``)."""
+    return f"{type(error).__name__}: {error}"
 
 
 class NonFiniteWeightsError(ValueError):

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
+from checkpoint_stability.confinement import UnsafePathError, open_confined
+from checkpoint_stability.json_files import read_json_object
+
 LOCK_FILE = "lock.json"
 
 
 class RunDirectoryLocked(RuntimeError):
     """Another live process holds the run directory."""
+
+
+class LockingUnsupported(OSError):
+    """The file system cannot ``flock`` (some network file systems): the run goes on unlocked."""
+
+
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class RunLock:
@@ -44,9 +55,16 @@ class RunLock:
         import fcntl
 
         self.path = Path(directory) / LOCK_FILE
-        if self.path.is_symlink():
-            raise ValueError(f"{self.path} is a symlink; refusing to lock through it")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # A link, a directory or a FIFO at lock.json is refused (UnsafePathError), never taken for "this
+        # file system cannot lock": that would silently let two runs share the directory.
+        try:
+            fd = open_confined(directory, self.path, os.O_RDWR | os.O_CREAT)
+        except UnsafePathError:
+            raise
+        except OSError as error:
+            raise OSError(
+                error.errno, f"cannot open the run directory's lock file ({error.strerror})", str(self.path)
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -56,6 +74,13 @@ class RunLock:
                 f"{self.path.parent} is in use by another run ({holder}); two runs cannot share a run "
                 "directory: give this one another dirpath, or stop the other"
             ) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno in _NO_LOCKING:
+                raise LockingUnsupported(
+                    error.errno, f"flock is not supported here ({error.strerror})", str(self.path)
+                ) from None
+            raise
         except BaseException:
             os.close(fd)
             raise
@@ -81,8 +106,8 @@ class RunLock:
 
 def _describe(path: Path) -> str:
     try:
-        holder = json.loads(path.read_text() or "{}")
+        holder = read_json_object(path)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["since"])))
         return f"pid {int(holder['pid'])} on {holder['host']}, since {since}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return "a process that has not said who it is yet"

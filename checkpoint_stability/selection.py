@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from checkpoint_stability.atomic_files import atomic_write_text, fsync_directory, fsync_tree
+from checkpoint_stability.confinement import writable_file
 from checkpoint_stability.export import WEIGHTS_FILE, ModelExporter, has_weights, load_export
+from checkpoint_stability.json_files import read_json_object
 from checkpoint_stability.state import CapturedState
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,11 @@ class BestModelSelector:
 
     An ensemble is not one set of weights: when ``select="any"`` lets ``ens`` win, ``best.json`` names
     the window's steps and ``path`` is ``null``.
+
+    A best chosen under other settings (``select``, ``select_metric``, ``select_mode`` changed on a
+    resume, or a run resumed without tasks) is never deleted: it stays the pointer until the new
+    selection commits its first best, then moves to ``best.json``'s ``"kept"`` list, and its export
+    stays on disk. Exports found beside a damaged ``best.json`` are kept the same way.
 
     Example::
 
@@ -75,6 +82,10 @@ class BestModelSelector:
         self.min_snapshots = min_snapshots
         self.exporter = exporter if exporter is not None else ModelExporter()
         self.best: dict | None = None
+        # Why the best on disk cannot be compared with this run's candidates (other settings), or None.
+        self._foreign: str | None = None
+        # Earlier bests that a settings change (or a damaged pointer) left behind: kept, never deleted.
+        self._kept: list[dict] = []
         self._open()
 
     @property
@@ -99,7 +110,7 @@ class BestModelSelector:
         sign = 1.0 if self.mode == "max" else -1.0
         # Ties between variants of one step go to the earlier in (avg, raw, ens): the steadier model.
         chosen = max(rows, key=lambda r: (sign * r["score"], -allowed.index(r["variant"])))
-        best_score = None if self.best is None else self.best["score"]
+        best_score = None if self.best is None or self._foreign else self.best["score"]
         if best_score is not None and not sign * chosen["score"] > sign * best_score:
             return None
         return chosen
@@ -140,6 +151,10 @@ class BestModelSelector:
                 raise
             relative = f"{EXPORTS_DIR}/{name}"
         previous = self.best_path
+        kept = list(self._kept)
+        if self._foreign is not None and self.best is not None:
+            kept.append(_pointer(self.best))  # chosen under other settings: kept beside the new best
+            previous = None
         best = {
             "path": relative,
             "step": step,
@@ -147,18 +162,33 @@ class BestModelSelector:
             "window": int(record["window"]),
             "steps": [int(s) for s in window_steps],
             "score": None if record["score"] is None else float(record["score"]),
+            "select": self.select,
             "metric": self.metric if record["score"] is not None else None,
             "mode": self.mode,
             "scores": {k: float(v) for k, v in scores.items()},
         }
-        atomic_write_text(self.root / BEST_FILE, json.dumps(best, indent=1) + "\n")
-        self.best = best
+        if kept:
+            best["kept"] = kept
+        atomic_write_text(self.root / BEST_FILE, json.dumps(best, indent=1) + "\n", inside=self.root)
+        self.best, self._kept, self._foreign = best, kept, None
         if previous is not None and previous != self.best_path:
             _remove_tree(previous)
 
     def truncate_after(self, step: int) -> None:
-        """Drop a best that a resumed run has not reached yet (it belongs to the abandoned trajectory)."""
+        """Drop a best that a resumed run has not reached yet (it belongs to the abandoned trajectory).
+
+        Only that one: a kept best from before ``step`` survives, and the pointer moves to it."""
+        newer = [entry for entry in self._kept if entry["step"] > step]
+        for entry in newer:
+            logger.warning(
+                "the kept best model %s is newer than the resumed step %d: dropping it", entry["path"], step
+            )
+            if entry.get("path") is not None:
+                _remove_tree(self.root / entry["path"])
+        self._kept = [entry for entry in self._kept if entry["step"] <= step]
         if self.best is None or self.best["step"] <= step:
+            if newer:
+                self._rewrite_pointer()
             return
         logger.warning(
             "the best model (step %d, %s) is newer than the resumed step %d: dropping it and restarting "
@@ -168,56 +198,120 @@ class BestModelSelector:
             step,
         )
         path = self.best_path
-        (self.root / BEST_FILE).unlink(missing_ok=True)
         self.best = None
+        if self._kept:
+            # The newest earlier best becomes the pointer again, still incomparable with new candidates.
+            self.best = dict(self._kept.pop())
+            self._foreign = "it was kept from before a settings change"
+        self._rewrite_pointer()
         if path is not None:
             _remove_tree(path)
 
+    def _rewrite_pointer(self) -> None:
+        pointer = self.root / BEST_FILE
+        if self.best is None:
+            writable_file(self.root, pointer)
+            pointer.unlink(missing_ok=True)
+            return
+        best = dict(self.best)
+        best.pop("kept", None)
+        if self._kept:
+            best["kept"] = list(self._kept)
+        atomic_write_text(pointer, json.dumps(best, indent=1) + "\n", inside=self.root)
+
     def _open(self) -> None:
-        self.best = self._read_best()
+        self.best, damaged = self._read_best()
         exports = self.root / EXPORTS_DIR
         if not exports.is_dir() or exports.is_symlink():
             return
-        keep = self.best_path.name if self.best_path is not None else None
-        for child in exports.iterdir():
-            if child.name != keep:
-                logger.info("removing export not named by %s: %s", BEST_FILE, child)
-                _remove_tree(child)
+        named = {
+            Path(entry["path"]).name for entry in [self.best, *self._kept] if entry and entry.get("path")
+        }
+        for child in sorted(exports.iterdir()):
+            if child.name in named:
+                continue
+            match = _EXPORT_NAME.match(child.name)
+            if damaged and match and not child.is_symlink() and has_weights(child):
+                # The pointer is unreadable, so nothing says this export is stale: keep it.
+                logger.warning("keeping %s, which the damaged %s may have named", child, BEST_FILE)
+                self._kept.append(
+                    {
+                        "path": f"{EXPORTS_DIR}/{child.name}",
+                        "step": int(match.group(1)),
+                        "variant": match.group(2),
+                    }
+                )
+                continue
+            logger.info("removing export not named by %s: %s", BEST_FILE, child)
+            _remove_tree(child)
 
-    def _read_best(self) -> dict | None:
+    def _read_best(self) -> tuple[dict | None, bool]:
+        """The pointer on disk if usable, and whether a pointer was there but damaged."""
         path = self.root / BEST_FILE
         if not path.exists() and not path.is_symlink():
-            return None
+            return None, False
         try:
-            if path.is_symlink():
-                raise ValueError("it is a symlink")
-            best = json.loads(path.read_text())
+            writable_file(self.root, path)
+            best = read_json_object(path, str(path))
             problem = _best_problem(self.root, best)
-            if (
-                problem is None
-                and best.get("score") is not None
-                and (best.get("metric") != self.metric or best.get("mode", "max") != self.mode)
-            ):
-                # A best chosen on another metric or direction cannot be compared with new candidates.
-                problem = (
-                    f"it was selected on metric {best.get('metric')!r} ({best.get('mode', 'max')}), "
-                    f"now {self.metric!r} ({self.mode})"
-                )
         except (OSError, ValueError) as error:
             problem = f"unreadable ({error})"
         if problem is not None:
-            logger.warning("ignoring %s: %s; selection restarts", path, problem)
-            path.unlink(missing_ok=True)
-            return None
-        return best
+            logger.warning("ignoring %s: %s; selection restarts (exports beside it are kept)", path, problem)
+            return None, True
+        for entry in best.get("kept") or []:
+            trouble = _best_problem(self.root, entry, pointer=True)
+            if trouble is None:
+                self._kept.append(_pointer(entry))
+            else:
+                logger.warning("%s: dropping a kept entry (%s)", path, trouble)
+        settings = {"select": self.select, "metric": self.metric, "mode": self.mode}
+        recorded = {
+            "select": best.get("select", self.select),  # pointers written before "select" was recorded
+            "metric": best.get("metric"),
+            "mode": best.get("mode", "max"),
+        }
+        if best.get("score") is None:
+            recorded["metric"] = None
+        if recorded != settings:
+            self._foreign = ", ".join(
+                f"{key} {recorded[key]!r} -> {settings[key]!r}"
+                for key in settings
+                if recorded[key] != settings[key]
+            )
+            logger.warning(
+                "%s was selected under other settings (%s): it is kept (%s) and a new selection starts "
+                'beside it; its first best takes the pointer and the old one moves to the "kept" list',
+                path,
+                self._foreign,
+                best.get("path") or "an ensemble",
+            )
+        return best, False
 
 
-def _best_problem(root: Path, best) -> str | None:
+def _pointer(best: Mapping) -> dict:
+    """A best's entry in the ``kept`` list: the pointer without its own kept list."""
+    return {key: value for key, value in best.items() if key != "kept"}
+
+
+def _best_problem(root: Path, best, *, pointer: bool = False) -> str | None:
+    """What makes ``best`` unusable as a pointer (``pointer``: a kept entry, needing fewer fields)."""
     if not isinstance(best, dict):
         return "not a JSON object"
-    for key, kind in (("step", int), ("variant", str), ("score", (int, float, type(None))), ("steps", list)):
+    fields = (
+        (("step", int), ("variant", str))
+        if pointer
+        else (("step", int), ("variant", str), ("score", (int, float, type(None))), ("steps", list))
+    )
+    for key, kind in fields:
         if key not in best or not isinstance(best[key], kind) or isinstance(best[key], bool):
             return f"field {key!r} is missing or has the wrong type"
+    if not pointer:
+        if best.get("kept") is not None and not isinstance(best["kept"], list):
+            return "field 'kept' is not a list"
+        for key in ("metric", "mode", "select"):
+            if best.get(key) is not None and not isinstance(best[key], str):
+                return f"field {key!r} is not a string"
     relative = best.get("path")
     if relative is None:
         return None if best["variant"] == "ens" else "path is null for a variant with weights"

@@ -137,11 +137,11 @@ def test_write_happens_off_the_calling_thread_and_next_push_waits(tmp_path, monk
     started = threading.Event()
     real_write = buffer_module.atomic_write_bytes
 
-    def slow_write(path, data):
+    def slow_write(path, data, **options):
         if path.name.startswith("step-"):
             started.set()
             assert release.wait(10)
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(buffer_module, "atomic_write_bytes", slow_write)
     buffer = SnapshotBuffer(tmp_path, window=3)
@@ -169,10 +169,10 @@ def test_write_failure_leaves_the_window_unchanged(tmp_path, monkeypatch):
     buffer.wait()
     real_write = buffer_module.atomic_write_bytes
 
-    def disk_full(path, data):
+    def disk_full(path, data, **options):
         if path.name == snapshot_file_name(3):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(buffer_module, "atomic_write_bytes", disk_full)
     buffer.push(3, model.state_dict())
@@ -196,10 +196,10 @@ def test_manifest_failure_removes_the_uncommitted_file(tmp_path, monkeypatch):
     buffer.wait()
     real_write = buffer_module.atomic_write_bytes
 
-    def manifest_fails(path, data):
+    def manifest_fails(path, data, **options):
         if path.name == "manifest.json":
             raise PermissionError(errno.EACCES, "Permission denied")
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(buffer_module, "atomic_write_bytes", manifest_fails)
     buffer.push(2, model.state_dict())

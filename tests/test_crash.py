@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(
     run_dir, mode, stall_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
     real_write = buffer_module.atomic_write_bytes
 
-    def stalling_write(path, data):
+    def stalling_write(path, data, **options):
         step_file = path.name == f"step-{stall_step:08d}.safetensors"
         if mode == "mid-data" and step_file:
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(
         if mode == "before-manifest" and path.name == "manifest.json" and stall_step_written[0]:
             print("stalled", flush=True)
             time.sleep(600)
-        real_write(path, data)
+        real_write(path, data, **options)
         if step_file:
             stall_step_written[0] = True
 
@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(
     real_export_write, real_text_write = export_module.atomic_write_bytes, selection_module.atomic_write_text
     bests = [0]
 
-    def stalling_export_write(path, data):
+    def stalling_export_write(path, data, **options):
         if mode == "mid-export" and bests[0] >= 1:
             with open(path, "wb") as handle:
                 handle.write(data[: len(data) // 2])
@@ -66,13 +66,13 @@ CHILD = textwrap.dedent(
                 os.fsync(handle.fileno())
             print("stalled", flush=True)
             time.sleep(600)
-        real_export_write(path, data)
+        real_export_write(path, data, **options)
 
-    def stalling_text_write(path, text):
+    def stalling_text_write(path, text, **options):
         if path.name == "best.json" and mode == "before-best" and bests[0] >= 1:
             print("stalled", flush=True)
             time.sleep(600)
-        real_text_write(path, text)
+        real_text_write(path, text, **options)
         if path.name == "best.json":
             bests[0] += 1
 

@@ -243,10 +243,10 @@ def test_disk_full_skips_the_snapshot_and_training_goes_on(tmp_path, monkeypatch
     x, y = make_data(7)
     real_write = buffer_module.atomic_write_bytes
 
-    def disk_full_at_step_10(path, data):
+    def disk_full_at_step_10(path, data, **options):
         if path.name == "step-00000010.safetensors":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(buffer_module, "atomic_write_bytes", disk_full_at_step_10)
     monitor = StabilityMonitor(
@@ -272,7 +272,7 @@ def test_disk_full_skips_the_snapshot_and_training_goes_on(tmp_path, monkeypatch
         if key in oracle:
             torch.testing.assert_close(value.double(), oracle[key], rtol=0, atol=1e-6)
 
-    def always_full(path, data):
+    def always_full(path, data, **options):
         raise OSError(errno.ENOSPC, "full")
 
     monkeypatch.setattr(buffer_module, "atomic_write_bytes", always_full)

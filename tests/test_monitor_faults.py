@@ -187,14 +187,21 @@ def test_average_every_counts_snapshots_not_steps(tmp_path):
     assert [r["step"] for r in monitor.history.records(task="cls", variant="avg")] == [100, 300, 500]
 
 
-def test_a_best_selected_on_another_metric_is_dropped_on_open(tmp_path, caplog):
-    selector = BestModelSelector(tmp_path, metric="mean", mode="max")
+def test_a_best_selected_on_another_metric_is_kept_and_selection_restarts_beside_it(tmp_path, caplog):
+    selector = BestModelSelector(tmp_path, select="any", metric="mean", mode="max")
     record = {"step": 10, "task": "mean", "variant": "ens", "window": 3, "score": 0.9}
     selector.commit(record, {}, [5, 10], None)
     with caplog.at_level(logging.WARNING):
-        assert BestModelSelector(tmp_path, metric="mean", mode="min").best is None
-    assert "metric" in caplog.text
-    assert not (tmp_path / "best.json").exists()
+        reopened = BestModelSelector(tmp_path, select="any", metric="mean", mode="min")
+    assert "mode 'max' -> 'min'" in caplog.text
+    # The old best is still the pointer, but a new candidate is not compared with it.
+    assert reopened.best["step"] == 10
+    worse_under_max = {"step": 20, "task": "mean", "variant": "ens", "window": 3, "score": 0.95}
+    assert reopened.candidate([worse_under_max], snapshots_in_window=3) is not None
+    reopened.commit(worse_under_max, {}, [15, 20], None)
+    on_disk = json.loads((tmp_path / "best.json").read_text())
+    assert (on_disk["step"], on_disk["mode"]) == (20, "min")
+    assert [(kept["step"], kept["mode"]) for kept in on_disk["kept"]] == [(10, "max")]
 
 
 def test_sharded_weights_are_buffered_per_rank_and_a_different_world_size_is_refused(tmp_path):

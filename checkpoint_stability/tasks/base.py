@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -12,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 RESERVED_TASK_NAMES = ("mean",)
-MAX_TASK_NAME_LENGTH = 200
+MAX_TASK_NAME_BYTES = 200
+"""The longest task name, in UTF-8 bytes: ``.<task>.meta.json.tmp-<pid>`` must stay under 255 bytes."""
 
 
 @dataclass
@@ -77,20 +79,39 @@ def validate_task_name(name: Any, *, allow_reserved: bool = False) -> str:
     """Task names appear in logged keys and file names: keep them plain.
 
     ``"mean"`` names the aggregate over tasks, so a user task may not take it (``allow_reserved`` is for
-    readers of aggregate records).
+    readers of aggregate records). The limit is in bytes, not characters: a file name holds at most
+    255 bytes on common file systems, and ``examples/<task>.meta.json`` (or its temporary twin) must fit,
+    so ``"字" * 100`` (300 bytes in UTF-8) is refused here rather than by every write of the run.
+
+    Example::
+
+        >>> validate_task_name("hellaswag")
+        'hellaswag'
+        >>> validate_task_name("字" * 100)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: task name '字字字...' is 300 bytes in UTF-8; at most 200 bytes are allowed ...
     """
     if not isinstance(name, str) or not name or name.strip() != name:
         raise ValueError(f"task name must be a non-empty string without surrounding spaces, got {name!r}")
     if name in RESERVED_TASK_NAMES and not allow_reserved:
         raise ValueError(f"task name {name!r} is reserved for the mean over tasks; choose another name")
-    if (
-        name.startswith(".")
-        or any(c in name for c in ("/", "\\", "\0", os.sep, os.altsep or "/"))
-        or len(name) > MAX_TASK_NAME_LENGTH
-    ):
+    if name.startswith(".") or any(c in name for c in ("/", "\\", "\0", os.sep, os.altsep or "/")):
         raise ValueError(
-            f"task name {name!r} is not allowed: it must not start with '.', contain '/', '\\' or NUL, "
-            "or be longer than 200 characters"
+            f"task name {name!r} is not allowed: it must not start with '.' or contain '/', '\\' or NUL"
+        )
+    control = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if control is not None:
+        raise ValueError(
+            f"task name {name!r} contains the control character {control!r}; task names name files and "
+            "log keys, so only printable characters are allowed"
+        )
+    size = len(name.encode("utf-8"))
+    if size > MAX_TASK_NAME_BYTES:
+        shown = name if len(name) <= 20 else name[:3] + "..."
+        raise ValueError(
+            f"task name {shown!r} is {size} bytes in UTF-8; at most {MAX_TASK_NAME_BYTES} bytes are allowed "
+            "(it names files)"
         )
     return name
 
