@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
-from checkpoint_stability.state import CapturedState
+from checkpoint_stability.state import CapturedState, copy_into_tensor, is_plain_layout, non_finite_names
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class WindowAverage:
         self._newest: dict[str, torch.Tensor] = {}  # non-floating tensors of the newest snapshot
         self._dtypes: dict[str, torch.dtype] = {}  # dtype of each floating tensor as given
         self._aliases: dict[str, str] = {}
+        # Floating tensors holding NaN/inf somewhere in the window (a mask buffer): taken from the newest.
+        self._held: set[str] = set()
         self._count = 0
         self._slices: list[tuple[str, int, int, int, int]] | None = None  # the rolling re-sum's units
         self._cursor = 0  # the next slice the rolling re-sum rebuilds
@@ -93,11 +95,13 @@ class WindowAverage:
         added: CapturedState,
         evicted: Sequence[Callable[[], Mapping[str, torch.Tensor]]] = (),
         window: Callable[[], Sequence[Mapping[str, torch.Tensor]]] | None = None,
+        non_finite: Collection[str] | None = None,
     ) -> None:
         """Add ``added`` and subtract the snapshots produced by the ``evicted`` loaders.
 
         ``window`` loads the whole new window (``added`` last): the rolling exact re-sum reads its
-        slices from it, and it rebuilds the whole sum when the sum is stale.
+        slices from it, and it rebuilds the whole sum when the sum is stale. ``non_finite``: the names of
+        ``added``'s tensors holding NaN or infinity, when the caller has already looked (else computed).
         """
         added.synchronize()
         if window is not None and self._stale:
@@ -106,8 +110,19 @@ class WindowAverage:
         if self._stale:
             raise RuntimeError("the window average is stale and no window loader was given to re-sum it")
         self._check_keys(added.tensors)
+        if non_finite is None:
+            non_finite = non_finite_names(added.tensors)
+        for name in non_finite:
+            if name not in self._held:
+                # A causal mask of -inf cannot be averaged by adding and subtracting (-inf - -inf is NaN):
+                # it is taken from the newest snapshot until the next full re-sum finds it finite.
+                self._held.add(name)
+                self._sum.pop(name, None)
+                self._slices, self._cursor = None, 0
         for name, tensor in added.tensors.items():
-            if tensor.is_floating_point():
+            if name in self._held:
+                self._newest[name] = tensor.clone()
+            elif tensor.is_floating_point():
                 if name in self._sum:
                     _in_slices(self._sum[name], tensor, torch.Tensor.add_)
                 else:
@@ -170,7 +185,7 @@ class WindowAverage:
         of freed memory resident in the writer thread's heap (benchmarks/RESULTS.md, item 7).
         """
         previous = self._sum
-        self._sum, self._newest, self._dtypes = {}, {}, {}
+        self._sum, self._newest, self._dtypes, self._held = {}, {}, {}, set()
         self._count = len(sources)
         self._slices, self._cursor = None, 0
         self._stale = False
@@ -195,6 +210,10 @@ class WindowAverage:
                 total = torch.empty(shape, dtype=self.accumulator_dtype)
             for _, first_row, last_row, start, stop in _row_slices({name: shape}):
                 total.view(-1)[start:stop].copy_(_exact_sum(sources, name, first_row, last_row, stop - start))
+            if not bool(torch.isfinite(total).all()):
+                self._held.add(name)  # NaN/inf in some snapshot of the window: the newest one's values
+                self._newest[name] = newest[name].clone()
+                continue
             self._sum[name] = total
 
     def mean(self, dtype: torch.dtype | Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
@@ -213,7 +232,10 @@ class WindowAverage:
         for name, total in self._sum.items():
             wanted = dtype.get(name) if isinstance(dtype, Mapping) else dtype
             tensors[name] = (total / self._count).to(wanted or self._dtypes[name])
-        tensors.update(self._newest)
+        for name, tensor in self._newest.items():
+            wanted = dtype.get(name) if isinstance(dtype, Mapping) else dtype
+            held = name in self._held and wanted is not None
+            tensors[name] = tensor.to(wanted) if held else tensor
         return CapturedState(tensors, dict(self._aliases))
 
     @torch.no_grad()
@@ -227,13 +249,13 @@ class WindowAverage:
         for name, target in targets.items():
             canonical = self._aliases.get(name, name)
             if canonical not in self._sum:
-                target.copy_(self._newest[canonical])
-            elif target.device == self._sum[canonical].device and target.is_contiguous():
+                copy_into_tensor(name, target, self._newest[canonical])
+            elif target.device == self._sum[canonical].device and is_plain_layout(target):
                 # Divided straight into the live tensor: no temporary the size of the tensor, one pass
                 # over memory instead of two. Bit-identical to dividing and then casting.
                 torch.div(self._sum[canonical], self._count, out=target)
             else:
-                target.copy_(self._sum[canonical] / self._count)
+                copy_into_tensor(name, target, self._sum[canonical] / self._count)
 
     def mismatch(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
         """Why a state dict (aliases included) cannot join this window, or None if it can."""

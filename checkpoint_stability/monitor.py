@@ -46,6 +46,8 @@ from checkpoint_stability.state import (
     gather_full_state,
     is_sharded,
     live_tensors,
+    non_finite_names,
+    parameter_names,
     write_into,
 )
 from checkpoint_stability.tasks.base import Task, TaskResult, validate_tasks
@@ -134,6 +136,10 @@ class StabilityMonitor:
         self._lock: RunLock | None = None
         self._writing_step: int | None = None
         self._non_finite_steps: set[int] = set()
+        self._parameter_names: set[str] = set()
+        # Tensors holding NaN/inf in the last snapshot admitted to the window (None: none admitted yet).
+        self._accepted_non_finite: set[str] | None = None
+        self._storage_range_checked = False
         self._reset_caches()
 
     @staticmethod
@@ -377,6 +383,7 @@ class StabilityMonitor:
         if not self._ready(step, model):
             return []
         self._model = weakref.ref(model)
+        self._parameter_names = parameter_names(model)
         captured = self._push(step, live)
         self._last_step = step
         self._snapshots_taken += 1
@@ -450,12 +457,43 @@ class StabilityMonitor:
             except Exception as error:
                 self._fault("snapshot", error, step=step)
             self.average.reset([])
+        if not self._storage_range_checked:
+            self._storage_range_checked = True
+            self._check_storage_range(step, live)
         self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
         try:
             return self.buffer.push(step, live)
         except Exception as error:
             self._fault("snapshot", error, step=step)
             return None
+
+    def _check_storage_range(self, step: int, live: dict[str, torch.Tensor]) -> None:
+        """At the first snapshot: finite values that ``storage_dtype`` turns into infinities are a
+        configuration error (e.g. a ``finfo(float32).min`` mask stored as float16), named once."""
+        dtype = self.config.storage_dtype
+        if dtype is None:
+            return
+        largest = torch.finfo(dtype).max
+        for name, tensor in live.items():
+            if (
+                not tensor.is_floating_point()
+                or tensor.numel() == 0
+                or torch.finfo(tensor.dtype).max <= largest
+            ):
+                continue
+            finite = tensor[torch.isfinite(tensor)]
+            if finite.numel() and float(finite.abs().max()) > largest:
+                self._fault(
+                    "config",
+                    ValueError(
+                        f"storage_dtype={str(dtype).removeprefix('torch.')!r} cannot hold {name!r}: it holds "
+                        f"finite values up to {float(finite.abs().max()):.4g} and the largest {dtype} is "
+                        f"{largest:.4g}, so they are stored as infinity. Use storage_dtype='bfloat16' "
+                        "(float32's range) or None"
+                    ),
+                    step=step,
+                )
+                return
 
     def _trained_model(self) -> torch.nn.Module | None:
         """The model the monitor last snapshotted, if it still exists (exports look it up when due)."""
@@ -465,14 +503,21 @@ class StabilityMonitor:
         """The buffer's listener (writer thread): a snapshot with NaN or infinite weights is kept out of
         the window, so it cannot poison the average; its file is removed and the fault reported."""
         added.synchronize()
-        bad = first_non_finite(added.tensors)
-        if bad is not None:
+        non_finite = non_finite_names(added.tensors)
+        # Training made it when a parameter holds it, or a buffer that was finite in the last accepted
+        # snapshot: a causal mask of -inf is how the model is built, not a diverged run.
+        before = self._accepted_non_finite
+        made = sorted(
+            n for n in non_finite if n in self._parameter_names or (before is not None and n not in before)
+        )
+        if made:
             self._non_finite_steps.add(self._writing_step)
             raise NonFiniteWeightsError(
-                f"the weights at step {self._writing_step} are not finite ({bad!r} holds NaN or infinity); "
-                "the snapshot is kept out of the window average and of selection"
+                f"the weights at step {self._writing_step} are not finite ({made[0]!r} holds NaN or "
+                "infinity); the snapshot is kept out of the window average and of selection"
             )
-        self.average.update(added, evicted, window)
+        self.average.update(added, evicted, window, non_finite=non_finite)
+        self._accepted_non_finite = non_finite
 
     def _wait_for_buffer(self) -> None:
         """Wait for the write in flight; a failed write is reported and the average re-summed."""
@@ -559,8 +604,24 @@ class StabilityMonitor:
                 if result is not None:
                     results[(task.name, "avg")] = result
         finally:
-            write_into(live, backup)
+            self._restore(live, backup, step)
         return results
+
+    def _restore(self, live: dict[str, torch.Tensor], backup: CapturedState, step: int) -> None:
+        """Put the live weights back after an averaged evaluation. If that fails the model no longer
+        holds its own weights, so the fault is reported loudly, through the fault policy like any other."""
+        try:
+            write_into(live, backup)
+        except Exception as error:
+            self._fault(
+                "restore",
+                RuntimeError(
+                    "the live weights could not be restored after the averaged evaluation "
+                    f"({describe_error(error)}); the model may hold averaged weights from here on"
+                ),
+                step=step,
+                agreed=True,
+            )
 
     def _records(self, step: int, results: dict[tuple[str, str], TaskResult]) -> list[dict]:
         now = time.time()
@@ -708,7 +769,7 @@ class StabilityMonitor:
             self.average.copy_into(live)
             return gather_full_state(model, self.runtime.is_main)
         finally:
-            write_into(live, backup)
+            self._restore(live, backup, self._last_step or 0)
 
     def _export_latest_average(self) -> None:
         """With no tasks there is nothing to select on: the final window average is the run's model."""
@@ -860,6 +921,7 @@ class StabilityMonitor:
                 weakref.WeakMethod(self._admit_to_window), gone="the monitor of this buffer is gone"
             ),
         )
+        self._accepted_non_finite = None  # judged afresh: the first snapshot admits how buffers are built
         if resume_step is not None:
             dropped = self.buffer.truncate_after(resume_step)
             if dropped:
@@ -1065,11 +1127,3 @@ def describe_error(error: BaseException) -> str:
 
 class NonFiniteWeightsError(ValueError):
     """A snapshot holds NaN or infinite weights."""
-
-
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating tensor holding a NaN or an infinity, or None."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None

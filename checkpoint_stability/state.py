@@ -239,4 +239,49 @@ def write_into(targets: Mapping[str, torch.Tensor], source: Mapping[str, torch.T
                 f"snapshot has {tuple(value.shape)}"
             )
     for name, target in targets.items():
-        target.copy_(source[name])
+        copy_into_tensor(name, target, source[name])
+
+
+def copy_into_tensor(name: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` for any live tensor, including one made by ``expand()``.
+
+    An expanded buffer (stride 0) holds one element for many positions; torch refuses to write into it.
+    Its values are equal along the expanded dimensions, so writing the first slice of each writes them
+    all. Raises ``ValueError`` naming the tensor for any other layout torch cannot write into.
+    """
+    for dim, stride in enumerate(target.stride()):
+        if stride == 0 and target.shape[dim] > 1:
+            target = target.narrow(dim, 0, 1)
+            value = value.narrow(dim, 0, 1) if value.shape[dim] > 1 else value
+    try:
+        target.copy_(value)
+    except RuntimeError as error:
+        raise ValueError(
+            f"cannot write into the model's {name!r} (shape {tuple(target.shape)}, strides "
+            f"{tuple(target.stride())}): {error}"
+        ) from error
+
+
+def is_plain_layout(tensor: torch.Tensor) -> bool:
+    """Contiguous with no stride-0 dimension: safe to use as an ``out=`` target."""
+    return tensor.is_contiguous() and all(
+        s != 0 or n <= 1 for s, n in zip(tensor.stride(), tensor.shape, strict=True)
+    )
+
+
+def parameter_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names that are parameters (what training updates), as opposed to buffers."""
+    return {
+        name
+        for name, value in model.state_dict(keep_vars=True).items()
+        if isinstance(value, torch.nn.Parameter)
+    }
+
+
+def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """Names of the floating tensors holding a NaN or an infinity."""
+    return {
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    }
