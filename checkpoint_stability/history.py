@@ -483,6 +483,8 @@ class History:
             return None  # not ours (hidden or temporary file)
 
     def _read_meta(self, path: Path, task: str) -> dict | None:
+        if not self.read_only:
+            writable_file(self.root, path)  # a link here is refused, as for the examples lines
         try:
             writable_file(self.root, path)
             meta = _check_meta(read_json_object(path), task)

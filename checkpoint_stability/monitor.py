@@ -46,7 +46,7 @@ from checkpoint_stability.state import (
     gather_full_state,
     is_sharded,
     live_tensors,
-    non_finite_names,
+    non_finite_counts,
     parameter_names,
     write_into,
 )
@@ -138,7 +138,7 @@ class StabilityMonitor:
         self._non_finite_steps: set[int] = set()
         self._parameter_names: set[str] = set()
         # Tensors holding NaN/inf in the last snapshot admitted to the window (None: none admitted yet).
-        self._accepted_non_finite: set[str] | None = None
+        self._accepted_non_finite: dict[str, int] | None = None
         self._storage_range_checked = False
         self._reset_caches()
 
@@ -503,12 +503,14 @@ class StabilityMonitor:
         """The buffer's listener (writer thread): a snapshot with NaN or infinite weights is kept out of
         the window, so it cannot poison the average; its file is removed and the fault reported."""
         added.synchronize()
-        non_finite = non_finite_names(added.tensors)
-        # Training made it when a parameter holds it, or a buffer that was finite in the last accepted
-        # snapshot: a causal mask of -inf is how the model is built, not a diverged run.
+        non_finite = non_finite_counts(added.tensors)
+        # Training made it when a parameter holds it, or a buffer holds more of it than in the last
+        # admitted snapshot: a causal mask of -inf is how the model is built, not a diverged run.
         before = self._accepted_non_finite
         made = sorted(
-            n for n in non_finite if n in self._parameter_names or (before is not None and n not in before)
+            name
+            for name, count in non_finite.items()
+            if name in self._parameter_names or (before is not None and count > before.get(name, 0))
         )
         if made:
             self._non_finite_steps.add(self._writing_step)
@@ -516,7 +518,7 @@ class StabilityMonitor:
                 f"the weights at step {self._writing_step} are not finite ({made[0]!r} holds NaN or "
                 "infinity); the snapshot is kept out of the window average and of selection"
             )
-        self.average.update(added, evicted, window, non_finite=non_finite)
+        self.average.update(added, evicted, window, non_finite=set(non_finite))
         self._accepted_non_finite = non_finite
 
     def _wait_for_buffer(self) -> None:
@@ -574,6 +576,16 @@ class StabilityMonitor:
                 self._agree_on_window()
             holds = self.average.count
             self._avg_models = holds
+            if holds and step not in self.buffer.steps:
+                # The window lacks this very snapshot (its write failed, or its weights were not
+                # finite): an average of the older ones only would pass for this step's, silently.
+                self._note(
+                    step,
+                    "average",
+                    f"no avg at step {step}: its snapshot is not in the window (see the snapshot error "
+                    f"above); the window holds steps {self.buffer.steps}",
+                )
+                holds = 0
         if not self.runtime.broadcast_object(holds):
             return {}
         # The snapshot copy doubles as the backup when it holds the live values bit for bit.
@@ -846,6 +858,15 @@ class StabilityMonitor:
             if agreed or self.runtime.world_size == 1:
                 raise error
             self._held_error = self._held_error or error
+
+    def _note(self, step: int, phase: str, message: str) -> None:
+        """Something skipped for a reason already reported: a warning and a history line, never fatal."""
+        logger.warning("checkpoint-stability: %s", message)
+        if self.history is not None:
+            try:
+                self.history.append_error(step, phase, message)
+            except Exception as error:
+                logger.warning("could not record the note in the history: %s", describe_error(error))
 
     def _raise_held_error(self) -> None:
         error, self._held_error = self._held_error, None

@@ -278,10 +278,17 @@ def parameter_names(model: torch.nn.Module) -> set[str]:
     }
 
 
+def non_finite_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """How many NaN or infinite elements each floating tensor holds (only tensors holding some)."""
+    counts = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            count = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if count:
+                counts[name] = count
+    return counts
+
+
 def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> set[str]:
     """Names of the floating tensors holding a NaN or an infinity."""
-    return {
-        name
-        for name, tensor in tensors.items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    }
+    return set(non_finite_counts(tensors))
