@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import sys
 import time
 from collections import deque
@@ -37,18 +38,21 @@ import torch
 from checkpoint_stability.atomic_files import atomic_write_text
 from checkpoint_stability.checkpoint_files import Checkpoint, ModelLoader, check_series, resolve_checkpoint
 from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.confinement import UnsafePathError, is_inside, writable_file
 from checkpoint_stability.ensemble import ensemble_result
-from checkpoint_stability.history import HISTORY_FILE, History
+from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.isolation import isolated_evaluation
+from checkpoint_stability.json_files import DamagedJSONError, read_json_object
 from checkpoint_stability.metrics import resolve_similarity, series_metrics
 from checkpoint_stability.monitor import MEAN_TASK, StabilityMonitor
-from checkpoint_stability.run_lock import RunLock
+from checkpoint_stability.run_lock import LOCK_FILE, RunLock
 from checkpoint_stability.tasks.base import Task, TaskResult
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOWS = (1, 2, 5, 10, 20)
 ANALYSIS_FILE = "analysis.json"
+REPORT_DIR = "report"
 # Trainer checkpoints are "checkpoint-<N>" directories; this library's snapshots "step-<N>.safetensors".
 STEP_NAME = re.compile(r"(?:checkpoint|step)-(\d+)")
 TRAINER_STATE = "trainer_state.json"
@@ -89,7 +93,9 @@ def checkpoint_step(checkpoint: Checkpoint) -> int | None:
     """The optimizer step of a checkpoint, if its name or its Trainer state says it.
 
     A directory (or file) named ``checkpoint-<N>`` or ``step-<N>`` is step ``N`` (a bare file inside such
-    a directory too); otherwise ``global_step`` from a ``trainer_state.json`` beside the weights.
+    a directory too); otherwise ``global_step`` from a ``trainer_state.json`` beside the weights. A
+    ``trainer_state.json`` that cannot be read (not JSON, nested too deeply, not a regular file) leaves
+    the step unknown, with a warning naming it.
 
     >>> import tempfile, torch
     >>> from safetensors.torch import save_file
@@ -108,10 +114,13 @@ def checkpoint_step(checkpoint: Checkpoint) -> int | None:
             return int(match.group(1))
     folder = checkpoint.directory or checkpoint.path.parent
     try:
-        state = json.loads((folder / TRAINER_STATE).read_text())
-    except (OSError, ValueError):
+        state = read_json_object(folder / TRAINER_STATE)
+    except FileNotFoundError:
         return None
-    step = state.get("global_step") if isinstance(state, dict) else None
+    except DamagedJSONError as error:
+        logger.warning("%s; the step of %s is unknown", error, checkpoint.path)
+        return None
+    step = state.get("global_step")
     return step if type(step) is int and step >= 0 else None
 
 
@@ -253,6 +262,7 @@ def analyze(
         model_factory = huggingface_model_factory(first.directory)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_paths(run_dir, [task.name for task in tasks], report=report)
     # Two analyses (or an analysis and a live run) writing one directory would interleave histories.
     lock = RunLock(run_dir)
     try:
@@ -283,6 +293,44 @@ def check_windows(windows: Sequence[int]) -> list[int]:
     return sorted(set(windows))
 
 
+def check_output_paths(run_dir: Path, task_names: Sequence[str], *, report: bool = True) -> None:
+    """Refuse, before anything is evaluated, a run directory where analyze would write through a link.
+
+    Every file analyze writes or repairs (``analysis.json``, ``lock.json``, ``history.jsonl``,
+    ``examples/<task>.jsonl`` and ``.meta.json``) must be missing or a regular file, not a link, in a
+    folder inside ``run_dir``; ``examples/`` must not lead outside it, and ``report/`` must not be a link
+    or a file (the report replaces it as a whole). The writers check again when they open each file.
+
+    Raises:
+        UnsafePathError: naming the first path that breaks the rule.
+    """
+    examples = run_dir / EXAMPLES_DIR
+    if examples.is_symlink() and not is_inside(examples, run_dir):
+        raise UnsafePathError(
+            f"{examples} is a symlink to {os.path.realpath(examples)}, outside the run directory; analyze "
+            "writes its files inside the run directory only (remove the link, or use another run directory)"
+        )
+    if examples.exists() and not examples.is_dir():
+        raise UnsafePathError(f"{examples} is not a directory; analyze writes its examples files there")
+    paths = [run_dir / ANALYSIS_FILE, run_dir / LOCK_FILE, run_dir / HISTORY_FILE]
+    for name in task_names:
+        paths += [examples / f"{name}.jsonl", examples / f"{name}.meta.json"]
+    for path in paths:
+        writable_file(run_dir, path)
+    if report:
+        directory = run_dir / REPORT_DIR
+        if directory.is_symlink():
+            raise UnsafePathError(
+                f"{directory} is a symlink (to {os.readlink(directory)}); the report replaces its directory "
+                "as a whole and does not follow links (remove the link, or pass --no-report)"
+            )
+        if directory.exists() and not directory.is_dir():
+            raise UnsafePathError(
+                f"{directory} is not a directory; the report is written there (remove it, or pass "
+                "--no-report)"
+            )
+
+
 def _write_report(run_dir: Path) -> Path | None:
     try:
         from checkpoint_stability.report import write_report
@@ -308,10 +356,7 @@ def _claim(run_dir: Path, series: Series, tasks: list[Task], windows: list[int],
     }
     path = run_dir / ANALYSIS_FILE
     if path.exists():
-        try:
-            before = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise AnalysisError(f"cannot read {path} ({error}); use a new run directory") from None
+        before = _read_analysis(path)
         for key in ("tasks", "ensemble", "horizon", "similarity", "step_source"):
             if before.get(key) != now[key]:
                 raise AnalysisError(
@@ -335,7 +380,59 @@ def _claim(run_dir: Path, series: Series, tasks: list[Task], windows: list[int],
             f"{run_dir} holds a history that analyze did not write (a live run?); use a new run directory"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(now, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(now, indent=1) + "\n", inside=run_dir)
+
+
+def _read_analysis(path: Path) -> dict:
+    """``analysis.json`` as :func:`_claim` wrote it; :class:`AnalysisError` naming the file and what is wrong
+    with it otherwise (not JSON, nested too deeply, not an object, a key missing or of the wrong type)."""
+    try:
+        before = read_json_object(path)
+    except DamagedJSONError as error:
+        raise AnalysisError(f"{error}; use a new run directory") from None
+
+    def wrong(key: str, expected: str) -> AnalysisError:
+        if key not in before:
+            return AnalysisError(
+                f"{path} has no {key!r}, so it was not written by analyze; use a new run directory"
+            )
+        return AnalysisError(
+            f"{path}: {key!r} must be {expected}, got {_shown(before[key])}; the file is damaged, use a new "
+            "run directory"
+        )
+
+    def is_int(value: object, minimum: int) -> bool:
+        return type(value) is int and value >= minimum
+
+    for key in ("tasks",):
+        if not (isinstance(before.get(key), list) and all(isinstance(v, str) for v in before[key])):
+            raise wrong(key, "a list of task names")
+    for key in ("ensemble", "similarity", "step_source"):
+        if not isinstance(before.get(key), str):
+            raise wrong(key, "a string")
+    if not is_int(before.get("horizon"), 0):
+        raise wrong("horizon", "an integer")
+    windows = before.get("windows")
+    if not (isinstance(windows, list) and all(is_int(w, 1) for w in windows)):
+        raise wrong("windows", "a list of integers >= 1")
+    checkpoints = before.get("checkpoints")
+    if not (
+        isinstance(checkpoints, list)
+        and all(
+            isinstance(c, dict)
+            and set(c) == {"step", "name"}
+            and is_int(c["step"], 0)
+            and isinstance(c["name"], str)
+            for c in checkpoints
+        )
+    ):
+        raise wrong("checkpoints", 'a list of {"step": integer, "name": string}')
+    return before
+
+
+def _shown(value: object) -> str:
+    # reprlib: bounded in depth and length, so a deeply nested value cannot exhaust the stack.
+    return reprlib.repr(value)
 
 
 def _display_name(checkpoint: Checkpoint) -> str:

@@ -14,9 +14,14 @@
   model, no forward pass.
 
 The report is built in a temporary sibling directory and swapped in with renames, so a crash leaves the
-previous report or the new one, never half of one. The run directory is only read: its files are copied
-before :class:`~checkpoint_stability.history.History` opens them, because opening repairs a torn last
-line, which must not race a training run still appending to the same files.
+previous report or the new one, never half of one. The run directory is only read: its history is opened
+read-only (``History(run_dir, read_only=True)``), which repairs nothing — a torn last line must not be cut
+off under a training run still appending to the same files — and warns about damaged lines naming the
+run's own files. Lines that parse but cannot be used (a task name that is not a valid task name, an
+examples line whose ``correct`` holds strings) are left out with one warning per file
+(:class:`~checkpoint_stability.summary.RunView`). Every file the report writes is a new regular file in
+its own directory, opened without following links, and a report directory that is a link or a file is
+refused: a task name cannot lead a plot out of ``report/``.
 
 matplotlib is an optional extra (``pip install checkpoint-stability[report]``). Figures are drawn on
 their own Agg canvases, so a user's interactive backend and pyplot state are left alone.
@@ -24,29 +29,34 @@ their own Agg canvases, so a user's interactive backend and pyplot state are lef
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from checkpoint_stability.atomic_files import fsync_directory
+from checkpoint_stability.confinement import UnsafePathError, open_confined
 from checkpoint_stability.ensemble import vote
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.metrics import char_f1, exact_match, instability_score, mean_total_variation
 from checkpoint_stability.summary import (
     MEAN_TASK,
     VARIANTS,
+    RunView,
+    as_view,
     final_count,
     series_keys,
     series_records,
     summarize,
 )
+
+logger = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -65,8 +75,9 @@ def write_report(run_dir: str | os.PathLike, *, output_dir: str | os.PathLike | 
 
     ``output_dir`` defaults to ``<run_dir>/report``. An existing report there is replaced as a whole
     (stale plots of renamed tasks go too); a directory that holds anything besides ``report.md`` and
-    PNGs is refused rather than deleted. A run without any score record yet gets a short report saying
-    so. The run directory itself is never modified.
+    PNGs is refused rather than deleted, and so is a symlink or a file in its place. A run without any
+    score record yet gets a short report saying so. The run directory itself is never modified; lines it
+    holds that cannot be used are left out, with a warning naming their file.
 
     Example::
 
@@ -87,7 +98,8 @@ def write_report(run_dir: str | os.PathLike, *, output_dir: str | os.PathLike | 
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist or holds no ``history.jsonl``.
-        ValueError: ``output_dir`` exists and is not a report directory.
+        ValueError: ``output_dir`` exists and is not a report directory (``UnsafePathError``, a
+            ``ValueError``, when it is a symlink).
         ImportError: matplotlib is not installed.
     """
     run_dir = Path(run_dir)
@@ -95,7 +107,7 @@ def write_report(run_dir: str | os.PathLike, *, output_dir: str | os.PathLike | 
     _require_matplotlib()
     target = Path(output_dir) if output_dir is not None else run_dir / REPORT_DIR
     _check_replaceable(target)
-    history = _read_history(run_dir)
+    history = RunView(History(run_dir, read_only=True))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(target, "tmp")
     staging.mkdir()  # not mkdtemp: its mode 0700 would become the report's, unreadable to others
@@ -131,12 +143,13 @@ def score_outputs(outputs: Sequence, targets: Sequence, metric: str) -> list[flo
     scores = []
     for output, target in zip(outputs, targets, strict=True):
         answers = target if isinstance(target, list) and not isinstance(output, list) else [target]
-        scores.append(max(float(similarity(output, answer)) for answer in answers))
+        # A list of no accepted answers matches nothing.
+        scores.append(max((float(similarity(output, answer)) for answer in answers), default=0.0))
     return scores
 
 
 def window_sweep(
-    history: History,
+    history: History | RunView,
     task: str,
     windows: Sequence[int] = SWEEP_WINDOWS,
     *,
@@ -150,12 +163,19 @@ def window_sweep(
     the newest snapshot); its outputs are scored with :func:`score_outputs` against the task's stored
     targets. ``n = 1`` reproduces the raw series. Fewer than two raw evaluations give no rows.
 
+    ``history`` is read through a :class:`~checkpoint_stability.summary.RunView` (lines that cannot be
+    used are left out).
+
     Raises:
-        ValueError: the task has no meta file (its targets are unknown).
+        ValueError: the task has no usable meta file (its targets are unknown), or its stored
+            log-probabilities disagree between evaluations on an example's number of choices.
     """
+    history = as_view(history)
     meta = history.meta(task)
     if meta is None:
-        raise ValueError(f"task {task!r} has no {EXAMPLES_DIR}/{task}.meta.json: its targets are unknown")
+        raise ValueError(
+            f"task {task!r} has no usable {EXAMPLES_DIR}/{task}.meta.json: its targets are unknown"
+        )
     size = len(meta["targets"])
     lines = [line for line in _series_lines(history, task, "raw", 1) if len(line["outputs"]) == size]
     if len(lines) < 2:
@@ -184,7 +204,7 @@ def window_sweep(
     return rows
 
 
-def _series_lines(history: History, task: str, variant: str, window: int) -> list[dict]:
+def _series_lines(history: RunView, task: str, variant: str, window: int) -> list[dict]:
     """Examples lines of one series ordered by step; a step written twice keeps its last line."""
     by_step = {line["step"]: line for line in history.outputs(task, variant, window)}
     return [by_step[step] for step in sorted(by_step)]
@@ -207,7 +227,7 @@ def _unhashable(value: Any) -> Any:
     return [_unhashable(v) for v in value] if isinstance(value, tuple) else value
 
 
-def _rescoring_mismatch(history: History, task: str) -> float:
+def _rescoring_mismatch(history: RunView, task: str) -> float:
     """Share of stored raw per-example scores that re-scoring from meta.json does not reproduce."""
     meta = history.meta(task)
     differ = total = 0
@@ -226,7 +246,7 @@ def _rescoring_mismatch(history: History, task: str) -> float:
 class _ReportWriter:
     """Renders report.md and the PNGs for one History into an (empty) directory."""
 
-    def __init__(self, history: History, run_dir: Path, out: Path):
+    def __init__(self, history: RunView, run_dir: Path, out: Path):
         self.history = history
         self.run_dir = run_dir
         self.out = out
@@ -258,7 +278,7 @@ class _ReportWriter:
             self._flips()
             self._sweep()
         self._errors()
-        (self.out / REPORT_FILE).write_text("\n".join(self.md).rstrip() + "\n", encoding="utf-8")
+        _write_new_file(self.out, REPORT_FILE, ("\n".join(self.md).rstrip() + "\n").encode("utf-8"))
 
     # ------------------------------------------------------------------ sections
 
@@ -378,6 +398,8 @@ class _ReportWriter:
                         mtv=row["mtv"] if row else None,
                     )
                 )
+            if not curves:
+                continue  # the mean over tasks, when no record of it was kept
             raw = next((c for c in curves if c.variant == "raw"), None)
             others = [c for c in curves if c is not raw]
             reference = raw or max(curves, key=lambda c: len(c.steps))
@@ -503,9 +525,17 @@ class _ReportWriter:
         for task in self.tasks:
             meta = self.history.meta(task)
             if meta is None:
-                notes.append(f"- Task {_cell(task)}: no meta file (targets unknown); left out.")
+                notes.append(f"- Task {_cell(task)}: no usable meta file (targets unknown); left out.")
                 continue
-            rows = window_sweep(self.history, task)
+            try:
+                rows = window_sweep(self.history, task)
+            except ValueError as error:
+                # Stored lines that are each fine but do not fit together (log-probabilities with another
+                # number of choices at another step): this task's sweep cannot be recomputed.
+                path = self.run_dir / EXAMPLES_DIR / f"{task}.jsonl"
+                logger.warning("%s: no window sweep for task %r: %s", path, task, error)
+                notes.append(f"- Task {_cell(task)}: the stored outputs cannot be voted on ({_cell(error)}).")
+                continue
             if not rows:
                 notes.append(f"- Task {_cell(task)}: fewer than two raw evaluations with stored outputs.")
                 continue
@@ -560,7 +590,8 @@ class _ReportWriter:
         self.md.append("")
 
     def _file_name(self, kind: str, task: str) -> str:
-        """``<kind>-<task>.png`` with the task name made file-name safe and unique within the report."""
+        """``<kind>-<task>.png`` with the task name made file-name safe and unique within the report: only
+        ASCII letters, digits, ``.``, ``_`` and ``-``, after ``<kind>-``, so never a path or a hidden name."""
         stem = f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}"
         name, k = f"{stem}.png", 2
         while name.lower() in self._file_names:
@@ -631,11 +662,23 @@ def _is_report_file(path: Path) -> bool:
 
 
 def _check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but an earlier report: the whole directory is swapped out."""
+    """Refuse to replace anything but an earlier report: the whole directory is swapped out.
+
+    A symlink is refused even when it leads to a report: the swap renames the link, not what it points
+    to, so the report would silently stop being where the link says."""
+    if target.is_symlink():
+        raise UnsafePathError(
+            f"report output directory {target} is a symlink (to {os.readlink(target)}); the report replaces "
+            "its directory as a whole and does not follow links: remove the link, or choose another output "
+            "directory"
+        )
     if not target.exists():
         return
     if not target.is_dir():
-        raise ValueError(f"report output directory {target} exists and is not a directory")
+        raise ValueError(
+            f"report output directory {target} exists and is not a directory; remove it, or choose another "
+            "output directory"
+        )
     foreign = sorted(p.name for p in target.iterdir() if not _is_report_file(p))
     if foreign:
         raise ValueError(
@@ -645,19 +688,11 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
-def _read_history(run_dir: Path) -> History:
-    """Open a copy of the run's history, so that its repairs never touch a run still being written."""
-    with tempfile.TemporaryDirectory(prefix="checkpoint-stability-report-") as copy:
-        copy = Path(copy)
-        shutil.copyfile(run_dir / HISTORY_FILE, copy / HISTORY_FILE)
-        examples = run_dir / EXAMPLES_DIR
-        (copy / EXAMPLES_DIR).mkdir()
-        if examples.is_dir():
-            for path in examples.iterdir():
-                if path.is_file() and path.name.endswith((".jsonl", ".meta.json")):
-                    shutil.copyfile(path, copy / EXAMPLES_DIR / path.name)
-        # History keeps everything it read in memory, so the copy can go right away.
-        return History(copy)
+def _write_new_file(directory: Path, name: str, data: bytes) -> None:
+    """Create ``directory/name`` (which must not exist yet: no link is followed) and write ``data``."""
+    fd = open_confined(directory, directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with open(fd, "wb") as f:
+        f.write(data)
 
 
 def _fsync_files(directory: Path) -> None:
@@ -678,6 +713,7 @@ def _replace_directory(staging: Path, target: Path) -> None:
     A crash between the two renames leaves no ``target`` and the old report under a hidden name, never
     a directory with half the files."""
     old = None
+    _check_replaceable(target)  # again: a link may have been put there while the report was drawn
     if target.exists():
         old = _sibling(target, "old")
         os.rename(target, old)

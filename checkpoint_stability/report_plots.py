@@ -9,9 +9,12 @@ import without it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from checkpoint_stability.confinement import open_confined
 
 RAW_COLOR = "#555555"
 VARIANT_COLORS = {"avg": "#1f77b4", "ens": "#e6550d"}
@@ -72,8 +75,13 @@ def _figure(width: float, height: float) -> Iterator:
 
 
 def _save(figure, path: Path) -> None:
-    # "tight" grows the canvas to hold legends placed below their panels, which the layout engine ignores.
-    figure.savefig(path, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+    """Write the PNG to ``path``, a new file: created here, never reached through a link (a name that
+    exists already, a link included, is refused rather than written through)."""
+    path = Path(path)
+    fd = open_confined(path.parent, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with open(fd, "wb") as f:
+        # "tight" grows the canvas to hold legends placed below their panels, which the layout engine ignores.
+        figure.savefig(f, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15)
 
 
 def _label(curve: Curve, with_variant: bool = True) -> str:

@@ -3,15 +3,222 @@ score over the first and the final fraction of evaluations, and MTV and IS over 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
-from checkpoint_stability.history import History
+from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History, validate_task_name
 from checkpoint_stability.metrics import instability_score, mean_total_variation
+
+logger = logging.getLogger(__name__)
 
 VARIANTS = ("raw", "avg", "ens")
 MEAN_TASK = "mean"
+MAX_STEP = 2**63 - 1
+"""No optimizer step, window or model count is larger (int64); a larger one is a damaged line."""
+MAX_OUTPUT_DEPTH = 32
+"""Deepest nesting of lists an output may have (a tuple of token ids is one level)."""
+
+
+class RunView:
+    """A run's history as its readers (this summary, the report) use it: the score records, error lines,
+    meta files and examples lines of a :class:`History`, without the ones they cannot use.
+
+    :class:`History` skips what does not parse or lacks its keys. This view also leaves out lines that
+    parse but would make a reader fail or mislead it, and warns once per file and kind of problem, naming
+    the run's own file:
+
+    * a score record whose task name is not a valid task name (``"../../evil"``: task names become file
+      names), or whose step, window, model count or score is out of range (a score is in [0, 1]);
+    * a meta file whose ``example_ids`` and ``targets`` differ in length, or hold no example;
+    * an examples line whose ``correct`` is not one number in [0, 1] per output, whose outputs do not
+      match the meta's examples, are not plain JSON values (or lists of them), or whose
+      ``choice_logprobs`` do not hold one row of log-probabilities per output with the output a choice
+      index of that row.
+
+    It offers History's reading methods (``records``, ``errors``, ``meta``, ``outputs``), so whatever
+    takes a History for reading takes a view. Nothing is written.
+    """
+
+    def __init__(self, history: History):
+        self.root = Path(history.root)
+        self._errors = history.errors()
+        records, bad_names, out_of_range = [], [], 0
+        for record in history.records():
+            if not _valid_task_name(record["task"]):
+                bad_names.append(record["task"])
+            elif not _usable_record(record):
+                out_of_range += 1
+            else:
+                records.append(record)
+        path = self.root / HISTORY_FILE
+        if bad_names:
+            shown = ", ".join(_shown(name) for name in list(dict.fromkeys(bad_names))[:3])
+            logger.warning(
+                "%s: skipped %d score line(s) whose task name is not a valid task name (%s); they are left "
+                "out (the file is not changed)",
+                path,
+                len(bad_names),
+                shown,
+            )
+        if out_of_range:
+            logger.warning(
+                "%s: skipped %d score line(s) with a step, window or model count beyond %d or a score "
+                "outside [0, 1] (damaged); they are left out (the file is not changed)",
+                path,
+                out_of_range,
+                MAX_STEP,
+            )
+        self._records = records
+        self._history = history
+        # Per task, read and checked when first asked for: (meta or None, usable examples lines).
+        self._tasks: dict[str, tuple[dict | None, list[dict]]] = {}
+
+    def _task(self, task: str) -> tuple[dict | None, list[dict]]:
+        if task not in self._tasks:
+            if not _valid_task_name(task):
+                self._tasks[task] = (None, [])
+                return self._tasks[task]
+            meta = self._checked_meta(self._history, task)
+            lines, problems = [], {}
+            for line in self._history.outputs(task):
+                problem = _line_problem(line, meta)
+                if problem is None:
+                    lines.append(line)
+                else:
+                    problems[problem] = problems.get(problem, 0) + 1
+            if problems:
+                logger.warning(
+                    "%s: skipped %d examples line(s) that cannot be used (%s); they are left out (the "
+                    "file is not changed)",
+                    self.root / EXAMPLES_DIR / f"{task}.jsonl",
+                    sum(problems.values()),
+                    "; ".join(problems),
+                )
+            self._tasks[task] = (meta, lines)
+        return self._tasks[task]
+
+    def _checked_meta(self, history: History, task: str) -> dict | None:
+        meta = history.meta(task)
+        if meta is None:
+            return None
+        ids, targets = meta["example_ids"], meta["targets"]
+        if len(ids) != len(targets) or not ids:
+            logger.warning(
+                "%s: the meta file holds %d example_ids and %d targets, which must be equal and not zero; "
+                "it is ignored (the task's targets are unknown)",
+                self.root / EXAMPLES_DIR / f"{task}.meta.json",
+                len(ids),
+                len(targets),
+            )
+            return None
+        return meta
+
+    def records(self, task: str | None = None, variant: str | None = None, window: int | None = None) -> list:
+        """Score records in file order, optionally filtered (as :meth:`History.records`)."""
+        return [
+            dict(r)
+            for r in self._records
+            if (task is None or r["task"] == task)
+            and (variant is None or r["variant"] == variant)
+            and (window is None or r["window"] == window)
+        ]
+
+    def errors(self) -> list[dict]:
+        """Error lines in file order."""
+        return [dict(r) for r in self._errors]
+
+    def meta(self, task: str) -> dict | None:
+        """The task's meta record, or None if there is none or it cannot be used."""
+        meta = self._task(task)[0]
+        return None if meta is None else dict(meta)
+
+    def outputs(self, task: str, variant: str | None = None, window: int | None = None) -> list[dict]:
+        """The task's usable examples lines in file order, optionally filtered."""
+        return [
+            dict(line)
+            for line in self._task(task)[1]
+            if (variant is None or line["variant"] == variant)
+            and (window is None or line["window"] == window)
+        ]
+
+
+def as_view(run: str | os.PathLike | History | RunView) -> RunView:
+    """``run`` as a :class:`RunView`: a run directory is opened read-only (nothing is created or repaired)."""
+    if isinstance(run, RunView):
+        return run
+    if not isinstance(run, History):
+        run = History(run, read_only=True)
+    return RunView(run)
+
+
+def _valid_task_name(name: object) -> bool:
+    try:
+        validate_task_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _usable_record(record: dict) -> bool:
+    return (
+        record["step"] <= MAX_STEP
+        and record["window"] <= MAX_STEP
+        and record["n_models"] <= MAX_STEP
+        and 0 <= record["score"] <= 1
+    )
+
+
+def _is_number(value: object) -> bool:
+    # JSON gives int and float (finite: History refuses NaN and Infinity); bool is a Python int.
+    return type(value) in (int, float)
+
+
+def _plain_output(value: Any) -> bool:
+    """A JSON scalar, or lists of them nested at most MAX_OUTPUT_DEPTH deep (no objects): what the
+    ensemble can vote on. Iterative, so a deep nesting cannot exhaust the stack."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, list):
+            if depth >= MAX_OUTPUT_DEPTH:
+                return False
+            pending.extend((v, depth + 1) for v in item)
+        elif item is not None and type(item) not in (bool, int, float, str):
+            return False
+    return True
+
+
+def _line_problem(line: dict, meta: dict | None) -> str | None:
+    """Why an examples line cannot be used, or None."""
+    outputs, correct = line["outputs"], line["correct"]
+    if line["step"] > MAX_STEP or line["window"] > MAX_STEP:
+        return f"a step or window beyond {MAX_STEP}"
+    if not outputs:
+        return "no outputs"
+    if meta is not None and len(outputs) != len(meta["example_ids"]):
+        return f"outputs not one per example of the meta file's {len(meta['example_ids'])}"
+    if not isinstance(correct, list) or len(correct) != len(outputs):
+        return "correct not one value per output"
+    if not all(_is_number(c) and 0 <= c <= 1 for c in correct):
+        return "correct values that are not numbers in [0, 1]"
+    if not all(_plain_output(o) for o in outputs):
+        return "outputs that are not plain JSON values"
+    if "choice_logprobs" in line:
+        rows = line["choice_logprobs"]
+        ok = isinstance(rows, list) and len(rows) == len(outputs)
+        ok = ok and all(isinstance(row, list) and row and all(_is_number(v) for v in row) for row in rows)
+        ok = ok and all(type(o) is int and 0 <= o < len(row) for o, row in zip(outputs, rows, strict=True))
+        if not ok:
+            return "choice_logprobs not one row of log-probabilities per output, indexed by it"
+    return None
 
 
 def final_count(total: int, final_fraction: float) -> int:
@@ -27,7 +234,7 @@ def final_count(total: int, final_fraction: float) -> int:
     return min(total, max(2, math.ceil(final_fraction * total)))
 
 
-def series_records(history: History, task: str, variant: str, window: int) -> list[dict]:
+def series_records(history: History | RunView, task: str, variant: str, window: int) -> list[dict]:
     """The score records of one (task, variant, window) series, ordered by step.
 
     A step recorded twice (an analysis rerun over the same run) keeps its last record in file order.
@@ -36,7 +243,7 @@ def series_records(history: History, task: str, variant: str, window: int) -> li
     return [by_step[step] for step in sorted(by_step)]
 
 
-def series_keys(history: History, task: str) -> list[tuple[str, int]]:
+def series_keys(history: History | RunView, task: str) -> list[tuple[str, int]]:
     """The (variant, window) series recorded for ``task``: raw, avg, ens first, then any other variant;
     windows ascending within a variant."""
     keys = {(r["variant"], r["window"]) for r in history.records(task=task)}
@@ -45,14 +252,16 @@ def series_keys(history: History, task: str) -> list[tuple[str, int]]:
 
 
 def summarize(
-    run: str | os.PathLike | History, *, final_fraction: float = 0.2, include_mean: bool = False
+    run: str | os.PathLike | History | RunView, *, final_fraction: float = 0.2, include_mean: bool = False
 ) -> list[dict]:
     """One row per (task, variant, window) series: ``score_first``, ``score_last``, ``mtv``, ``is``,
     ``evaluations`` (how many the final fraction holds) and ``total`` (all of the series).
 
-    ``run`` is a run directory or an open :class:`History`. The final fraction of a series holds at
-    least two evaluations (MTV and IS need two); series with fewer than two evaluations give no row.
-    IS compares outputs by exact match. With ``final_fraction=1`` the row describes the whole run.
+    ``run`` is a run directory (read, never modified), an open :class:`History` or a :class:`RunView`;
+    lines that cannot be used are left out with a warning (see :class:`RunView`). The final fraction of
+    a series holds at least two evaluations (MTV and IS need two); series with fewer than two evaluations
+    give no row. IS compares outputs by exact match. With ``final_fraction=1`` the row describes the
+    whole run.
 
     The aggregate task ``mean`` is left out unless ``include_mean``: its rows come last, with the score
     and MTV of the recorded mean-score series and, as in the live records, IS = the mean of the tasks'
@@ -72,7 +281,7 @@ def summarize(
         [(0.625, 0.25, 0.0)]
     """
     final_count(1, final_fraction)  # validates the fraction even for an empty history
-    history = run if isinstance(run, History) else History(run)
+    history = as_view(run)
     tasks = list(dict.fromkeys(r["task"] for r in history.records() if r["task"] != MEAN_TASK))
     rows = []
     for task in tasks:
@@ -110,7 +319,7 @@ def _row(task: str, variant: str, window: int, records: list[dict], final_fracti
     }
 
 
-def _mean_rows(history: History, task_rows: list[dict], tasks: list[str], final_fraction: float) -> list:
+def _mean_rows(history: RunView, task_rows: list[dict], tasks: list[str], final_fraction: float) -> list:
     rows = []
     for variant, window in series_keys(history, MEAN_TASK):
         records = series_records(history, MEAN_TASK, variant, window)
