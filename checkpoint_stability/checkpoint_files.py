@@ -13,6 +13,14 @@ an average is computed tensor by tensor across all the files of the series. Only
 are read: pickle files (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) are refused, since loading one runs
 arbitrary code.
 
+Writing an average never harms what it reads or what it replaces: an output that contains, is, or
+lies inside an input checkpoint is refused; ``overwrite`` replaces only a previous average (one that
+carries this module's marker: a ``checkpoint-stability-average.json`` file in an output directory, a
+``checkpoint_stability_average`` metadata key in an output file); the new output is written beside the
+old one and swapped in with one rename. Side files are copied only when they are regular files inside
+the checkpoint directory, or links into the blobs of the Hugging Face cache repository the checkpoint
+is a snapshot of; anything else is skipped with a warning naming it and where it points.
+
 Tied weights: ``save_pretrained`` and ``safetensors.torch.save_model`` store a tensor shared under
 several names once, under one of them; a model re-ties the others when it is built. So averaging
 handles the stored names only (the output drops the same duplicates as its inputs), and loading into a
@@ -24,19 +32,29 @@ as stored too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from checkpoint_stability.atomic_files import fsync_directory, fsync_tree
+from checkpoint_stability.confinement import is_inside, open_confined, writable_file
+from checkpoint_stability.json_files import DamagedJSONError, parse_json_object, read_json_object
 from checkpoint_stability.state import tied_groups
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,6 +78,16 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# What marks an output as a previous average, which ``overwrite`` may replace: a JSON file in an output
+# directory, a metadata key in an output .safetensors file. Both hold {"written_by", "version", "inputs"}.
+MARKER_FILE = "checkpoint-stability-average.json"
+MARKER_KEY = "checkpoint_stability_average"
+WRITTEN_BY = "checkpoint-stability average"
+# Floating and complex safetensors dtypes torch can load and compute with; the others (F4, packed two to
+# a byte with no arithmetic; F6_*, which safetensors cannot load into torch) are refused by name.
+AVERAGED_DTYPES = frozenset(
+    {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"}
+)
 # Rows of a tensor averaged at once: bounds the float64 accumulator to 64 MiB whatever the tensor size.
 CHUNK_ELEMENTS = 8 * 1024 * 1024
 
@@ -80,6 +108,16 @@ class TensorInfo:
     def is_floating(self) -> bool:
         """Floating-point tensors are averaged; the others are taken from the newest checkpoint."""
         return self.dtype.startswith("F") or self.dtype == "BF16"
+
+    @property
+    def is_complex(self) -> bool:
+        """Complex tensors are averaged too (in complex128)."""
+        return self.dtype.startswith("C")
+
+    @property
+    def is_averaged(self) -> bool:
+        """Averaged (floating or complex) rather than taken from the newest checkpoint."""
+        return self.is_floating or self.is_complex
 
 
 @dataclass(frozen=True)
@@ -179,9 +217,11 @@ def _pickle_message(path: Path) -> str:
 
 def _resolve_index(argument: Path, index_path: Path, *, directory: Path) -> Checkpoint:
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read the safetensors index {index_path}: {error}") from None
+        index = read_json_object(index_path, f"the safetensors index {index_path}")
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot read the safetensors index {index_path}: it does not exist") from None
+    except DamagedJSONError as error:
+        raise CheckpointError(str(error)) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path} is not a safetensors index: it has no 'weight_map'")
@@ -250,17 +290,20 @@ def _index_name(argument: Path) -> str:
 
 
 def _aliases(metadata: Mapping[Path, Mapping[str, str]], tensors: Mapping[str, TensorInfo]) -> dict[str, str]:
-    """The ``"aliases"`` this library's snapshot and export files record; anything else is ignored."""
+    """The ``"aliases"`` this library's snapshot and export files record: a JSON object of dropped name →
+    stored name; entries naming no stored tensor are ignored. An ``"aliases"`` value that is not a JSON
+    object (malformed, nested too deeply, a list) is a :class:`CheckpointError` naming the file."""
     aliases: dict[str, str] = {}
-    for values in metadata.values():
-        try:
-            found = json.loads(values.get("aliases", "{}"))
-        except ValueError:
+    for file, values in metadata.items():
+        if "aliases" not in values:
             continue
-        if isinstance(found, dict):
-            aliases.update(
-                {k: v for k, v in found.items() if isinstance(k, str) and v in tensors and k not in tensors}
-            )
+        try:
+            found = parse_json_object(values["aliases"], f"the 'aliases' metadata of {file}")
+        except DamagedJSONError as error:
+            raise CheckpointError(str(error)) from None
+        aliases.update(
+            {k: v for k, v in found.items() if isinstance(v, str) and v in tensors and k not in tensors}
+        )
     return aliases
 
 
@@ -268,16 +311,30 @@ def _aliases(metadata: Mapping[Path, Mapping[str, str]], tensors: Mapping[str, T
 
 
 def check_series(checkpoints: Sequence[Checkpoint]) -> None:
-    """Check that every checkpoint stores the same tensor names, shapes and dtypes as the first.
+    """Check that every checkpoint stores the same tensor names, shapes and dtypes as the first, and
+    that torch can compute with every floating dtype among them.
 
     The error names the first differing tensor (in sorted order) and the two checkpoints.
 
     Raises:
-        CheckpointError: an empty series or a mismatch.
+        CheckpointError: an empty series, a mismatch, or a dtype that cannot be averaged (``F4``,
+            ``F6_E2M3``, ``F6_E3M2``).
     """
     if not checkpoints:
         raise CheckpointError("no checkpoints given")
     first = checkpoints[0]
+    for name in sorted(first.tensors):
+        info = first.tensors[name]
+        if info.is_averaged and info.dtype not in AVERAGED_DTYPES:
+            why = (
+                "safetensors cannot load it into torch"
+                if info.dtype.startswith("F6")
+                else "torch has no arithmetic for it"
+            )
+            raise CheckpointError(
+                f"tensor {name!r} of checkpoint {first.path} has dtype {info.dtype}, which cannot be "
+                f"averaged or loaded ({why}); convert the checkpoints to BF16, F16 or F32 first"
+            )
     for other in checkpoints[1:]:
         for name in sorted(set(first.tensors) | set(other.tensors)):
             a, b = first.tensors.get(name), other.tensors.get(name)
@@ -323,22 +380,28 @@ def _read(readers: _Readers, checkpoint: Checkpoint, name: str) -> torch.Tensor:
     return readers.get(checkpoint.weight_map[name]).get_tensor(name)
 
 
-def _average_tensor(readers: _Readers, series: Sequence[Checkpoint], name: str) -> torch.Tensor:
+def _average_tensor(
+    readers: _Readers, series: Sequence[Checkpoint], name: str, nan: dict[str, None] | None = None
+) -> torch.Tensor:
     """The uniform mean of one tensor over the series, in its stored dtype.
 
-    Summed in float64 in series order, divided once, then rounded to the stored dtype: float64 costs
-    no model-sized memory here (one chunk of one tensor at a time) and makes the result the correctly
-    rounded mean of float32/bf16 inputs for any practical series length, so it does not depend on how
-    the series is split into files or chunks.
+    Summed in float64 (complex128 for complex tensors) in series order, divided once, then rounded to
+    the stored dtype: float64 costs no model-sized memory here (one chunk of one tensor at a time) and
+    makes the result the correctly rounded mean of float32/bf16/float8 inputs for any practical series
+    length, so it does not depend on how the series is split into files or chunks.
+
+    ``nan``: when given, ``name`` is added to it if the mean holds a NaN.
     """
     info = series[-1].tensors[name]
-    if not info.is_floating:
+    if not info.is_averaged:
         return _read(readers, series[-1], name)
+    wide = torch.complex128 if info.is_complex else torch.float64
     if not info.shape or info.shape[0] == 0 or _numel(info.shape) <= CHUNK_ELEMENTS:
         total = None
         for checkpoint in series:
             value = _read(readers, checkpoint, name)
-            total = value.to(torch.float64, copy=True) if total is None else total.add_(value)
+            total = value.to(wide, copy=True) if total is None else _accumulate(total, value)
+        _note_nan(total, name, nan)
         return total.div_(len(series)).to(value.dtype)
     rows = info.shape[0]
     step = max(1, CHUNK_ELEMENTS // max(1, _numel(info.shape[1:])))
@@ -347,11 +410,25 @@ def _average_tensor(readers: _Readers, series: Sequence[Checkpoint], name: str) 
         total = None
         for checkpoint in series:
             piece = readers.get(checkpoint.weight_map[name]).get_slice(name)[start : start + step]
-            total = piece.to(torch.float64, copy=True) if total is None else total.add_(piece)
+            total = piece.to(wide, copy=True) if total is None else _accumulate(total, piece)
+        _note_nan(total, name, nan)
         if out is None:
             out = torch.empty(info.shape, dtype=piece.dtype)
         out[start : start + step] = total.div_(len(series)).to(piece.dtype)
     return out
+
+
+def _accumulate(total: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    # torch adds float16/bfloat16/float32 straight into a float64 sum, but has no type promotion for the
+    # one-byte float8 dtypes: those are widened first (one chunk of one tensor at a time).
+    if value.element_size() == 1:
+        value = value.to(total.dtype)
+    return total.add_(value)
+
+
+def _note_nan(total: torch.Tensor, name: str, nan: dict[str, None] | None) -> None:
+    if nan is not None and name not in nan and bool(torch.isnan(total).any()):
+        nan[name] = None
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -366,7 +443,8 @@ def iter_average(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, uniform mean over the checkpoints)`` one tensor at a time, in the stored dtype.
 
-    Floating-point tensors are averaged; the others come from the last checkpoint. ``names``: which
+    Floating-point (float8 to float64) and complex tensors are averaged; the others come from the last
+    checkpoint. ``names``: which
     stored tensors, in which order (default: all, file by file of the last checkpoint).
 
     >>> import tempfile, torch
@@ -420,6 +498,14 @@ def load_state(path: str | os.PathLike | Checkpoint) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+class AverageWriteError(OSError):
+    """The average could not be written (a full disk, say): nothing was published, and the inputs and
+    any previous output are unchanged. Its message names the output and the reason."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def average_checkpoints(
     checkpoints: Sequence[str | os.PathLike | Checkpoint],
     output: str | os.PathLike,
@@ -429,8 +515,9 @@ def average_checkpoints(
 ) -> Path:
     """Write the uniform average of saved checkpoints to ``output``, in the last checkpoint's format.
 
-    Floating-point tensors are averaged (float64 sums, rounded back to the stored dtype); the others
-    are taken from the last checkpoint. The output has the format of the last checkpoint:
+    Floating-point tensors (float8 to float64) and complex ones are averaged (float64 or complex128
+    sums, rounded back to the stored dtype); the others are taken from the last checkpoint. The output
+    has the format of the last checkpoint:
 
     * a bare ``.safetensors`` file → the file ``output``;
     * a model directory → the directory ``output`` with ``model.safetensors`` and the side files
@@ -439,12 +526,25 @@ def average_checkpoints(
       tensors, and an index with the same name and weight map (plus the side files found beside it).
 
     Each file keeps its safetensors metadata (``{"format": "pt"}`` is added if missing, since
-    transformers refuses files without it). Tensors are read one at a time from all the checkpoints
-    and each output file is written as soon as its tensors are averaged, so the peak memory is about
-    one output file (one model, or one shard) plus one tensor's float64 sum, whatever the number of
-    checkpoints. The output appears only once complete (written under a temporary name, then renamed).
+    transformers refuses files without it). An output directory also holds
+    ``checkpoint-stability-average.json`` (``written_by``, ``version``, ``inputs``); an output file carries
+    the same JSON under the metadata key ``checkpoint_stability_average``. Tensors are read one at a
+    time from all the checkpoints and each output file is written as soon as its tensors are averaged,
+    so the peak memory is about one output file (one model, or one shard) plus one tensor's float64 sum,
+    whatever the number of checkpoints. Every output file gets the same mode (0o644 under the process umask).
 
-    ``overwrite``: replace an existing ``output``. ``progress``: a tqdm bar over the tensors on stderr.
+    The output is written in a staging sibling (``.<name>.partial-<pid>``), fsynced, then renamed into
+    place; a previous average stays whole until that rename (on Linux, directories are swapped in one
+    ``renameat2(RENAME_EXCHANGE)``). On any failure the staging copy is removed and nothing else changes.
+
+    Side files are copied only when they are regular files inside the checkpoint directory, or links into
+    the ``blobs`` of the Hugging Face cache repository (``models--org--name``) the checkpoint directory
+    is a snapshot of; others (a link to ``~/.ssh/id_rsa``, a FIFO) are skipped with a warning naming the
+    file and where it points. A NaN in an average is written as is, with a warning naming the tensors and
+    the input checkpoints holding NaN.
+
+    ``overwrite``: replace an existing ``output`` that holds a previous average (it has the marker above);
+    anything else is refused. ``progress``: a tqdm bar over the tensors on stderr.
 
     >>> import tempfile, torch
     >>> from safetensors.torch import load_file, save_file
@@ -456,49 +556,120 @@ def average_checkpoints(
     {'w': tensor([2.0000, 4.5000])}
 
     Raises:
-        CheckpointError: unreadable or mismatched checkpoints (the message names the tensor), an
-            existing ``output`` without ``overwrite``, or an ``output`` that is one of the inputs.
+        CheckpointError: unreadable or mismatched checkpoints (the message names the tensor), a dtype
+            torch cannot average (``F4``, ``F6_*``), an existing ``output`` without ``overwrite`` or that
+            is not a previous average, an ``output`` that is, contains or lies inside an input.
+        AverageWriteError: (an ``OSError``) the output could not be written, e.g. a full disk.
     """
     series = [resolve_checkpoint(c) for c in checkpoints]
     check_series(series)
-    output = Path(output)
-    _check_output(output, series, overwrite)
-    last = series[-1]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
-    _remove(partial)
-    bar = _bar(len(last.tensors), progress)
+    given = Path(output)
+    output = Path(os.path.abspath(given))
+    single_file = series[-1].layout == "file"
+    _check_output(given, output, series, overwrite)
+    replacing = os.path.lexists(output)
+    marker = {
+        "written_by": WRITTEN_BY,
+        "version": _version(),
+        "inputs": [os.path.abspath(c.path) for c in series],
+    }
+    bar = _bar(len(series[-1].tensors), progress)
+    nan: dict[str, None] = {}
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     try:
-        with _Readers() as readers:
-            if last.layout == "file":
-                _write_file(readers, series, list(last.tensors), last.metadata[last.files[0]], partial, bar)
-            else:
-                _write_directory(readers, series, partial, bar)
-        _publish(partial, output)
-    except BaseException:
-        _remove(partial)
-        raise
+        with _writing(given):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            _remove(staging)  # left by a crash of an earlier process with this pid
+            staging.mkdir()
+        try:
+            # One mode for every output file: 0o644, narrowed by the umask the directory was made under.
+            file_mode = 0o644 & stat.S_IMODE(os.stat(staging).st_mode)
+            with _Readers() as readers:
+                if single_file:
+                    metadata = {**series[-1].metadata[series[-1].files[0]], MARKER_KEY: json.dumps(marker)}
+                    target = staging / output.name
+                    names = list(series[-1].tensors)
+                    _write_file(readers, series, names, metadata, staging, target, file_mode, bar, nan, given)
+                else:
+                    _write_directory(readers, series, staging, file_mode, bar, nan, marker, given)
+            with _writing(given):
+                fsync_tree(staging)
+                _publish(staging, output, single_file)
+        except BaseException:
+            _remove(staging)
+            raise
+    except AverageWriteError as error:
+        kept = "the previous average is unchanged" if replacing else "nothing was written"
+        raise AverageWriteError(error.errno, f"{error.strerror}; {kept}") from None
     finally:
         bar.close()
-    return output
+    if nan:
+        _warn_nan(series, list(nan))
+    return given
 
 
-def _write_directory(readers: _Readers, series: Sequence[Checkpoint], partial: Path, bar) -> None:
+def _version() -> str:
+    from checkpoint_stability import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def _writing(output: Path) -> Iterator[None]:
+    """Turn a failed write (``OSError``, or safetensors' own error for an I/O failure) into one
+    :class:`AverageWriteError` naming the output."""
+    try:
+        yield
+    except AverageWriteError:
+        raise
+    except (OSError, SafetensorError) as error:
+        if isinstance(error, OSError):
+            code, reason = error.errno, error.strerror or str(error)
+        else:
+            found = re.search(r"\(os error (\d+)\)", str(error))
+            if found is None and "I/O error" not in str(error):
+                raise
+            code = int(found.group(1)) if found else errno.EIO
+            reason = os.strerror(code) if found else str(error)
+        raise AverageWriteError(code, f"cannot write the average {output}: {reason}") from None
+
+
+def _write_directory(
+    readers: _Readers,
+    series: Sequence[Checkpoint],
+    staging: Path,
+    file_mode: int,
+    bar,
+    nan: dict[str, None],
+    marker: dict,
+    output: Path,
+) -> None:
     last = series[-1]
-    partial.mkdir()
     for file in last.files:
         names = sorted(_stored_in(last, file))
-        _write_file(readers, series, names, last.metadata[file], partial / file.name, bar)
+        _write_file(
+            readers,
+            series,
+            names,
+            last.metadata[file],
+            staging,
+            staging / file.name,
+            file_mode,
+            bar,
+            nan,
+            output,
+        )
         # Handles of finished shards are dropped so that only the current shards stay mapped.
         readers.close()
     if last.index is not None:
         index = dict(last.index)
         index["weight_map"] = {name: last.weight_map[name].name for name in sorted(last.weight_map)}
-        (partial / last.index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for name in SIDE_FILES:
-        source = last.directory / name
-        if source.is_file():
-            shutil.copyfile(source, partial / name)
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        with _writing(output):
+            _write_new(staging, staging / last.index_name, text.encode(), file_mode)
+    _copy_side_files(last.directory, staging, file_mode, output)
+    with _writing(output):
+        _write_new(staging, staging / MARKER_FILE, (json.dumps(marker, indent=2) + "\n").encode(), file_mode)
 
 
 def _write_file(
@@ -506,45 +677,220 @@ def _write_file(
     series: Sequence[Checkpoint],
     names: Sequence[str],
     metadata: Mapping[str, str],
+    staging: Path,
     path: Path,
+    file_mode: int,
     bar,
+    nan: dict[str, None],
+    output: Path,
 ) -> None:
     tensors = {}
     for name in names:
-        tensors[name] = _average_tensor(readers, series, name)
+        tensors[name] = _average_tensor(readers, series, name, nan)
         bar.update(1)
     metadata = {"format": "pt", **metadata}
+    writable_file(staging, path)
     # Recent safetensors (0.8 here) writes straight from the tensors' memory; older ones serialise a
     # copy first, which doubles the peak for the file being written.
-    save_file(tensors, str(path), metadata=metadata)
+    with _writing(output):
+        save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, file_mode)
 
 
-def _check_output(output: Path, series: Sequence[Checkpoint], overwrite: bool) -> None:
-    resolved = output.resolve()
+def _write_new(staging: Path, path: Path, data: bytes, file_mode: int) -> None:
+    fd = open_confined(staging, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+    with open(fd, "wb") as f:
+        f.write(data)
+        os.fchmod(f.fileno(), file_mode)
+
+
+# ---------------------------------------------------------------------------------------------- side files
+
+
+def _copy_side_files(directory: Path, staging: Path, file_mode: int, output: Path) -> None:
+    blobs = _hub_blobs(directory)
+    for name in SIDE_FILES:
+        source = directory / name
+        if not os.path.lexists(source) or os.path.lexists(staging / name):
+            continue
+        opened = _open_side_file(source, directory, blobs)
+        if isinstance(opened, str):
+            logger.warning("not copying %s: %s; the average is written without it", source, opened)
+            continue
+        with open(opened, "rb") as src, _writing(output):
+            fd = open_confined(staging, staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+            with open(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+                os.fchmod(dst.fileno(), file_mode)
+
+
+def _hub_blobs(directory: Path) -> Path | None:
+    """``.../models--org--name/blobs`` when ``directory`` is a snapshot of a Hugging Face hub cache
+    (``.../models--org--name/snapshots/<revision>``), whose files are links into those blobs."""
+    real = Path(os.path.realpath(directory))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent / "blobs"
+    return None
+
+
+def _open_side_file(source: Path, directory: Path, blobs: Path | None) -> int | str:
+    """A read descriptor of a side file fit to copy, or why it is not: it must be a regular file whose
+    real path is inside the checkpoint directory or inside its hub cache repository's blobs."""
+    real = os.path.realpath(source)
+    pointing = f"it is a symlink to {real}" if source.is_symlink() else f"it resolves to {real}"
+    if not (is_inside(real, directory) or (blobs is not None and is_inside(real, blobs))):
+        where = f"outside the checkpoint directory {directory}"
+        if blobs is not None:
+            where += f" and outside its Hugging Face cache blobs {blobs}"
+        return f"{pointing}, {where}"
+    try:
+        # O_NOFOLLOW: the real path was checked, a link swapped in since is not followed; O_NONBLOCK: a
+        # FIFO would otherwise block the open forever.
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        if not os.path.lexists(real):
+            return f"{pointing}, which does not exist"
+        return f"it cannot be read ({error.strerror or error})"
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        return f"it is {_kind(mode)}, not a regular file"
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+# ---------------------------------------------------------------------------------------------- the output
+
+
+def _check_output(given: Path, output: Path, series: Sequence[Checkpoint], overwrite: bool) -> None:
+    if not output.name:
+        raise CheckpointError(f"output {given} names no file or directory; choose another path")
     for checkpoint in series:
-        inputs = {checkpoint.path.resolve(), *(file.resolve() for file in checkpoint.files)}
+        places = [checkpoint.path, *checkpoint.files]
         if checkpoint.directory is not None:
-            inputs.add(checkpoint.directory.resolve())
-        if resolved in inputs:
-            raise CheckpointError(f"output {output} is one of the input checkpoints; choose another path")
-    if output.exists() or output.is_symlink():
+            places.append(checkpoint.directory)
+        if any(os.path.realpath(place) == os.path.realpath(output) for place in places):
+            raise CheckpointError(
+                f"output {given} is one of the input checkpoints ({checkpoint.path}); choose another path"
+            )
+        if any(is_inside(place, output) for place in places):
+            raise CheckpointError(
+                f"output {given} contains the input checkpoint {checkpoint.path}; writing the average there "
+                "would replace it: choose a new path"
+            )
+        if checkpoint.directory is not None and is_inside(output, checkpoint.directory):
+            raise CheckpointError(
+                f"output {given} is inside the input checkpoint {checkpoint.path}; choose a path outside "
+                "the inputs"
+            )
+    single_file = series[-1].layout == "file"
+    if os.path.lexists(output):
         if not overwrite:
-            raise CheckpointError(f"output {output} already exists; remove it or pass --overwrite")
-        if series[-1].layout == "file" and output.is_dir():
-            raise CheckpointError(f"output {output} is a directory, but the average of files is one file")
-    if series[-1].layout == "file" and output.suffix != ".safetensors":
-        raise CheckpointError(f"output {output} must end in .safetensors: the inputs are .safetensors files")
+            raise CheckpointError(f"output {given} already exists; remove it or pass --overwrite")
+        if output.is_symlink():
+            raise CheckpointError(
+                f"output {given} is a symlink (to {os.readlink(output)}); --overwrite replaces only a "
+                "previous average written there, not a link: remove it or choose another path"
+            )
+        if single_file and output.is_dir():
+            raise CheckpointError(f"output {given} is a directory, but the average of files is one file")
+        if not single_file and not output.is_dir():
+            raise CheckpointError(
+                f"output {given} is a file, but the average of model directories is a directory; remove it "
+                "or choose another path"
+            )
+        if single_file and not _is_average_file(output):
+            raise CheckpointError(
+                f"output {given} is not an average written by checkpoint-stability (its metadata has no "
+                f"{MARKER_KEY!r}); --overwrite only replaces a previous average: remove it yourself or "
+                "choose another path"
+            )
+        if not single_file and not _is_average_directory(output):
+            raise CheckpointError(
+                f"output {given} is not an average written by checkpoint-stability (it has no "
+                f"{MARKER_FILE}); --overwrite only replaces a previous average: remove it yourself or choose "
+                "another path"
+            )
+    if single_file and output.suffix != ".safetensors":
+        raise CheckpointError(f"output {given} must end in .safetensors: the inputs are .safetensors files")
 
 
-def _publish(partial: Path, output: Path) -> None:
-    if partial.is_file() or not (output.exists() or output.is_symlink()):
-        os.replace(partial, output)
-        return
-    # A directory cannot atomically replace another one: swap through a second name.
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    os.replace(output, old)
-    os.replace(partial, output)
-    _remove(old)
+def _is_marker(value: dict) -> bool:
+    return value.get("written_by") == WRITTEN_BY
+
+
+def _is_average_directory(path: Path) -> bool:
+    marker = path / MARKER_FILE
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return False
+        return _is_marker(read_json_object(marker))
+    except (OSError, ValueError):
+        return False
+
+
+def _is_average_file(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            value = (handle.metadata() or {}).get(MARKER_KEY)
+        return isinstance(value, str) and _is_marker(parse_json_object(value, MARKER_KEY))
+    except Exception:  # not safetensors at all, a damaged header, a damaged marker
+        return False
+
+
+def _publish(staging: Path, output: Path, single_file: bool) -> None:
+    """Move the finished average from ``staging`` to ``output``, replacing a previous one in one rename."""
+    if single_file:
+        os.replace(staging / output.name, output)
+        _remove(staging)
+    elif not os.path.lexists(output):
+        os.rename(staging, output)
+    elif _exchange(staging, output):
+        _remove(staging)  # now the previous average
+    else:
+        # No atomic exchange here: swap through a second name, putting the old output back on failure.
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        _remove(old)
+        os.replace(output, old)
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            os.replace(old, output)
+            raise
+        _remove(old)
+    fsync_directory(output.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False when the
+    platform or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _remove(path: Path) -> None:
@@ -552,6 +898,34 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- NaN
+
+
+def _warn_nan(series: Sequence[Checkpoint], names: Sequence[str]) -> None:
+    shown = []
+    for name in names[:5]:
+        holders = [str(c.path) for c in series if _holds_nan(c, name)]
+        source = f"NaN in {', '.join(holders)}" if holders else "infinities of opposite signs"
+        shown.append(f"{name!r} ({source})")
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    logger.warning(
+        "the average holds NaN in %d tensor(s): %s%s; it was written as is: check those checkpoints",
+        len(names),
+        ", ".join(shown),
+        more,
+    )
+
+
+def _holds_nan(checkpoint: Checkpoint, name: str) -> bool:
+    info = checkpoint.tensors[name]
+    with safe_open(str(checkpoint.weight_map[name]), framework="pt") as handle:
+        if not info.shape or info.shape[0] == 0 or _numel(info.shape) <= CHUNK_ELEMENTS:
+            return bool(torch.isnan(handle.get_tensor(name)).any())
+        step = max(1, CHUNK_ELEMENTS // max(1, _numel(info.shape[1:])))
+        piece = handle.get_slice(name)
+        return any(bool(torch.isnan(piece[s : s + step]).any()) for s in range(0, info.shape[0], step))
 
 
 def _bar(total: int, enabled: bool):

@@ -65,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         "average",
         help="write the uniform average of saved checkpoints",
         description=(
-            "Write the uniform average of saved checkpoints: floating-point tensors are averaged (summed in "
-            "float64, rounded back to the stored dtype), the others are taken from the last checkpoint. "
-            "Tensors are streamed one at a time, so memory stays near one model (one shard, if sharded) "
-            "whatever the number of checkpoints. The output has the last checkpoint's format: a model "
-            "directory gives a directory (config and tokenizer files copied), sharded weights give the same "
-            "shards and index, a .safetensors file gives a file. Only safetensors is read, never pickle."
+            "Write the uniform average of saved checkpoints: floating-point and complex tensors are "
+            "averaged (summed in float64, rounded back to the stored dtype), the others are taken from the "
+            "last checkpoint. Tensors are streamed one at a time, so memory stays near one model (one "
+            "shard, if sharded) whatever the number of checkpoints. The output has the last checkpoint's "
+            "format: a model directory gives a directory (config and tokenizer files copied), sharded "
+            "weights give the same shards and index, a .safetensors file gives a file. Only safetensors is "
+            "read, never pickle. Side files that link out of the checkpoint directory (other than into its "
+            "own Hugging Face cache blobs) are skipped with a warning. OUT may not contain, be or lie "
+            "inside an input."
         ),
     )
     average.add_argument(
@@ -81,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "file, or a safetensors index .json",
     )
     average.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory or file")
-    average.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    average.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it holds a previous average written by this command (anything else is refused); "
+        "the old OUT stays whole until the new one is renamed over it",
+    )
     average.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     analyze = commands.add_parser(

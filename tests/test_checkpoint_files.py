@@ -233,5 +233,11 @@ def test_a_file_output_names_a_file_and_keeps_metadata(tmp_path):
         average_checkpoints(inputs, tmp_path / "avg")
     out = average_checkpoints(inputs, tmp_path / "avg.safetensors")
     with safe_open(str(out), framework="pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        metadata = handle.metadata()
+    # The inputs' metadata, plus the marker that lets --overwrite replace this average later.
+    marker = json.loads(metadata.pop("checkpoint_stability_average"))
+    assert metadata == {"format": "pt"}
+    assert marker["written_by"] == "checkpoint-stability average" and marker["inputs"] == list(
+        map(str, inputs)
+    )
     assert not list(tmp_path.glob(".*partial*"))

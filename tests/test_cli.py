@@ -251,7 +251,9 @@ def test_average_of_bare_files_mixes_dtypes_and_keeps_metadata(tmp_path, capsys)
     assert_same_tensors(load_file(out), expected)
     assert torch.equal(expected["count"], torch.tensor([20, 7]))  # from the last checkpoint
     with safe_open(str(out), framework="pt") as handle:
-        assert handle.metadata() == {"format": "pt", "written_by": "file 2"}
+        metadata = handle.metadata()
+    assert json.loads(metadata.pop("checkpoint_stability_average"))["inputs"] == list(map(str, inputs))
+    assert metadata == {"format": "pt", "written_by": "file 2"}
 
     code, _, err = run(["average", *inputs, "-o", out], capsys)
     assert code == 2 and "already exists" in err
