@@ -126,14 +126,24 @@ class _Bad(Exception):
     """A line that parsed as JSON but is not a valid record of its file."""
 
 
-def _decode_logprobs(value: Any) -> Any:
-    if value is None:
-        return -math.inf
-    if isinstance(value, list):
-        return [_decode_logprobs(v) for v in value]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad
-    return value
+def _decode_logprobs(rows: list) -> list[list[float]]:
+    """Rows of choice log-probabilities, ``null`` read as -inf. Anything but a list of flat rows of
+    numbers is damage; checked without recursion, so a line nested thousands deep is skipped, not a
+    ``RecursionError``."""
+    decoded = []
+    for row in rows:
+        if not isinstance(row, list):
+            raise _Bad
+        values = []
+        for value in row:
+            if value is None:
+                values.append(-math.inf)
+            elif type(value) in (int, float):
+                values.append(value)
+            else:
+                raise _Bad
+        decoded.append(values)
+    return decoded
 
 
 def _reject_constant(name: str) -> Any:
@@ -304,7 +314,8 @@ class _JsonlFile:
             if obj is None:
                 # Every line is written as "{...}\n" in one go, so a newline-less unparsable tail is the
                 # prefix of a line whose write was interrupted: it never held a complete record.
-                logger.info("%s: dropping a torn last line left by an interrupted write", self.path)
+                if self._root is not None:  # read-only: nothing is dropped from the file
+                    logger.info("%s: dropping a torn last line left by an interrupted write", self.path)
                 cut_at = len(data) - len(tail)
             else:
                 item = self._parse(tail)

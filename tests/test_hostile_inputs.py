@@ -407,3 +407,19 @@ def test_an_avg_record_is_not_made_from_a_window_missing_its_own_snapshot(tmp_pa
     assert [r["step"] for r in monitor.history.records(task="cls", variant="avg")] == [5, 15]
     notes = [e for e in monitor.history.errors() if e["phase"] == "average"]
     assert [e["step"] for e in notes] == [10] and "not in the window" in notes[0]["error"]
+
+
+def test_choice_logprobs_nested_deeply_are_a_damaged_line_not_a_recursion_error(tmp_path, caplog):
+    run = tmp_path / "run"
+    finished_run(run)
+    path = run / "examples" / "cls.jsonl"
+    lines = path.read_text().splitlines()
+    deep = json.loads(lines[0])
+    deep["choice_logprobs"] = [json.loads("[" * 900 + "]" * 900)] * len(deep["outputs"])
+    path.write_text("\n".join([json.dumps(deep), *lines[1:]]) + "\n")
+    from checkpoint_stability.history import History
+
+    with caplog.at_level(logging.WARNING):
+        history = History(run)
+    assert len(history.outputs("cls")) == len(lines) - 1
+    assert "damaged" in caplog.text

@@ -287,7 +287,10 @@ def test_non_finite_weights_stay_out_of_the_average_and_of_selection(tmp_path, c
     raw = {r["step"]: r["score"] for r in monitor.history.records() if r["variant"] == "raw"}
     assert raw[4] == 1.0 and monitor.best is not None and monitor.best["step"] != 4
     errors = monitor.history.errors()
-    assert [e["step"] for e in errors] == [4] and "not finite" in errors[0]["error"]
+    assert [(e["step"], e["phase"]) for e in errors] == [(4, "snapshot"), (4, "average")]
+    assert "not finite" in errors[0]["error"] and "not in the window" in errors[1]["error"]
+    # Step 4 has no avg record: the window lacked its snapshot, so no average could speak for it.
+    assert 4 not in {r["step"] for r in monitor.history.records(variant="avg")}
 
 
 def test_another_models_snapshots_left_in_the_directory_restart_the_window(tmp_path, caplog):
