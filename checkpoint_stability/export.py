@@ -91,7 +91,7 @@ class ModelExporter:
         data = safetensors_save(
             kept.tensors, metadata={**metadata, "format": "pt", "aliases": json.dumps(kept.aliases)}
         )
-        atomic_write_bytes(directory / WEIGHTS_FILE, data)
+        atomic_write_bytes(directory / WEIGHTS_FILE, data, inside=directory)
 
     def _pretrained(self) -> Any:
         module = self.module()
