@@ -152,8 +152,13 @@ class BestModelSelector:
             relative = f"{EXPORTS_DIR}/{name}"
         previous = self.best_path
         kept = list(self._kept)
-        if self._foreign is not None and self.best is not None:
-            kept.append(_pointer(self.best))  # chosen under other settings: kept beside the new best
+        # A best chosen under other settings, or the unscored model of a run without tasks now beaten by
+        # a scored one, is a result of its own: kept beside the new best, never deleted.
+        unscored_beaten = (
+            self.best is not None and self.best.get("score") is None and record["score"] is not None
+        )
+        if self.best is not None and (self._foreign is not None or unscored_beaten):
+            kept.append(_pointer(self.best))
             previous = None
         best = {
             "path": relative,
@@ -234,11 +239,15 @@ class BestModelSelector:
             if damaged and match and not child.is_symlink() and has_weights(child):
                 # The pointer is unreadable, so nothing says this export is stale: keep it.
                 logger.warning("keeping %s, which the damaged %s may have named", child, BEST_FILE)
+                step = int(match.group(1))
                 self._kept.append(
                     {
                         "path": f"{EXPORTS_DIR}/{child.name}",
-                        "step": int(match.group(1)),
+                        "step": step,
                         "variant": match.group(2),
+                        "window": None,
+                        "steps": [step],
+                        "score": None,  # unknown: the pointer that said it is damaged
                     }
                 )
                 continue
@@ -272,7 +281,7 @@ class BestModelSelector:
             "mode": best.get("mode", "max"),
         }
         if best.get("score") is None:
-            recorded["metric"] = None
+            return best, False  # a run without tasks exported its latest model: nothing to compare with
         if recorded != settings:
             self._foreign = ", ".join(
                 f"{key} {recorded[key]!r} -> {settings[key]!r}"

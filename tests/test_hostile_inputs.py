@@ -423,3 +423,27 @@ def test_choice_logprobs_nested_deeply_are_a_damaged_line_not_a_recursion_error(
         history = History(run)
     assert len(history.outputs("cls")) == len(lines) - 1
     assert "damaged" in caplog.text
+
+
+def test_a_run_without_tasks_replaces_its_own_export_and_keeps_it_once_tasks_arrive(tmp_path):
+    run = tmp_path / "run"
+    for steps in (10, 20):  # resumed without tasks: the latest average replaces the previous one
+        monitor = StabilityMonitor([], dirpath=run, window=3, every_n_steps=5, **quiet())
+        if steps == 20:
+            monitor.open(resume_step=10)
+        model = train(steps)
+        monitor.on_snapshot(model, steps)
+        monitor.close()
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["step-00000020-avg"]
+    unscored = run / "exports" / "step-00000020-avg" / "model.safetensors"
+    weights = unscored.read_bytes()
+
+    x, y = make_data(3)
+    with_tasks = StabilityMonitor([classify_task(x, y)], dirpath=run, window=3, every_n_steps=5, **quiet())
+    with_tasks.open(resume_step=20)
+    with_tasks.on_snapshot(train(25), 25)
+    with_tasks.close()
+    pointer = json.loads((run / "best.json").read_text())
+    assert pointer["step"] == 25 and pointer["score"] is not None
+    assert [(kept["step"], kept["score"]) for kept in pointer["kept"]] == [(20, None)]
+    assert unscored.read_bytes() == weights
