@@ -159,12 +159,18 @@ def _loads_object(raw: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+_LARGEST_INT = 2**63 - 1  # no step, window or count is larger; JSON itself has no bound
+
+
 def _is_int(value: object, minimum: int) -> bool:
-    return type(value) is int and value >= minimum
+    return type(value) is int and minimum <= value <= _LARGEST_INT
 
 
 def _is_finite(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    # An int of 400 digits parses, and math.isfinite would raise OverflowError on it.
+    if type(value) is int:
+        return abs(value) <= _LARGEST_INT
+    return type(value) is float and math.isfinite(value)
 
 
 def _check_history_line(obj: dict) -> dict:

@@ -447,3 +447,18 @@ def test_a_run_without_tasks_replaces_its_own_export_and_keeps_it_once_tasks_arr
     assert pointer["step"] == 25 and pointer["score"] is not None
     assert [(kept["step"], kept["score"]) for kept in pointer["kept"]] == [(20, None)]
     assert unscored.read_bytes() == weights
+
+
+def test_numbers_too_large_for_a_float_are_a_damaged_line(tmp_path, caplog):
+    run = tmp_path / "run"
+    finished_run(run)
+    path = run / "history.jsonl"
+    lines = path.read_text().splitlines()
+    huge = {**json.loads(lines[0]), "mtv": 10**400}  # found by the fuzz test: OverflowError before
+    path.write_text("\n".join([json.dumps(huge), *lines[1:]]) + "\n")
+    from checkpoint_stability.history import History
+
+    with caplog.at_level(logging.WARNING):
+        history = History(run)
+    assert len(history.records()) == len(lines) - 1
+    assert "damaged" in caplog.text
