@@ -43,8 +43,7 @@ from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.json_files import DamagedJSONError, read_json_object
-from checkpoint_stability.metrics import resolve_similarity, series_metrics
-from checkpoint_stability.monitor import MEAN_TASK, StabilityMonitor
+from checkpoint_stability.records import Evaluation, ScoreSeries
 from checkpoint_stability.run_lock import LOCK_FILE, RunLock
 from checkpoint_stability.tasks.base import Task, TaskResult
 
@@ -247,7 +246,7 @@ def analyze(
     config = StabilityConfig(ensemble=ensemble, horizon=horizon, similarity=similarity)
     if config.ensemble is None:
         raise ValueError("ensemble must be 'vote' or 'mean_prob' for an analysis")
-    tasks = StabilityMonitor.check_tasks(tasks, config)
+    tasks = config.check_tasks(tasks)
     if not tasks:
         raise ValueError("analyze needs at least one task")
     series = order_series(checkpoints)
@@ -448,7 +447,6 @@ class _Run:
         self.history: History = history
         self.windows = [w for w in windows if w > 1]
         self.config = config
-        self.similarity = resolve_similarity(config.similarity)
         self.model_factory = model_factory
         self.show_progress = show_progress
         self.model: torch.nn.Module | None = None
@@ -474,7 +472,7 @@ class _Run:
                 self.stored[(task.name, line["step"], line["variant"], line["window"])] = result
                 if line["variant"] == "avg":
                     self.stored_avg[(task.name, line["step"], min(line["window"], k + 1))] = result
-        self.series_of: dict[tuple, deque] = {}
+        self.score_series = ScoreSeries(config.horizon, config.similarity)
 
     # ------------------------------------------------------------------ planning
 
@@ -576,12 +574,10 @@ class _Run:
 
     def _write(self, step: int, k: int, results: dict[tuple, TaskResult]) -> None:
         """Outputs lines first, then the step's records in one append: a record implies its outputs."""
-        now = time.time()
-        records = []
+        evaluations = []
         pairs = [("raw", 1)] + [(variant, w) for w in self.windows for variant in ("avg", "ens")]
         for variant, window in pairs:
             n_models = 1 if variant == "raw" else min(window, k + 1)
-            per_task = []
             for task in self.tasks:
                 result = results[(task.name, variant, window)]
                 if (task.name, step, variant, window) not in self.stored:
@@ -598,52 +594,17 @@ class _Run:
                         result.correct,
                         result.choice_logprobs,
                     )
-                record = self.recorded.get((step, task.name, variant, window))
-                score = record["score"] if record is not None else result.score
-                self._series(task.name, variant, window).append((score, result.outputs))
-                if record is None:
-                    record = self._record(step, task.name, variant, window, n_models, score, now)
-                    records.append(record)
-                per_task.append(record)
-            mean_score = sum(r["score"] for r in per_task) / len(per_task)
-            record = self.recorded.get((step, MEAN_TASK, variant, window))
-            self._series(MEAN_TASK, variant, window).append(
-                (record["score"] if record is not None else mean_score, None)
-            )
-            if record is None:
-                record = self._record(step, MEAN_TASK, variant, window, n_models, mean_score, now)
-                iss = [r["is"] for r in per_task]
-                record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
-                records.append(record)
+                evaluations.append(
+                    Evaluation(task.name, variant, window, n_models, result.score, result.outputs)
+                )
+        known = {(t, v, w): r for (s, t, v, w), r in self.recorded.items() if s == step}
+        step_records = self.score_series.step_records(
+            step, evaluations, [t.name for t in self.tasks], time.time(), known
+        )
+        records = [r for r in step_records if (r["task"], r["variant"], r["window"]) not in known]
         if records:
             self.history.append_many(records)
             self.records_written += len(records)
-
-    def _series(self, task: str, variant: str, window: int) -> deque:
-        key = (task, variant, window)
-        if key not in self.series_of:
-            self.series_of[key] = deque(maxlen=self.config.horizon)
-        return self.series_of[key]
-
-    def _record(
-        self, step: int, task: str, variant: str, window: int, n_models: int, score: float, now: float
-    ) -> dict:
-        # The monitor's live metrics: over the trailing horizon of this series, the record's own included.
-        entries = list(self._series(task, variant, window))
-        mtv, instability = series_metrics(
-            [s for s, _ in entries], [o for _, o in entries if o is not None], self.similarity
-        )
-        return {
-            "step": step,
-            "task": task,
-            "variant": variant,
-            "window": window,
-            "n_models": n_models,
-            "score": float(score),
-            "mtv": mtv,
-            "is": instability,
-            "time": now,
-        }
 
 
 def _check_same_task(task: Task, meta: dict, run_dir: Path) -> None:

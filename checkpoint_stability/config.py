@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from checkpoint_stability.tasks.base import Task, validate_tasks
 
 ENSEMBLE_CHOICES = ("vote", "mean_prob")
 ON_ERROR_CHOICES = ("warn", "raise")
@@ -154,6 +157,25 @@ class StabilityConfig:
             f"{owner}: every_n_steps={every}, but this run ends at optimizer step {last_step} (from step "
             f"{start_step}), so no snapshot will be taken; lower every_n_steps"
         )
+
+    def check_tasks(self, tasks: Sequence[Task]) -> list[Task]:
+        """The tasks, checked against these settings: the Task protocol and unique names, a
+        ``select_metric`` that names a task (or ``"mean"``), and choice probabilities where
+        ``ensemble="mean_prob"`` needs them. Raises ``ValueError`` naming the problem."""
+        tasks = validate_tasks(tasks)
+        names = [task.name for task in tasks]
+        if tasks and self.select_metric not in ("mean", *names):
+            raise ValueError(
+                f"select_metric {self.select_metric!r} is neither 'mean' nor the name of a task ({names})"
+            )
+        if self.ensemble == "mean_prob":
+            for task in tasks:
+                if task.kind not in ("multiple_choice", "classification", "lm_eval", "function"):
+                    raise ValueError(
+                        f"ensemble='mean_prob' needs choice probabilities, which task {task.name!r} "
+                        f"(kind {task.kind!r}) does not produce; use ensemble='vote'"
+                    )
+        return tasks
 
     def replace(self, **changes) -> StabilityConfig:
         """A copy with some settings changed (validated again)."""

@@ -34,7 +34,7 @@ from checkpoint_stability.export import ModelExporter, export_target, fit_state_
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.json_files import read_json_object
-from checkpoint_stability.metrics import resolve_similarity, series_metrics
+from checkpoint_stability.records import MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
 from checkpoint_stability.report import write_report
 from checkpoint_stability.run_lock import LOCK_FILE, LockingUnsupported, RunLock
 from checkpoint_stability.runtime import Runtime, default_runtime
@@ -50,12 +50,10 @@ from checkpoint_stability.state import (
     parameter_names,
     write_into,
 )
-from checkpoint_stability.tasks.base import Task, TaskResult, validate_tasks
+from checkpoint_stability.tasks.base import Task, TaskResult
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("raw", "avg", "ens")
-MEAN_TASK = "mean"
 RUN_FILE = "run.json"
 
 
@@ -118,7 +116,6 @@ class StabilityMonitor:
         self._tensorboard_writer = tensorboard_writer
         self.export_prefix = export_prefix
         self.processing_class = processing_class
-        self._similarity = resolve_similarity(config.similarity)
         self._opened = False
         self.dirpath: Path | None = None
         self.buffer: SnapshotBuffer | None = None
@@ -144,22 +141,9 @@ class StabilityMonitor:
 
     @staticmethod
     def check_tasks(tasks: Sequence[Task], config: StabilityConfig) -> list[Task]:
-        """Check tasks against the settings (protocol, unique names, select_metric, mean_prob), so an
-        adapter can refuse bad input at construction, before any monitor exists."""
-        tasks = validate_tasks(tasks)
-        names = [task.name for task in tasks]
-        if tasks and config.select_metric not in ("mean", *names):
-            raise ValueError(
-                f"select_metric {config.select_metric!r} is neither 'mean' nor the name of a task ({names})"
-            )
-        if config.ensemble == "mean_prob":
-            for task in tasks:
-                if task.kind not in ("multiple_choice", "classification", "lm_eval", "function"):
-                    raise ValueError(
-                        f"ensemble='mean_prob' needs choice probabilities, which task {task.name!r} "
-                        f"(kind {task.kind!r}) does not produce; use ensemble='vote'"
-                    )
-        return tasks
+        """Check tasks against the settings (``StabilityConfig.check_tasks``), so an adapter can refuse
+        bad input at construction, before any monitor exists."""
+        return config.check_tasks(tasks)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -636,30 +620,20 @@ class StabilityMonitor:
             )
 
     def _records(self, step: int, results: dict[tuple[str, str], TaskResult]) -> list[dict]:
-        now = time.time()
-        records = []
-        for variant in VARIANTS:
-            per_task = []
-            for task in self.tasks:
-                result = results.get((task.name, variant))
-                if result is None:
-                    continue
-                key = (task.name, variant)
-                self._scores[key].append(result.score)
-                self._outputs[key].append(result.outputs)
-                record = self._record(
-                    step, task.name, variant, self._models_in(task.name, variant), result.score, now
-                )
-                records.append(record)
-                per_task.append(record)
-            if per_task and len(per_task) == len(self.tasks):
-                mean_score = sum(r["score"] for r in per_task) / len(per_task)
-                self._scores[(MEAN_TASK, variant)].append(mean_score)
-                iss = [r["is"] for r in per_task]
-                record = self._record(step, MEAN_TASK, variant, per_task[0]["n_models"], mean_score, now)
-                record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
-                records.append(record)
-        return records
+        evaluations = [
+            Evaluation(
+                task.name,
+                variant,
+                self._window_of(variant),
+                self._models_in(task.name, variant),
+                results[(task.name, variant)].score,
+                results[(task.name, variant)].outputs,
+            )
+            for variant in VARIANTS
+            for task in self.tasks
+            if (task.name, variant) in results
+        ]
+        return self.series.step_records(step, evaluations, [t.name for t in self.tasks], time.time())
 
     def _window_of(self, variant: str) -> int:
         """The window size a variant is computed over (raw: a single snapshot)."""
@@ -672,22 +646,6 @@ class StabilityMonitor:
         if variant == "ens":
             return len(self._raw_window[task_name])
         return self._avg_models
-
-    def _record(self, step: int, task: str, variant: str, n_models: int, score: float, now: float) -> dict:
-        mtv, instability = series_metrics(
-            list(self._scores[(task, variant)]), list(self._outputs[(task, variant)]), self._similarity
-        )
-        return {
-            "step": step,
-            "task": task,
-            "variant": variant,
-            "window": self._window_of(variant),
-            "n_models": max(1, int(n_models or 1)),
-            "score": float(score),
-            "mtv": mtv,
-            "is": instability,
-            "time": now,
-        }
 
     def _persist(self, step: int, results: dict[tuple[str, str], TaskResult], records: list[dict]) -> None:
         # Score lines first and each task on its own: one task's trouble must not cost the others.
@@ -1032,10 +990,7 @@ class StabilityMonitor:
             self._lock = None
 
     def _reset_caches(self) -> None:
-        horizon = self.config.horizon
-        names = [t.name for t in self.tasks] + [MEAN_TASK]
-        self._scores = {(n, v): deque(maxlen=horizon) for n in names for v in VARIANTS}
-        self._outputs = {(n, v): deque(maxlen=horizon) for n in names for v in VARIANTS}
+        self.series = ScoreSeries(self.config.horizon, self.config.similarity)
         self._raw_window = {t.name: deque(maxlen=self.config.window) for t in self.tasks}
         self._avg_models = 0
         self._snapshots_taken = 0
@@ -1049,14 +1004,18 @@ class StabilityMonitor:
         """Rank 0: rebuild the live score and output series from the history after (re)open."""
         self._reset_caches()
         self._avg_models = self.average.count
+        live_series = {
+            (task.name, variant, self._window_of(variant)) for task in self.tasks for variant in VARIANTS
+        }
+        outputs = []
         for task in self.tasks:
             meta = self.history.meta(task.name)
             for line in self.history.outputs(task.name):
-                variant = line["variant"]
-                if variant not in VARIANTS or line["window"] != self._window_of(variant):
+                key = (task.name, line["variant"], line["window"])
+                if key not in live_series:
                     continue
-                self._outputs[(task.name, variant)].append(line["outputs"])
-                if variant == "raw" and meta is not None and len(line["outputs"]) == len(meta["targets"]):
+                outputs.append((*key, line["outputs"]))
+                if key[1] == "raw" and meta is not None and len(line["outputs"]) == len(meta["targets"]):
                     result = TaskResult(
                         outputs=line["outputs"],
                         correct=line["correct"],
@@ -1067,10 +1026,11 @@ class StabilityMonitor:
                     self._raw_window[task.name].append((line["step"], result))
         records = self.history.records()
         self._snapshots_taken = len({r["step"] for r in records})
-        for record in records:
-            key = (record["task"], record["variant"])
-            if key in self._scores and record["window"] == self._window_of(record["variant"]):
-                self._scores[key].append(record["score"])
+        names = {task.name for task in self.tasks} | {MEAN_TASK}
+        self.series.restore(
+            [r for r in records if r["task"] in names and r["window"] == self._window_of(r["variant"])],
+            outputs,
+        )
         self._last_step = max(
             [s for s in (self.history.last_step(), *(self.buffer.steps[-1:])) if s is not None], default=None
         )
