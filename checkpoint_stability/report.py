@@ -45,9 +45,8 @@ from checkpoint_stability.confinement import UnsafePathError, open_confined
 from checkpoint_stability.ensemble import vote
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.metrics import char_f1, exact_match, instability_score, mean_total_variation
+from checkpoint_stability.records import MEAN_TASK, VARIANTS
 from checkpoint_stability.summary import (
-    MEAN_TASK,
-    VARIANTS,
     RunView,
     as_view,
     final_count,

@@ -11,11 +11,10 @@ from typing import Any
 
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History, validate_task_name
 from checkpoint_stability.metrics import instability_score, mean_total_variation
+from checkpoint_stability.records import MEAN_TASK, VARIANTS
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("raw", "avg", "ens")
-MEAN_TASK = "mean"
 MAX_STEP = 2**63 - 1
 """No optimizer step, window or model count is larger (int64); a larger one is a damaged line."""
 MAX_OUTPUT_DEPTH = 32

@@ -15,10 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
-VARIANTS: tuple[str, ...] = ("raw", "avg", "ens")
-METRICS: tuple[str, ...] = ("score", "mtv", "is")
-MEAN_TASK = "mean"
-PREFIX = "stability"
+from checkpoint_stability.records import MEAN_TASK, METRICS, VARIANTS, scalar_name
 
 # Human-facing chart categories, one per metric, in the order TensorBoard shows them.
 _LAYOUT_CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -61,11 +58,6 @@ class Sink(Protocol):
     def close(self) -> None:
         """Flush and release resources; called once at the end of training."""
         ...
-
-
-def scalar_name(task: str, variant: str, metric: str) -> str:
-    """The logged name of one scalar, e.g. ``stability/mean/avg/score``."""
-    return f"{PREFIX}/{task}/{variant}/{metric}"
 
 
 def _variant_rank(variant: object) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from checkpoint_stability.sinks.base import MEAN_TASK, VARIANTS
+from checkpoint_stability.records import MEAN_TASK, VARIANTS
 
 # (label on the line, record key)
 _SECTIONS: tuple[tuple[str, str], ...] = (("score", "score"), ("IS", "is"), ("MTV", "mtv"))

@@ -5,14 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from checkpoint_stability.sinks.base import (
-    MEAN_TASK,
-    METRICS,
-    VARIANTS,
-    layout_task_names,
-    scalar_items,
-    scalar_name,
-)
+from checkpoint_stability.records import MEAN_TASK, METRICS, VARIANTS, scalar_name
+from checkpoint_stability.sinks.base import layout_task_names, scalar_items
 
 # Higher is better for a score; MTV and IS measure instability, so lower is better.
 SUMMARIES = {"score": "max", "mtv": "min", "is": "min"}
