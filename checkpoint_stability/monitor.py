@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pickle
 import time
-import traceback
 import warnings
 import weakref
 from collections import deque
@@ -31,6 +29,7 @@ from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.confinement import UnsafePathError, writable_file
 from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.export import ModelExporter, export_target, fit_state_to, load_export
+from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.json_files import read_json_object
@@ -124,8 +123,8 @@ class StabilityMonitor:
         self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
         self.sinks: list[Sink] = []
         self._own_sinks: list[Sink] = []
-        self._warned: set[tuple[str, str | None]] = set()
-        self._held_error: BaseException | None = None
+        # Weakly: the policy must not keep its monitor alive (a dropped monitor releases its lock).
+        self.faults = FaultPolicy(config.on_error, _weakly(weakref.WeakMethod(self._current_runtime)))
         self._last_step: int | None = None
         self._live_dtypes: dict[str, torch.dtype] = {}
         self._sharded = False
@@ -146,6 +145,9 @@ class StabilityMonitor:
         return config.check_tasks(tasks)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def _current_runtime(self) -> Runtime:
+        return self.runtime
 
     @property
     def runtime(self) -> Runtime:
@@ -185,7 +187,7 @@ class StabilityMonitor:
                     open_part(resume_step)
                 except Exception as caught:
                     error = caught
-            failure = self._first_error_of_any_rank(error)
+            failure = self.faults.first_error_of_any_rank(error)
             if failure is not None:
                 # Whatever failed, the lock and the files opened so far are let go: a failed open
                 # must not leave the directory locked by this very process.
@@ -400,7 +402,7 @@ class StabilityMonitor:
         self._select(step, records, model, live)
         # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
         records = self.runtime.broadcast_object(records)
-        self._raise_held_error()
+        self.faults.raise_held()
         return records
 
     # ------------------------------------------------------------------ pipeline steps
@@ -563,7 +565,7 @@ class StabilityMonitor:
             if holds and step not in self.buffer.steps:
                 # The window lacks this very snapshot (its write failed, or its weights were not
                 # finite): an average of the older ones only would pass for this step's, silently.
-                self._note(
+                self.faults.note(
                     step,
                     "average",
                     f"no avg at step {step}: its snapshot is not in the window (see the snapshot error "
@@ -772,76 +774,9 @@ class StabilityMonitor:
             except Exception as caught:
                 self._fault("export", caught, step=self._last_step)
 
-    # ------------------------------------------------------------------ faults
-
-    def _fault(
-        self,
-        phase: str,
-        error: BaseException,
-        *,
-        step: int | None,
-        task: str | None = None,
-        variant: str | None = None,
-        agreed: bool = False,
-    ) -> None:
-        """Report a run-time fault once with its cause, record it, and go on (or raise, if asked).
-
-        ``agreed``: every rank reached this fault together, so ``on_error="raise"`` may raise at once.
-        Otherwise (rank-0-only work: writing, logging, exporting) the error is held and raised on every
-        rank at the end of the snapshot, so no rank is left waiting in a collective.
-        """
-        first = (phase, task) not in self._warned
-        self._warned.add((phase, task))
-        where = f" (task {task!r}, variant {variant})" if task else ""
-        action = "stopping (on_error='raise')" if self.config.on_error == "raise" else "skipped"
-        message = (
-            f"checkpoint-stability: {phase} failed at step {step}{where}: {describe_error(error)}; {action}"
-        )
-        if first:
-            logger.warning("%s\n%s", message, "".join(traceback.format_exception(error)).rstrip())
-        else:
-            logger.warning(message)
-        if self.history is not None:
-            try:
-                self.history.append_error(
-                    step if step is not None else (self._last_step or 0),
-                    phase,
-                    describe_error(error),
-                    task=task,
-                    variant=variant,
-                )
-            except Exception as history_error:
-                logger.warning("could not record the error in the history: %r", history_error)
-        if self.config.on_error == "raise":
-            if agreed or self.runtime.world_size == 1:
-                raise error
-            self._held_error = self._held_error or error
-
-    def _note(self, step: int, phase: str, message: str) -> None:
-        """Something skipped for a reason already reported: a warning and a history line, never fatal."""
-        logger.warning("checkpoint-stability: %s", message)
-        if self.history is not None:
-            try:
-                self.history.append_error(step, phase, message)
-            except Exception as error:
-                logger.warning("could not record the note in the history: %s", describe_error(error))
-
-    def _raise_held_error(self) -> None:
-        error, self._held_error = self._held_error, None
-        failure = self._first_error_of_any_rank(error)
-        if failure is not None:
-            raise failure
-
-    def _first_error_of_any_rank(self, error: BaseException | None) -> BaseException | None:
-        """The same exception on every rank (the lowest failing rank's), or None if no rank failed."""
-        if not self.runtime.any_rank(error is not None):
-            return None
-        if self.runtime.world_size == 1:
-            return error
-        for candidate in self.runtime.all_gather_object(_portable(error)):
-            if candidate is not None:
-                return candidate
-        return error
+    def _fault(self, phase: str, error: BaseException, *, step: int | None, **where) -> None:
+        """:meth:`FaultPolicy.report`, at the last step when the fault belongs to none."""
+        self.faults.report(phase, error, step=step if step is not None else (self._last_step or 0), **where)
 
     # ------------------------------------------------------------------ state on disk
 
@@ -859,6 +794,7 @@ class StabilityMonitor:
         self._lock = _lock_run_directory(self.dirpath)
         self._check_run_record()
         self.history = History(self.dirpath)
+        self.faults.history = self.history
         self.selector = BestModelSelector(
             self.dirpath,
             select=self.config.select,
@@ -955,7 +891,7 @@ class StabilityMonitor:
             self._write_report()
         self._release()
         self._opened = False
-        self._raise_held_error()
+        self.faults.raise_held()
 
     def _write_report(self) -> None:
         """The report of the finished run (rank 0); a failure is a fault like any other, never fatal."""
@@ -1059,17 +995,6 @@ class StabilityMonitor:
         raise KeyError(name)
 
 
-def _portable(error: BaseException | None) -> BaseException | None:
-    """``error`` if it survives being sent to another rank, else a RuntimeError with its text."""
-    if error is None:
-        return None
-    try:
-        pickle.dumps(error)  # torch's object collectives serialise in memory, between our own ranks
-        return error
-    except Exception:
-        return RuntimeError(repr(error))
-
-
 def _weakly(method: weakref.WeakMethod, gone: str | None = None):
     """``method`` of the monitor, called without a strong reference to it: the buffer and the selector
     must not keep their monitor alive, or a monitor dropped without ``close()`` would keep its run
@@ -1099,11 +1024,6 @@ def _lock_run_directory(dirpath: Path) -> RunLock | None:
             describe_error(error),
         )
         return None
-
-
-def describe_error(error: BaseException) -> str:
-    """``Type: message`` with the file an ``OSError`` names (``repr`` drops it: ``OSError(30, ...)``)."""
-    return f"{type(error).__name__}: {error}"
 
 
 class NonFiniteWeightsError(ValueError):
