@@ -10,7 +10,6 @@ records to the history and the sinks. Framework callbacks only translate their h
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import warnings
@@ -22,20 +21,17 @@ from typing import Any
 
 import torch
 
-from checkpoint_stability.atomic_files import atomic_write_text
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.confinement import UnsafePathError, writable_file
 from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.export import ModelExporter, export_target, fit_state_to, load_export
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
-from checkpoint_stability.json_files import read_json_object
 from checkpoint_stability.records import MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
 from checkpoint_stability.report import write_report
-from checkpoint_stability.run_lock import LOCK_FILE, LockingUnsupported, RunLock
+from checkpoint_stability.run_directory import RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
 from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
@@ -52,8 +48,6 @@ from checkpoint_stability.state import (
 from checkpoint_stability.tasks.base import Task, TaskResult
 
 logger = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
 
 
 class StabilityMonitor:
@@ -129,7 +123,7 @@ class StabilityMonitor:
         self._live_dtypes: dict[str, torch.dtype] = {}
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
-        self._lock: RunLock | None = None
+        self._run_directory: RunDirectory | None = None
         self._writing_step: int | None = None
         self._non_finite_steps: set[int] = set()
         self._parameter_names: set[str] = set()
@@ -782,40 +776,23 @@ class StabilityMonitor:
 
     def _open_shared(self, resume_step: int | None) -> None:
         """Rank 0: the run directory, its history and selection, the world-size record."""
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        for name in ("buffer", "examples", "exports", "tensorboard"):
-            if (self.dirpath / name).is_symlink():
-                raise UnsafePathError(
-                    f"{self.dirpath / name} is a symlink; the run directory must hold its own files "
-                    "(nothing outside it is read, written or deleted)"
-                )
-        for name in ("history.jsonl", "best.json", RUN_FILE, LOCK_FILE):
-            writable_file(self.dirpath, self.dirpath / name)
-        self._lock = _lock_run_directory(self.dirpath)
-        self._check_run_record()
-        self.history = History(self.dirpath)
-        self.faults.history = self.history
-        self.selector = BestModelSelector(
-            self.dirpath,
-            select=self.config.select,
-            metric=self.config.select_metric,
-            mode=self.config.select_mode,
-            # A window never holds more than `window` snapshots, so a larger threshold would never pass.
-            min_snapshots=min(self.config.min_snapshots, self.config.window),
-            exporter=ModelExporter(
-                _weakly(weakref.WeakMethod(self._trained_model)),
-                prefix=self.export_prefix,
-                processing_class=self.processing_class,
-                tasks=tuple(self.tasks),
-            ),
+        exporter = ModelExporter(
+            _weakly(weakref.WeakMethod(self._trained_model)),
+            prefix=self.export_prefix,
+            processing_class=self.processing_class,
+            tasks=tuple(self.tasks),
         )
-        if resume_step is not None:
-            dropped_lines = self.history.truncate_after(resume_step)
-            self.selector.truncate_after(resume_step)
-            if dropped_lines:
-                logger.info(
-                    "resuming from step %d: dropped %d newer history lines", resume_step, dropped_lines
-                )
+        self._run_directory = RunDirectory(
+            self.dirpath,
+            self.config,
+            world_size=self.runtime.world_size,
+            sharded=self._sharded,
+            exporter=exporter,
+            resume_step=resume_step,
+        )
+        self.history = self._run_directory.history
+        self.selector = self._run_directory.selector
+        self.faults.history = self.history
 
     def _open_series(self, resume_step: int | None) -> None:
         """Rank 0: the live series rebuilt from the history, and the sinks."""
@@ -842,30 +819,6 @@ class StabilityMonitor:
             if dropped:
                 logger.info("resuming from step %d: dropped newer snapshots %s", resume_step, dropped)
         self._resum_average()
-
-    def _check_run_record(self) -> None:
-        """A window of shards only makes sense with the same number of ranks: refuse anything else."""
-        path = self.dirpath / RUN_FILE
-        now = {"world_size": self.runtime.world_size, "sharded": self._sharded}
-        if path.exists():
-            try:
-                before = read_json_object(path)
-            except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
-                logger.warning("ignoring unreadable %s (%s)", path, error)
-                before = None
-            # Full weights resume under any world size (rank 0 holds them); shards need the same split.
-            involves_shards = isinstance(before, dict) and (before.get("sharded") or self._sharded)
-            if involves_shards and before != now:
-                raise ValueError(
-                    f"{self.dirpath} was written by {before.get('world_size')} ranks "
-                    f"({'sharded' if before.get('sharded') else 'full'} weights); this run has "
-                    f"{now['world_size']} ({'sharded' if now['sharded'] else 'full'}). A window of "
-                    "sharded snapshots can only be resumed with the same world size and sharding; "
-                    "use a new dirpath"
-                )
-            if before == now:
-                return
-        atomic_write_text(path, json.dumps(now) + "\n", inside=self.dirpath)
 
     def _agree_on_window(self) -> None:
         """Sharded runs: every rank keeps only the steps that every rank has (a write may fail on one)."""
@@ -921,9 +874,9 @@ class StabilityMonitor:
             # Reported by _shutdown when it matters; here the writer thread is only released.
             with contextlib.suppress(SnapshotError):
                 self.buffer.close()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._run_directory is not None:
+            self._run_directory.release()
+            self._run_directory = None
 
     def _reset_caches(self) -> None:
         self.series = ScoreSeries(self.config.horizon, self.config.similarity)
@@ -1009,21 +962,6 @@ def _weakly(method: weakref.WeakMethod, gone: str | None = None):
         return bound(*args)
 
     return call
-
-
-def _lock_run_directory(dirpath: Path) -> RunLock | None:
-    try:
-        return RunLock(dirpath)
-    except (ImportError, LockingUnsupported) as error:
-        # No fcntl (Windows) or a file system without flock (some network ones): go on unlocked. Any
-        # other failure (read-only, no permission, lock.json a directory) is the directory's fault
-        # and is raised, naming the file: locking is never silently turned off.
-        logger.warning(
-            "cannot lock the run directory %s (%s); two runs there would collide",
-            dirpath,
-            describe_error(error),
-        )
-        return None
 
 
 class NonFiniteWeightsError(ValueError):
