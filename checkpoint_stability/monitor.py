@@ -9,7 +9,6 @@ records to the history and the sinks. Framework callbacks only translate their h
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -41,11 +40,11 @@ from checkpoint_stability.state import (
     gather_full_state,
     is_sharded,
     live_tensors,
-    non_finite_counts,
     parameter_names,
     write_into,
 )
 from checkpoint_stability.tasks.base import Task, TaskResult
+from checkpoint_stability.window import SnapshotWindow
 
 logger = logging.getLogger(__name__)
 
@@ -111,26 +110,28 @@ class StabilityMonitor:
         self.processing_class = processing_class
         self._opened = False
         self.dirpath: Path | None = None
-        self.buffer: SnapshotBuffer | None = None
         self.history: History | None = None
         self.selector: BestModelSelector | None = None
-        self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
         self.sinks: list[Sink] = []
         self._own_sinks: list[Sink] = []
         # Weakly: the policy must not keep its monitor alive (a dropped monitor releases its lock).
         self.faults = FaultPolicy(config.on_error, _weakly(weakref.WeakMethod(self._current_runtime)))
+        self.window = SnapshotWindow(config, self.faults)
         self._last_step: int | None = None
-        self._live_dtypes: dict[str, torch.dtype] = {}
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
         self._run_directory: RunDirectory | None = None
-        self._writing_step: int | None = None
-        self._non_finite_steps: set[int] = set()
-        self._parameter_names: set[str] = set()
-        # Tensors holding NaN/inf in the last snapshot admitted to the window (None: none admitted yet).
-        self._accepted_non_finite: dict[str, int] | None = None
-        self._storage_range_checked = False
         self._reset_caches()
+
+    @property
+    def buffer(self) -> SnapshotBuffer | None:
+        """The on-disk window of snapshots (None until the run directory opens)."""
+        return self.window.buffer
+
+    @property
+    def average(self) -> WindowAverage:
+        """The running average of the window's snapshots."""
+        return self.window.average
 
     @staticmethod
     def check_tasks(tasks: Sequence[Task], config: StabilityConfig) -> list[Task]:
@@ -188,7 +189,7 @@ class StabilityMonitor:
                 self._release()
                 raise failure
             if open_part == self._open_buffer and self._sharded:
-                self._agree_on_window()
+                self.window.agree(self.runtime)
         # Every rank decides the same way when an avg evaluation is due, so every rank needs the count.
         self._last_step, self._snapshots_taken = self.runtime.broadcast_object(
             (self._last_step, self._snapshots_taken)
@@ -261,7 +262,9 @@ class StabilityMonitor:
             try:
                 self.buffer.close()
             except SnapshotError as error:
-                logger.warning("checkpoint-stability: the last snapshot write failed: %r", error)
+                logger.warning(
+                    "checkpoint-stability: the last snapshot write failed: %s", describe_error(error)
+                )
         self._release()
         self._opened = False
 
@@ -272,7 +275,7 @@ class StabilityMonitor:
         that ``N`` is on disk (a failed write is reported as usual).
         """
         if self._opened and self.buffer is not None:
-            self._wait_for_buffer()
+            self.window.wait()
         return {
             "dirpath": None if self.dirpath is None else str(self.dirpath),
             "last_step": self._last_step,
@@ -363,8 +366,8 @@ class StabilityMonitor:
         if not self._ready(step, model):
             return []
         self._model = weakref.ref(model)
-        self._parameter_names = parameter_names(model)
-        captured = self._push(step, live)
+        self.window.parameter_names = parameter_names(model)
+        captured = self.window.push(step, live) if self._owns_buffer else None
         self._last_step = step
         self._snapshots_taken += 1
 
@@ -422,96 +425,9 @@ class StabilityMonitor:
             return False
         return True
 
-    def _push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
-        if not self._owns_buffer:
-            return None
-        self._live_dtypes = {name: tensor.dtype for name, tensor in live.items()}
-        self._wait_for_buffer()
-        mismatch = self.average.mismatch(live)
-        if mismatch is not None:
-            # A changed model (new layers, a torch.compile prefix) cannot share a window with the old
-            # one; keeping the old snapshots would jam every later push.
-            logger.warning("%s: restarting the window from step %d", mismatch, step)
-            try:
-                self.buffer.truncate_after(-1)
-            except Exception as error:
-                self._fault("snapshot", error, step=step)
-            self.average.reset([])
-        if not self._storage_range_checked:
-            self._storage_range_checked = True
-            self._check_storage_range(step, live)
-        self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
-        try:
-            return self.buffer.push(step, live)
-        except Exception as error:
-            self._fault("snapshot", error, step=step)
-            return None
-
-    def _check_storage_range(self, step: int, live: dict[str, torch.Tensor]) -> None:
-        """At the first snapshot: finite values that ``storage_dtype`` turns into infinities are a
-        configuration error (e.g. a ``finfo(float32).min`` mask stored as float16), named once."""
-        dtype = self.config.storage_dtype
-        if dtype is None:
-            return
-        largest = torch.finfo(dtype).max
-        for name, tensor in live.items():
-            if (
-                not tensor.is_floating_point()
-                or tensor.numel() == 0
-                or torch.finfo(tensor.dtype).max <= largest
-            ):
-                continue
-            finite = tensor[torch.isfinite(tensor)]
-            if finite.numel() and float(finite.abs().max()) > largest:
-                self._fault(
-                    "config",
-                    ValueError(
-                        f"storage_dtype={str(dtype).removeprefix('torch.')!r} cannot hold {name!r}: it holds "
-                        f"finite values up to {float(finite.abs().max()):.4g} and the largest {dtype} is "
-                        f"{largest:.4g}, so they are stored as infinity. Use storage_dtype='bfloat16' "
-                        "(float32's range) or None"
-                    ),
-                    step=step,
-                )
-                return
-
     def _trained_model(self) -> torch.nn.Module | None:
         """The model the monitor last snapshotted, if it still exists (exports look it up when due)."""
         return None if self._model is None else self._model()
-
-    def _admit_to_window(self, added: CapturedState, evicted, window) -> None:
-        """The buffer's listener (writer thread): a snapshot with NaN or infinite weights is kept out of
-        the window, so it cannot poison the average; its file is removed and the fault reported."""
-        added.synchronize()
-        non_finite = non_finite_counts(added.tensors)
-        # Training made it when a parameter holds it, or a buffer holds more of it than in the last
-        # admitted snapshot: a causal mask of -inf is how the model is built, not a diverged run.
-        before = self._accepted_non_finite
-        made = sorted(
-            name
-            for name, count in non_finite.items()
-            if name in self._parameter_names or (before is not None and count > before.get(name, 0))
-        )
-        if made:
-            self._non_finite_steps.add(self._writing_step)
-            raise NonFiniteWeightsError(
-                f"the weights at step {self._writing_step} are not finite ({made[0]!r} holds NaN or "
-                "infinity); the snapshot is kept out of the window average and of selection"
-            )
-        self.average.update(added, evicted, window, non_finite=set(non_finite))
-        self._accepted_non_finite = non_finite
-
-    def _wait_for_buffer(self) -> None:
-        """Wait for the write in flight; a failed write is reported and the average re-summed."""
-        try:
-            self.buffer.wait()
-        except SnapshotError as error:
-            self._fault("snapshot", error, step=error.step)
-            try:
-                self._resum_average()
-            except Exception as resum_error:
-                self._fault("snapshot", resum_error, step=error.step)
-                self.average.invalidate()
 
     def _evaluate(self, task: Task, model: torch.nn.Module, step: int, variant: str) -> TaskResult | None:
         error, result = None, None
@@ -551,9 +467,9 @@ class StabilityMonitor:
     ) -> dict[tuple[str, str], TaskResult]:
         holds = 0
         if self._owns_buffer:
-            self._wait_for_buffer()
+            self.window.wait()
             if self._sharded:
-                self._agree_on_window()
+                self.window.agree(self.runtime)
             holds = self.average.count
             self._avg_models = holds
             if holds and step not in self.buffer.steps:
@@ -684,9 +600,9 @@ class StabilityMonitor:
         """Rank 0 decides; with sharded weights every rank then joins one gather of the full model."""
         chosen = None
         if self.runtime.is_main and self.selector is not None and self.config.select is not None and records:
-            self._wait_for_buffer()
+            self.window.wait()
             chosen = self.selector.candidate(records, snapshots_in_window=len(self.buffer.steps))
-            if chosen is not None and step in self._non_finite_steps:
+            if chosen is not None and step in self.window.non_finite_steps:
                 chosen = None  # raw weights with NaN/inf in them are not a model to ship
         if self._sharded:
             chosen = self.runtime.broadcast_object(chosen)
@@ -729,7 +645,7 @@ class StabilityMonitor:
         rank 0 on CPU, and the live shards are restored bit for bit. Collective in that case.
         """
         if not self._sharded:
-            return self.average.captured(self._live_dtypes)
+            return self.average.captured(self.window.live_dtypes)
         backup = capture_state(live)
         try:
             self.average.copy_into(live)
@@ -805,40 +721,12 @@ class StabilityMonitor:
         directory = self.dirpath / "buffer"
         if self._sharded:
             directory = directory / f"rank-{self.runtime.rank}"
-        self.buffer = SnapshotBuffer(
-            directory,
-            self.config.window,
-            storage_dtype=self.config.storage_dtype,
-            listener=_weakly(
-                weakref.WeakMethod(self._admit_to_window), gone="the monitor of this buffer is gone"
-            ),
-        )
-        self._accepted_non_finite = None  # judged afresh: the first snapshot admits how buffers are built
-        if resume_step is not None:
-            dropped = self.buffer.truncate_after(resume_step)
-            if dropped:
-                logger.info("resuming from step %d: dropped newer snapshots %s", resume_step, dropped)
-        self._resum_average()
-
-    def _agree_on_window(self) -> None:
-        """Sharded runs: every rank keeps only the steps that every rank has (a write may fail on one)."""
-        mine = self.buffer.steps
-        common = set.intersection(*(set(steps) for steps in self.runtime.all_gather_object(mine)))
-        extra = [step for step in mine if step not in common]
-        for step in extra:
-            self.buffer.drop(step, "not buffered on every rank (a write failed on another rank)")
-        if extra:
-            self._resum_average()
+        self.window.open(directory, resume_step)
 
     def _shutdown(self, *, final: bool) -> None:
-        if self.buffer is not None:
-            try:
-                self.buffer.close()
-            except SnapshotError as error:
-                self._fault("snapshot", error, step=error.step)
-                self._resum_average()
+        self.window.close()
         if self._sharded:
-            self._agree_on_window()
+            self.window.agree(self.runtime)
         if final:
             self._export_latest_average()
             self._write_report()
@@ -870,10 +758,7 @@ class StabilityMonitor:
             except Exception as error:
                 logger.warning("closing %s failed: %r", type(sink).__name__, error)
         self._own_sinks, self.sinks = [], []
-        if self.buffer is not None:
-            # Reported by _shutdown when it matters; here the writer thread is only released.
-            with contextlib.suppress(SnapshotError):
-                self.buffer.close()
+        self.window.release()  # a failed write was reported by _shutdown when it mattered
         if self._run_directory is not None:
             self._run_directory.release()
             self._run_directory = None
@@ -883,11 +768,6 @@ class StabilityMonitor:
         self._raw_window = {t.name: deque(maxlen=self.config.window) for t in self.tasks}
         self._avg_models = 0
         self._snapshots_taken = 0
-
-    def _resum_average(self) -> None:
-        sources = self.buffer.window_sources()
-        aliases = self.buffer.entries[-1].aliases if self.buffer.entries else {}
-        self.average.reset(sources, aliases=aliases)
 
     def _rebuild_series(self) -> None:
         """Rank 0: rebuild the live score and output series from the history after (re)open."""
@@ -962,7 +842,3 @@ def _weakly(method: weakref.WeakMethod, gone: str | None = None):
         return bound(*args)
 
     return call
-
-
-class NonFiniteWeightsError(ValueError):
-    """A snapshot holds NaN or infinite weights."""

@@ -1,0 +1,226 @@
+"""SnapshotWindow: one rank's rolling window of snapshots — the on-disk buffer, its running average,
+and which snapshots may join them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+
+import torch
+
+from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.faults import FaultPolicy
+from checkpoint_stability.runtime import Runtime
+from checkpoint_stability.state import CapturedState, non_finite_counts
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteWeightsError(ValueError):
+    """A snapshot holds NaN or infinite weights."""
+
+
+class SnapshotWindow:
+    """The last ``window`` snapshots of this rank's weights (all of them on rank 0, or its shards), on
+    disk in a :class:`SnapshotBuffer`, with their :class:`WindowAverage` kept in step by the buffer's
+    writer thread.
+
+    A snapshot joins the window only when its weights are as training left them: a NaN or infinity in
+    a parameter, or more of them in a buffer than in the last admitted snapshot, keeps it out (its file
+    is removed, its step remembered in ``non_finite_steps`` so selection skips it). A causal mask of
+    ``-inf`` is how a model is built, so it is admitted, and averaged from the newest snapshot.
+
+    Faults (a failed write, a rejected snapshot) go to the monitor's :class:`FaultPolicy`; a failed
+    write re-sums the average from the files that made it.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from checkpoint_stability.config import StabilityConfig
+        >>> from checkpoint_stability.runtime import Runtime
+        >>> window = SnapshotWindow(StabilityConfig(window=2), FaultPolicy("raise", Runtime))
+        >>> model = torch.nn.Linear(2, 1)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     window.open(d)
+        ...     for step in (1, 2, 3):
+        ...         with torch.no_grad():
+        ...             _ = model.weight.fill_(step)
+        ...         _ = window.push(step, model.state_dict())
+        ...     window.wait()
+        ...     window.steps, window.average.mean()["weight"].tolist()
+        ...     window.release()
+        ([2, 3], [[2.5, 2.5]])
+    """
+
+    def __init__(self, config: StabilityConfig, faults: FaultPolicy):
+        self.config = config
+        self.faults = faults
+        self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
+        self.buffer: SnapshotBuffer | None = None
+        self.live_dtypes: dict[str, torch.dtype] = {}
+        """The dtypes of the live tensors at the last push (exports are cast back to them)."""
+        self.parameter_names: set[str] = set()
+        """State-dict names that are parameters: NaN there is always training's doing."""
+        self.non_finite_steps: set[int] = set()
+        """Steps whose snapshot was kept out for NaN or infinite weights."""
+        self._writing_step: int | None = None
+        # Non-finite element counts per tensor in the last admitted snapshot (None: none admitted yet).
+        self._admitted_non_finite: dict[str, int] | None = None
+        self._storage_range_checked = False
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps in the window, oldest first (a write still in flight is not among them)."""
+        return [] if self.buffer is None else self.buffer.steps
+
+    def open(self, directory: str | os.PathLike, resume_step: int | None = None) -> None:
+        """Open the buffer in ``directory``; when resuming, drop snapshots newer than ``resume_step``;
+        re-sum the average from the files."""
+        self.buffer = SnapshotBuffer(
+            directory,
+            self.config.window,
+            storage_dtype=self.config.storage_dtype,
+            # Weakly: the buffer's writer thread must not keep the window (and its monitor) alive.
+            listener=_weak_listener(self),
+        )
+        self._admitted_non_finite = None  # judged afresh: the first snapshot admits how buffers are built
+        if resume_step is not None:
+            dropped = self.buffer.truncate_after(resume_step)
+            if dropped:
+                logger.info("resuming from step %d: dropped newer snapshots %s", resume_step, dropped)
+        self.resum()
+
+    def push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
+        """Copy ``live`` into the window (written in the background); None if that failed (reported)."""
+        self.live_dtypes = {name: tensor.dtype for name, tensor in live.items()}
+        self.wait()
+        mismatch = self.average.mismatch(live)
+        if mismatch is not None:
+            # A changed model (new layers, a torch.compile prefix) cannot share a window with the old
+            # one; keeping the old snapshots would jam every later push.
+            logger.warning("%s: restarting the window from step %d", mismatch, step)
+            try:
+                self.buffer.truncate_after(-1)
+            except Exception as error:
+                self.faults.report("snapshot", error, step=step)
+            self.average.reset([])
+        if not self._storage_range_checked:
+            self._storage_range_checked = True
+            self._check_storage_range(step, live)
+        self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
+        try:
+            return self.buffer.push(step, live)
+        except Exception as error:
+            self.faults.report("snapshot", error, step=step)
+            return None
+
+    def wait(self) -> None:
+        """Wait for the write in flight; a failed write is reported and the average re-summed."""
+        try:
+            self.buffer.wait()
+        except SnapshotError as error:
+            self.faults.report("snapshot", error, step=error.step)
+            try:
+                self.resum()
+            except Exception as resum_error:
+                self.faults.report("snapshot", resum_error, step=error.step)
+                self.average.invalidate()
+
+    def resum(self) -> None:
+        """Rebuild the average exactly from the window's files."""
+        sources = self.buffer.window_sources()
+        aliases = self.buffer.entries[-1].aliases if self.buffer.entries else {}
+        self.average.reset(sources, aliases=aliases)
+
+    def agree(self, runtime: Runtime) -> None:
+        """Sharded runs: every rank keeps only the steps that every rank has (a write may fail on one).
+        Collective."""
+        mine = self.buffer.steps
+        common = set.intersection(*(set(steps) for steps in runtime.all_gather_object(mine)))
+        extra = [step for step in mine if step not in common]
+        for step in extra:
+            self.buffer.drop(step, "not buffered on every rank (a write failed on another rank)")
+        if extra:
+            self.resum()
+
+    def close(self) -> None:
+        """Finish the write in flight; a failure is reported and the average re-summed."""
+        if self.buffer is None:
+            return
+        try:
+            self.buffer.close()
+        except SnapshotError as error:
+            self.faults.report("snapshot", error, step=error.step)
+            self.resum()
+
+    def release(self) -> None:
+        """Let the writer thread go without reporting (after :meth:`close`, or when abandoning)."""
+        if self.buffer is not None:
+            with contextlib.suppress(SnapshotError):
+                self.buffer.close()
+
+    # ------------------------------------------------------------------ admission
+
+    def _check_storage_range(self, step: int, live: dict[str, torch.Tensor]) -> None:
+        """At the first snapshot: finite values that ``storage_dtype`` turns into infinities are a
+        configuration error (e.g. a ``finfo(float32).min`` mask stored as float16), named once."""
+        dtype = self.config.storage_dtype
+        if dtype is None:
+            return
+        largest = torch.finfo(dtype).max
+        for name, tensor in live.items():
+            if (
+                not tensor.is_floating_point()
+                or tensor.numel() == 0
+                or torch.finfo(tensor.dtype).max <= largest
+            ):
+                continue
+            finite = tensor[torch.isfinite(tensor)]
+            if finite.numel() and float(finite.abs().max()) > largest:
+                self.faults.report(
+                    "config",
+                    ValueError(
+                        f"storage_dtype={str(dtype).removeprefix('torch.')!r} cannot hold {name!r}: it holds "
+                        f"finite values up to {float(finite.abs().max()):.4g} and the largest {dtype} is "
+                        f"{largest:.4g}, so they are stored as infinity. Use storage_dtype='bfloat16' "
+                        "(float32's range) or None"
+                    ),
+                    step=step,
+                )
+                return
+
+    def admit(self, added: CapturedState, evicted, window) -> None:
+        """The buffer's listener (writer thread): a snapshot with NaN or infinite weights that training
+        made is kept out of the window, so it cannot poison the average; the others join the average."""
+        added.synchronize()
+        non_finite = non_finite_counts(added.tensors)
+        before = self._admitted_non_finite
+        made = sorted(
+            name
+            for name, count in non_finite.items()
+            if name in self.parameter_names or (before is not None and count > before.get(name, 0))
+        )
+        if made:
+            self.non_finite_steps.add(self._writing_step)
+            raise NonFiniteWeightsError(
+                f"the weights at step {self._writing_step} are not finite ({made[0]!r} holds NaN or "
+                "infinity); the snapshot is kept out of the window average and of selection"
+            )
+        self.average.update(added, evicted, window, non_finite=set(non_finite))
+        self._admitted_non_finite = non_finite
+
+
+def _weak_listener(window: SnapshotWindow):
+    method = weakref.WeakMethod(window.admit)
+
+    def admit(*args) -> None:
+        bound = method()
+        if bound is None:
+            raise RuntimeError("the window of this buffer is gone")
+        bound(*args)
+
+    return admit
