@@ -29,11 +29,10 @@ from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.records import MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
-from checkpoint_stability.report import write_report
 from checkpoint_stability.run_directory import RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector
-from checkpoint_stability.sinks import ConsoleSink, Sink, TensorBoardSink
+from checkpoint_stability.sinks import ConsoleSink, ReportSink, Sink, TensorBoardSink
 from checkpoint_stability.state import (
     CapturedState,
     capture_state,
@@ -729,26 +728,26 @@ class StabilityMonitor:
             self.window.agree(self.runtime)
         if final:
             self._export_latest_average()
-            self._write_report()
+            self._end_run()
         self._release()
         self._opened = False
         self.faults.raise_held()
 
-    def _write_report(self) -> None:
-        """The report of the finished run (rank 0); a failure is a fault like any other, never fatal."""
-        if not (self.config.report and self.runtime.is_main and self.history is not None):
+    def _end_run(self) -> None:
+        """The sinks' end-of-run work (the report), once a run has finished; a failure is a fault like
+        any other, never fatal."""
+        if not (self.runtime.is_main and self.history is not None):
             return
         if not any(True for _ in self.history.records()):
             return
-        try:
-            path = write_report(self.dirpath)
-        except ImportError as error:
-            logger.warning("no stability report at the end of training: %s", error)
-            return
-        except Exception as error:
-            self._fault("report", error, step=self._last_step)
-            return
-        logger.info("stability report: %s", path)
+        for sink in self.sinks:
+            run_ended = getattr(sink, "run_ended", None)
+            if not callable(run_ended):
+                continue
+            try:
+                run_ended()
+            except Exception as error:
+                self._fault("report", error, step=self._last_step, task=type(sink).__name__)
 
     def _release(self) -> None:
         """Close what the monitor itself opened; the caller's sinks stay open (they are the caller's)."""
@@ -819,6 +818,8 @@ class StabilityMonitor:
                 )
         if self.config.console:
             sinks.append(ConsoleSink())
+        if self.config.report:
+            sinks.append(ReportSink(self.dirpath))
         return sinks
 
     def _task(self, name: str) -> Task:

@@ -15,7 +15,7 @@ def _train_end_report_only_where_tested(request, monkeypatch):
     if request.node.get_closest_marker("train_end_report") is not None:
         return
 
-    def not_drawn(run_dir, **_):
-        return Path(run_dir) / "report" / "report.md"
+    def not_drawn(sink):
+        return Path(sink.run_dir) / "report" / "report.md"
 
-    monkeypatch.setattr("checkpoint_stability.monitor.write_report", not_drawn)
+    monkeypatch.setattr("checkpoint_stability.sinks.report.ReportSink.run_ended", not_drawn)

@@ -59,6 +59,10 @@ class Sink(Protocol):
         """Flush and release resources; called once at the end of training."""
         ...
 
+    # Optional: ``run_ended(self) -> object``, called once on rank 0 when a run finishes with
+    # ``close()`` (not when it is abandoned or reopened), after the last ``write``: end-of-run work
+    # such as the report (ReportSink). A failure there is reported as a "report" fault.
+
 
 def _variant_rank(variant: object) -> int:
     if variant not in VARIANTS:
