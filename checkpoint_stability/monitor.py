@@ -67,14 +67,17 @@ class StabilityMonitor:
         >>> model = torch.nn.Linear(8, 3)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     monitor = StabilityMonitor([task], dirpath=d, window=3, every_n_steps=5, console=False)
-        ...     for step in range(1, 21):
-        ...         loss = torch.nn.functional.cross_entropy(model(x), y)
-        ...         optimizer.zero_grad(); loss.backward(); optimizer.step()
-        ...         records = monitor.step(model, step)
-        ...     monitor.close()
+        ...     with StabilityMonitor([task], dirpath=d, window=3, every_n_steps=5, console=False) as monitor:
+        ...         for step in range(1, 21):
+        ...             loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...             optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ...             records = monitor.step(model, step)
         ...     sorted({(r["variant"], r["n_models"]) for r in records if r["task"] == "toy"})
         [('avg', 3), ('ens', 3), ('raw', 1)]
+
+    As a context manager it closes when the block ends (exporting, writing the report) and, when the
+    block raises, abandons instead: the write in flight finishes, the lock is released, nothing is
+    exported.
     """
 
     def __init__(
@@ -266,6 +269,17 @@ class StabilityMonitor:
                 )
         self._release()
         self._opened = False
+
+    def __enter__(self) -> StabilityMonitor:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """``close()`` when the block ends normally; ``abandon()`` when it raises (the exception goes on:
+        a later ``open(resume_step=...)`` continues the run)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
 
     def state_dict(self) -> dict:
         """JSON-serialisable state for a training checkpoint: where the run lives and how far it got.

@@ -484,3 +484,25 @@ def test_report_setting_and_report_faults_never_stop_training(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING):
         bare.close()
     assert "pip install checkpoint-stability[report]" in caplog.text
+
+
+def test_the_monitor_as_a_context_manager_closes_or_abandons(tmp_path):
+    from checkpoint_stability.run_lock import RunLock
+
+    x, y = make_data(9)
+    with StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path / "ok", window=3, every_n_steps=5, console=False
+    ) as monitor:
+        train(10, monitor)
+    assert monitor.best is not None and monitor.best_model_path.is_dir()  # close() exported the best
+    RunLock(tmp_path / "ok").release()  # and let the directory go
+
+    with (
+        pytest.raises(RuntimeError, match="diverged"),
+        StabilityMonitor([], dirpath=tmp_path / "failed", window=3, every_n_steps=5, console=False) as failed,
+    ):
+        train(10, failed)
+        raise RuntimeError("diverged")
+    assert failed.buffer.steps == [5, 10]  # the write in flight finished
+    assert not (tmp_path / "failed" / "exports").exists()  # abandon() exports nothing
+    RunLock(tmp_path / "failed").release()
