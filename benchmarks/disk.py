@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from benchmarks.harness import Figure, gpt2, ratio_spread, state_bytes, timed
 from checkpoint_stability.buffer import SnapshotBuffer
-from checkpoint_stability.state import capture_state, live_tensors
+from checkpoint_stability.state_dicts import capture_state, live_tensors
 
 
 def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from benchmarks.harness import Figure, bare_clone, distinct_tensors, gpt2, interleaved, perturb
 from checkpoint_stability.averaging import WindowAverage
-from checkpoint_stability.state import capture_state, live_tensors, write_into
+from checkpoint_stability.state_dicts import capture_state, live_tensors, write_into
 
 
 def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:

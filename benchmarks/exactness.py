@@ -17,7 +17,7 @@ import torch
 from benchmarks.harness import Figure, gpt2, parameter_count
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer
-from checkpoint_stability.state import CapturedState, capture_state, live_tensors
+from checkpoint_stability.state_dicts import CapturedState, capture_state, live_tensors
 
 
 def relative_error(mean: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -31,8 +31,8 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
     model = gpt2("1M")
     live = live_tensors(model)
     generator = torch.Generator().manual_seed(0)
-    average = WindowAverage(torch.float32, resum_every=window)
-    drifting = WindowAverage(torch.float32, resum_every=None)
+    average = WindowAverage(torch.float32, exact_sum_every=window)
+    drifting = WindowAverage(torch.float32, exact_sum_every=None)
     kept: deque[CapturedState] = deque(maxlen=window + 1)
     with tempfile.TemporaryDirectory(dir=workdir) as directory:
         buffer = SnapshotBuffer(Path(directory), window, listener=average.update)

@@ -27,7 +27,7 @@ from benchmarks.harness import (
 
 def child(size: str, snapshots: int) -> None:
     from checkpoint_stability import StabilityMonitor
-    from checkpoint_stability.state import live_tensors
+    from checkpoint_stability.state_dicts import live_tensors
 
     model = gpt2(size)
     perturb(model)

@@ -27,9 +27,9 @@ from benchmarks.harness import (
     ratio_spread,
 )
 from checkpoint_stability import StabilityMonitor
-from checkpoint_stability.atomic_files import atomic_write_bytes
 from checkpoint_stability.buffer import SnapshotBuffer, serialize_safetensors
-from checkpoint_stability.state import capture_state, live_tensors
+from checkpoint_stability.state_dicts import capture_state, live_tensors
+from checkpoint_stability.storage.atomic_files import atomic_write_bytes
 
 
 def blocked_time(size: str, repeats: int, workdir: Path) -> tuple[Figure, int]:

@@ -32,14 +32,14 @@ from benchmarks.harness import (
 )
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import LazySnapshot, SnapshotBuffer
-from checkpoint_stability.state import CapturedState, live_tensors
+from checkpoint_stability.state_dicts import CapturedState, live_tensors
 
 
 class TimedAverage(WindowAverage):
     """A WindowAverage that records how long each update took, once ``recording`` is set."""
 
     def __init__(self, window: int):
-        super().__init__(torch.float32, resum_every=window)
+        super().__init__(torch.float32, exact_sum_every=window)
         self.recording = False
         self.durations: list[float] = []
 
@@ -68,7 +68,7 @@ def naive_average(paths: list[Path]) -> dict[str, torch.Tensor]:
 def incremental_update(paths: list[Path]) -> None:
     """A steady-state update of the average over ``paths[:-1]``: add ``paths[-1]``, drop the oldest."""
     window = [LazySnapshot(path, {}) for path in paths[:-1]]
-    average = WindowAverage(torch.float32, resum_every=len(window))
+    average = WindowAverage(torch.float32, exact_sum_every=len(window))
     average.reset(window)
     added = CapturedState(load_file(str(paths[-1])))
     average.update(added, evicted=[lambda: window[0]], window=lambda: [*window[1:], added])

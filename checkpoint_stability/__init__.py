@@ -3,17 +3,18 @@
 Evaluate the live model, the uniform average of the last ``window`` snapshots and the ensemble of
 their predictions side by side at every snapshot, and track how steady each is (MTV, IS).
 The framework-free entry point is :class:`StabilityMonitor`; the Lightning and Hugging Face callbacks
-live in :mod:`checkpoint_stability.callbacks`.
+live in :mod:`checkpoint_stability.callbacks`. This namespace holds the user API only; the pieces
+behind it stay importable from their modules (see docs/ARCHITECTURE.md).
 """
 
-from checkpoint_stability.averaging import WindowAverage
-from checkpoint_stability.buffer import CorruptSnapshotError, SnapshotBuffer, SnapshotError
+from checkpoint_stability import _moved
+from checkpoint_stability.buffer import SnapshotError
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.ensemble import combine, mean_prob, vote
-from checkpoint_stability.history import History
-from checkpoint_stability.metrics import char_f1, instability_score, mean_total_variation
+from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.monitor import StabilityMonitor
-from checkpoint_stability.runtime import Runtime, TorchDistributedRuntime
+from checkpoint_stability.selection import load_best, read_best
+from checkpoint_stability.storage.export import load_export
+from checkpoint_stability.storage.run_lock import RunDirectoryLocked
 from checkpoint_stability.tasks import (
     ClassificationTask,
     FunctionTask,
@@ -25,30 +26,39 @@ from checkpoint_stability.tasks import (
     TaskResult,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "CheckpointStabilityError",
     "ClassificationTask",
-    "CorruptSnapshotError",
     "FunctionTask",
     "GenerationTask",
-    "History",
     "LmEvalTask",
     "MultipleChoiceTask",
     "NextTokenTask",
-    "Runtime",
-    "SnapshotBuffer",
+    "RunDirectoryLocked",
     "SnapshotError",
     "StabilityConfig",
     "StabilityMonitor",
     "Task",
     "TaskResult",
-    "TorchDistributedRuntime",
-    "WindowAverage",
-    "char_f1",
-    "combine",
-    "instability_score",
-    "mean_prob",
-    "mean_total_variation",
-    "vote",
+    "load_best",
+    "load_export",
+    "read_best",
+    "write_report",
 ]
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    # The report writer pulls in the reporting layer (and matplotlib when it draws): only when asked.
+    if name == "write_report":
+        from checkpoint_stability.reporting.report import write_report
+
+        return write_report
+    return _moved.moved_name(name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "write_report"])

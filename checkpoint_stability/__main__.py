@@ -2,7 +2,7 @@
 
 import sys
 
-from checkpoint_stability.cli import main
+from checkpoint_stability.offline.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
-from checkpoint_stability.state import CapturedState, copy_into_tensor, is_plain_layout, non_finite_names
+from checkpoint_stability.state_dicts import (
+    CapturedState,
+    copy_into_tensor,
+    is_plain_layout,
+    non_finite_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +41,9 @@ class WindowAverage:
 
     Add-and-subtract in a float32 sum lets rounding error random-walk, so the sum is rebuilt exactly
     from the window's snapshots (summed in float64), which bounds the drift. The rebuild is spread
-    over the updates: each update re-sums the next ``1/resum_every`` of the elements, so every element
-    is rebuilt at least once per ``resum_every`` updates and no single update pays for a whole-window
-    re-sum. With ``resum_every == window`` (the default the monitor uses) an update reads ``P/window``
+    over the updates: each update re-sums the next ``1/exact_sum_every`` of the elements, so every element
+    is rebuilt at least once per ``exact_sum_every`` updates and no single update pays for a whole-window
+    re-sum. With ``exact_sum_every == window`` (the default the monitor uses) an update reads ``P/window``
     elements from each of the ``window`` snapshots, P in all whatever the window: the cost per update
     stays O(P) and flat. With a storage dtype the sum adds exactly the stored (rounded) values, so
     subtracting an evicted snapshot read back from disk cancels what was added.
@@ -46,8 +52,8 @@ class WindowAverage:
 
         >>> import torch
         >>> from checkpoint_stability.averaging import WindowAverage
-        >>> from checkpoint_stability.state import CapturedState
-        >>> average = WindowAverage(resum_every=100)
+        >>> from checkpoint_stability.state_dicts import CapturedState
+        >>> average = WindowAverage(exact_sum_every=100)
         >>> a = CapturedState({"w": torch.tensor([1.0, 2.0])})
         >>> b = CapturedState({"w": torch.tensor([3.0, 6.0])})
         >>> average.update(a)
@@ -59,17 +65,31 @@ class WindowAverage:
         (tensor([4., 3.]), 2)
     """
 
-    def __init__(self, accumulator_dtype: torch.dtype = torch.float32, resum_every: int | None = None):
+    def __init__(
+        self,
+        accumulator_dtype: torch.dtype = torch.float32,
+        exact_sum_every: int | None = None,
+        *,
+        resum_every: int | None = None,
+    ):
+        """``resum_every``: the deprecated name of ``exact_sum_every`` (goes in the next release)."""
+        if resum_every is not None:
+            warnings.warn(
+                "WindowAverage(resum_every=...) is deprecated; use exact_sum_every",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            exact_sum_every = exact_sum_every if exact_sum_every is not None else resum_every
         if accumulator_dtype not in (torch.float32, torch.float64):
             raise ValueError(
                 f"accumulator_dtype must be torch.float32 or torch.float64, got {accumulator_dtype}"
             )
-        if resum_every is not None and (
-            isinstance(resum_every, bool) or not isinstance(resum_every, int) or resum_every < 1
+        if exact_sum_every is not None and (
+            isinstance(exact_sum_every, bool) or not isinstance(exact_sum_every, int) or exact_sum_every < 1
         ):
-            raise ValueError(f"resum_every must be None or an integer >= 1, got {resum_every!r}")
+            raise ValueError(f"exact_sum_every must be None or an integer >= 1, got {exact_sum_every!r}")
         self.accumulator_dtype = accumulator_dtype
-        self.resum_every = resum_every
+        self.exact_sum_every = exact_sum_every
         self._sum: dict[str, torch.Tensor] = {}
         self._newest: dict[str, torch.Tensor] = {}  # non-floating tensors of the newest snapshot
         self._dtypes: dict[str, torch.dtype] = {}  # dtype of each floating tensor as given
@@ -148,13 +168,13 @@ class WindowAverage:
             for name, total in self._sum.items():
                 _in_slices(total, tensors[name], torch.Tensor.sub_)
             self._count -= 1
-        if window is not None and self.resum_every is not None:
-            self._resum_next_slices(window, added.aliases)
+        if window is not None and self.exact_sum_every is not None:
+            self._rebuild_next_slices(window, added.aliases)
 
-    def _resum_next_slices(
+    def _rebuild_next_slices(
         self, window: Callable[[], Sequence[Mapping[str, torch.Tensor]]], aliases: Mapping[str, str]
     ) -> None:
-        """Rebuild the next ``1/resum_every`` of the sum's elements exactly (float64) from the window."""
+        """Rebuild the next ``1/exact_sum_every`` of the sum's elements exactly (float64) from the window."""
         if self._slices is None:
             self._slices = _row_slices({name: total.shape for name, total in self._sum.items()})
         if not self._slices:
@@ -165,7 +185,9 @@ class WindowAverage:
             self.reset(sources, aliases=aliases)
             return
         total_elements = sum(total.numel() for total in self._sum.values())
-        quota = -(-total_elements // self.resum_every)  # ceil: resum_every updates cover every element
+        quota = -(
+            -total_elements // self.exact_sum_every
+        )  # ceil: exact_sum_every updates cover every element
         covered = 0
         while covered < quota:
             name, first_row, last_row, start, stop = self._slices[self._cursor]

@@ -20,9 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from checkpoint_stability.atomic_files import atomic_write_bytes
-from checkpoint_stability.json_files import DamagedJSONError, read_json_object
-from checkpoint_stability.state import (
+from checkpoint_stability.errors import CheckpointStabilityError
+from checkpoint_stability.state_dicts import (
     CapturedState,
     PinnedStaging,
     capture_state,
@@ -30,6 +29,8 @@ from checkpoint_stability.state import (
     stored_dtype,
     tied_groups,
 )
+from checkpoint_stability.storage.atomic_files import atomic_write_bytes
+from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def snapshot_file_name(step: int) -> str:
     return f"step-{step:08d}.safetensors"
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(CheckpointStabilityError, RuntimeError):
     """A snapshot could not be written or read back; ``step`` names it."""
 
     def __init__(self, step: int | None, message: str):

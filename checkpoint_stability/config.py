@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,14 @@ class StabilityConfig:
 
     accumulator_dtype: str = "float32"
     """dtype of the running window sum: ``"float32"`` (rebuilt exactly a slice at a time, every element
-    once per ``resum_every`` updates, so rounding cannot drift) or ``"float64"``."""
+    once per ``exact_sum_every`` updates, so rounding cannot drift) or ``"float64"``."""
 
-    resum_every: int | None = None
+    exact_sum_every: int | None = None
     """Every element of the running sum is rebuilt exactly from the buffered files at least once per this
     many updates, a slice at each update; ``None`` means ``window``, which keeps each update at O(P)."""
+
+    resum_every: dataclasses.InitVar[int | None] = None
+    """Deprecated name of ``exact_sum_every`` (it read like "resume"); goes in the next release."""
 
     similarity: str = "exact"
     """How IS compares two outputs of one example: ``"exact"`` match or ``"char_f1"`` (free-form text)."""
@@ -111,14 +115,22 @@ class StabilityConfig:
     (rank 0). Needs matplotlib (the ``report`` extra); without it the report is skipped with a note.
     ``checkpoint-stability report RUN_DIR`` writes it at any time."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, resum_every: int | None) -> None:
+        if resum_every is not None:
+            warnings.warn(
+                "StabilityConfig(resum_every=...) is deprecated; use exact_sum_every",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            if self.exact_sum_every is None:
+                self.exact_sum_every = resum_every
         _require_int("window", self.window, minimum=1)
         _require_int("every_n_steps", self.every_n_steps, minimum=1)
         _require_int("average_every", self.average_every, minimum=1)
         _require_int("horizon", self.horizon, minimum=2)
         _require_int("min_snapshots", self.min_snapshots, minimum=1)
-        if self.resum_every is not None:
-            _require_int("resum_every", self.resum_every, minimum=1)
+        if self.exact_sum_every is not None:
+            _require_int("exact_sum_every", self.exact_sum_every, minimum=1)
         _require_choice("ensemble", self.ensemble, (*ENSEMBLE_CHOICES, None))
         _require_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         _require_choice("select", self.select, (*SELECT_CHOICES, None))
@@ -137,8 +149,9 @@ class StabilityConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
-    def resum_interval(self) -> int:
-        return self.resum_every if self.resum_every is not None else self.window
+    def exact_sum_interval(self) -> int:
+        """How many updates may pass before every element of the running sum is rebuilt exactly."""
+        return self.exact_sum_every if self.exact_sum_every is not None else self.window
 
     @property
     def accumulator_torch_dtype(self) -> torch.dtype:
@@ -196,7 +209,7 @@ class StabilityConfig:
     @classmethod
     def from_settings(cls, owner: str, settings: dict) -> StabilityConfig:
         """A config from keyword settings; an unknown name raises ``TypeError`` listing the settings."""
-        unknown = sorted(set(settings) - set(cls.field_names()))
+        unknown = sorted(set(settings) - set(cls.field_names()) - {"resum_every"})  # deprecated alias
         if unknown:
             raise TypeError(
                 f"{owner} got unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "

@@ -34,9 +34,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from checkpoint_stability.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
-from checkpoint_stability.confinement import UnsafePathError, is_inside, open_confined, writable_file
-from checkpoint_stability.json_files import read_json_object
+from checkpoint_stability.storage.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
+from checkpoint_stability.storage.confinement import UnsafePathError, is_inside, open_confined, writable_file
+from checkpoint_stability.storage.json_files import read_json_object
 from checkpoint_stability.tasks.base import validate_task_name as _validate_name
 
 logger = logging.getLogger(__name__)

@@ -24,16 +24,15 @@ from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.ensemble import ensemble_result
-from checkpoint_stability.export import ModelExporter, export_target, fit_state_to, load_export
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.records import MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
 from checkpoint_stability.run_directory import RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
-from checkpoint_stability.selection import BestModelSelector
+from checkpoint_stability.selection import BestModelSelector, load_best
 from checkpoint_stability.sinks import ConsoleSink, ReportSink, Sink, TensorBoardSink
-from checkpoint_stability.state import (
+from checkpoint_stability.state_dicts import (
     CapturedState,
     capture_state,
     gather_full_state,
@@ -42,6 +41,7 @@ from checkpoint_stability.state import (
     parameter_names,
     write_into,
 )
+from checkpoint_stability.storage.export import ModelExporter
 from checkpoint_stability.tasks.base import Task, TaskResult
 from checkpoint_stability.window import SnapshotWindow
 
@@ -336,21 +336,12 @@ class StabilityMonitor:
         ``model`` is the exported model, or the module that was trained (which holds it under ``prefix``,
         default ``export_prefix``); tied entries a ``save_pretrained`` export leaves out are re-tied.
         """
-        best, path = self.best, self.best_model_path
-        if best is None:
+        if self.best is None:
             raise FileNotFoundError(
                 "no best model has been exported yet (see best.json in the run directory)"
             )
-        if path is None:
-            raise ValueError(
-                f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
-                "use select='avg' or 'raw' to export weights"
-            )
         prefix = self.export_prefix if prefix is None else prefix
-        state = load_export(path)
-        target = export_target(model, state, prefix)
-        target.load_state_dict(fit_state_to(state, target, prefix), strict=strict)
-        return dict(best)
+        return load_best(self.selector.root, model, strict=strict, prefix=prefix, best=self.best)
 
     # ------------------------------------------------------------------ the pipeline
 

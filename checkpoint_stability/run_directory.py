@@ -8,14 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-from checkpoint_stability.atomic_files import atomic_write_text
-from checkpoint_stability.confinement import UnsafePathError, writable_file
-from checkpoint_stability.export import ModelExporter
 from checkpoint_stability.faults import describe_error
 from checkpoint_stability.history import History
-from checkpoint_stability.json_files import read_json_object
-from checkpoint_stability.run_lock import LOCK_FILE, LockingUnsupported, RunLock
 from checkpoint_stability.selection import BestModelSelector
+from checkpoint_stability.storage.atomic_files import atomic_write_text
+from checkpoint_stability.storage.confinement import UnsafePathError, writable_file
+from checkpoint_stability.storage.export import ModelExporter
+from checkpoint_stability.storage.json_files import read_json_object
+from checkpoint_stability.storage.run_lock import LOCK_FILE, LockingUnsupported, RunLock
 
 logger = logging.getLogger(__name__)
 

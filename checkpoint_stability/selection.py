@@ -10,11 +10,18 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from checkpoint_stability.atomic_files import atomic_write_text, fsync_directory, fsync_tree
-from checkpoint_stability.confinement import writable_file
-from checkpoint_stability.export import WEIGHTS_FILE, ModelExporter, has_weights, load_export
-from checkpoint_stability.json_files import read_json_object
-from checkpoint_stability.state import CapturedState
+from checkpoint_stability.state_dicts import CapturedState
+from checkpoint_stability.storage.atomic_files import atomic_write_text, fsync_directory, fsync_tree
+from checkpoint_stability.storage.confinement import writable_file
+from checkpoint_stability.storage.export import (
+    WEIGHTS_FILE,
+    ModelExporter,
+    export_target,
+    fit_state_to,
+    has_weights,
+    load_export,
+)
+from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ class BestModelSelector:
 
         >>> import tempfile, torch
         >>> from checkpoint_stability.selection import BestModelSelector
-        >>> from checkpoint_stability.state import capture_state
+        >>> from checkpoint_stability.state_dicts import capture_state
         >>> with tempfile.TemporaryDirectory() as d:
         ...     selector = BestModelSelector(d, select="avg")
         ...     record = {"step": 20, "task": "mean", "variant": "avg", "window": 5, "score": 0.6}
@@ -298,6 +305,52 @@ class BestModelSelector:
         return best, False
 
 
+def read_best(run_dir: str | os.PathLike) -> dict | None:
+    """What ``<run_dir>/best.json`` says, checked, without changing anything; None when there is none.
+
+    Raises :class:`~checkpoint_stability.storage.json_files.DamagedJSONError` (a ``ValueError``) when
+    the pointer is unreadable or names no usable export."""
+    root = Path(run_dir)
+    try:
+        best = read_json_object(root / BEST_FILE)
+    except FileNotFoundError:
+        return None
+    problem = _best_problem(root, best)
+    if problem is not None:
+        raise DamagedJSONError(f"{root / BEST_FILE} cannot be used: {problem}")
+    return best
+
+
+def load_best(
+    run_dir: str | os.PathLike, model, *, strict: bool = True, prefix: str = "", best: Mapping | None = None
+) -> dict:
+    """Load the best model a run exported (the one ``<run_dir>/best.json`` names) into ``model``; return
+    the pointer.
+
+    ``model`` is the exported model, or the module that was trained, which holds it under ``prefix``
+    (e.g. ``"model."``); tied entries a ``save_pretrained`` export leaves out are re-tied. No training
+    framework is needed: this is how a script loads a finished run's best model.
+
+    Example::
+
+        model = MyModel()
+        best = load_best("runs/exp/stability", model)
+        print(best["step"], best["variant"], best["steps"])   # e.g. 7600 avg [6800, ..., 7600]
+    """
+    best = dict(best) if best is not None else read_best(run_dir)
+    if best is None:
+        raise FileNotFoundError(f"no best model has been exported yet (no {Path(run_dir) / BEST_FILE})")
+    if best.get("path") is None:
+        raise ValueError(
+            f"the best is the ensemble of steps {best['steps']}, which is not one set of weights; "
+            "use select='avg' or 'raw' to export weights"
+        )
+    state = load_export(Path(run_dir) / best["path"])
+    target = export_target(model, state, prefix)
+    target.load_state_dict(fit_state_to(state, target, prefix), strict=strict)
+    return best
+
+
 def _pointer(best: Mapping) -> dict:
     """A best's entry in the ``kept`` list: the pointer without its own kept list."""
     return {key: value for key, value in best.items() if key != "kept"}
@@ -348,4 +401,4 @@ def _remove_tree(path: Path) -> None:
         logger.warning("could not remove %s: %s", path, error)
 
 
-__all__ = ["BestModelSelector", "export_name", "load_export"]
+__all__ = ["BestModelSelector", "export_name", "load_best", "load_export", "read_best"]

@@ -13,14 +13,15 @@ import torch
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import FaultPolicy
 from checkpoint_stability.runtime import Runtime
-from checkpoint_stability.state import CapturedState, non_finite_counts
+from checkpoint_stability.state_dicts import CapturedState, non_finite_counts
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(CheckpointStabilityError, ValueError):
     """A snapshot holds NaN or infinite weights."""
 
 
@@ -59,7 +60,7 @@ class SnapshotWindow:
     def __init__(self, config: StabilityConfig, faults: FaultPolicy):
         self.config = config
         self.faults = faults
-        self.average = WindowAverage(config.accumulator_torch_dtype, config.resum_interval)
+        self.average = WindowAverage(config.accumulator_torch_dtype, config.exact_sum_interval)
         self.buffer: SnapshotBuffer | None = None
         self.live_dtypes: dict[str, torch.dtype] = {}
         """The dtypes of the live tensors at the last push (exports are cast back to them)."""
@@ -92,7 +93,7 @@ class SnapshotWindow:
             dropped = self.buffer.truncate_after(resume_step)
             if dropped:
                 logger.info("resuming from step %d: dropped newer snapshots %s", resume_step, dropped)
-        self.resum()
+        self.rebuild_average()
 
     def push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
         """Copy ``live`` into the window (written in the background); None if that failed (reported)."""
@@ -125,12 +126,12 @@ class SnapshotWindow:
         except SnapshotError as error:
             self.faults.report("snapshot", error, step=error.step)
             try:
-                self.resum()
-            except Exception as resum_error:
-                self.faults.report("snapshot", resum_error, step=error.step)
+                self.rebuild_average()
+            except Exception as rebuild_error:
+                self.faults.report("snapshot", rebuild_error, step=error.step)
                 self.average.invalidate()
 
-    def resum(self) -> None:
+    def rebuild_average(self) -> None:
         """Rebuild the average exactly from the window's files."""
         sources = self.buffer.window_sources()
         aliases = self.buffer.entries[-1].aliases if self.buffer.entries else {}
@@ -145,7 +146,7 @@ class SnapshotWindow:
         for step in extra:
             self.buffer.drop(step, "not buffered on every rank (a write failed on another rank)")
         if extra:
-            self.resum()
+            self.rebuild_average()
 
     def close(self) -> None:
         """Finish the write in flight; a failure is reported and the average re-summed."""
@@ -155,7 +156,7 @@ class SnapshotWindow:
             self.buffer.close()
         except SnapshotError as error:
             self.faults.report("snapshot", error, step=error.step)
-            self.resum()
+            self.rebuild_average()
 
     def release(self) -> None:
         """Let the writer thread go without reporting (after :meth:`close`, or when abandoning)."""

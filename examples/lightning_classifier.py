@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from checkpoint_stability.callbacks.lightning import StabilityCallback
-from checkpoint_stability.summary import print_summary
+from checkpoint_stability.reporting.summary import print_summary
 
 SEED = 0
 CLASSES = 3

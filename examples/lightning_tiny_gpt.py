@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from checkpoint_stability.callbacks.lightning import StabilityCallback
 from checkpoint_stability.datasets import cloze_examples, plays_text, split_text
-from checkpoint_stability.summary import print_summary
+from checkpoint_stability.reporting.summary import print_summary
 from checkpoint_stability.tasks import MultipleChoiceTask, NextTokenTask
 
 SEED = 0

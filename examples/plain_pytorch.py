@@ -46,7 +46,7 @@ from torch import nn
 
 from checkpoint_stability import StabilityMonitor
 from checkpoint_stability.datasets import cloze_examples, plays_text, split_text
-from checkpoint_stability.summary import print_summary
+from checkpoint_stability.reporting.summary import print_summary
 from checkpoint_stability.tasks import MultipleChoiceTask, NextTokenTask
 
 SEED = 0

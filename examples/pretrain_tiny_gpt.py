@@ -74,7 +74,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from checkpoint_stability.callbacks.transformers import StabilityCallback
 from checkpoint_stability.datasets import cloze_examples, plays_text, split_text
-from checkpoint_stability.summary import print_summary
+from checkpoint_stability.reporting.summary import print_summary
 from checkpoint_stability.tasks import MultipleChoiceTask, NextTokenTask
 
 SEED = 0

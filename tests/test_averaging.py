@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer
-from checkpoint_stability.state import CapturedState
+from checkpoint_stability.state_dicts import CapturedState
 
 
 class SmallNet(torch.nn.Module):
@@ -51,10 +51,10 @@ def float64_average_of_files(directory, manifest_steps, aliases):
     return mean
 
 
-def run_window(tmp_path, pushes, window, storage_dtype=None, accumulator=torch.float32, resum_every=None):
+def run_window(tmp_path, pushes, window, storage_dtype=None, accumulator=torch.float32, exact_sum_every=None):
     model = SmallNet()
     generator = torch.Generator().manual_seed(1)
-    average = WindowAverage(accumulator, resum_every if resum_every is not None else window)
+    average = WindowAverage(accumulator, exact_sum_every if exact_sum_every is not None else window)
     buffer = SnapshotBuffer(tmp_path, window, storage_dtype=storage_dtype, listener=average.update)
     for step in range(1, pushes + 1):
         drift(model, generator, step)
@@ -79,9 +79,9 @@ def test_thousand_pushes_window_20_match_float64_oracle(tmp_path):
     assert average.count == 20
 
 
-def test_incremental_without_resum_still_tracks_the_window(tmp_path):
-    # resum_every larger than the run: the pure add/subtract path must still be the window mean.
-    _, average, buffer = run_window(tmp_path, pushes=60, window=7, resum_every=10_000)
+def test_incremental_without_exact_sums_still_tracks_the_window(tmp_path):
+    # exact_sum_every larger than the run: the pure add/subtract path must still be the window mean.
+    _, average, buffer = run_window(tmp_path, pushes=60, window=7, exact_sum_every=10_000)
     oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
     got = average.mean()
     for key, value in oracle.items():
@@ -102,7 +102,7 @@ def test_bfloat16_storage_averages_exactly_what_is_stored(tmp_path):
 
 def test_float64_accumulator(tmp_path):
     _, average, buffer = run_window(
-        tmp_path, pushes=30, window=5, accumulator=torch.float64, resum_every=1000
+        tmp_path, pushes=30, window=5, accumulator=torch.float64, exact_sum_every=1000
     )
     oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
     got = average.mean(dtype=torch.float64)
@@ -145,8 +145,8 @@ def test_evicting_a_different_model_is_refused():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="accumulator_dtype"):
         WindowAverage(torch.float16)
-    with pytest.raises(ValueError, match="resum_every"):
-        WindowAverage(resum_every=0)
+    with pytest.raises(ValueError, match="exact_sum_every"):
+        WindowAverage(exact_sum_every=0)
     with pytest.raises(RuntimeError, match="no snapshot"):
         WindowAverage().mean()
 
@@ -154,7 +154,7 @@ def test_bad_arguments():
 def test_a_window_file_corrupted_on_disk_does_not_jam_the_window(tmp_path, caplog):
     model = SmallNet()
     generator = torch.Generator().manual_seed(2)
-    average = WindowAverage(resum_every=1000)
+    average = WindowAverage(exact_sum_every=1000)
     buffer = SnapshotBuffer(tmp_path, 3, listener=average.update)
     for step in (1, 2, 3):
         drift(model, generator, step)
@@ -176,12 +176,12 @@ def test_a_window_file_corrupted_on_disk_does_not_jam_the_window(tmp_path, caplo
     assert "re-summing" in caplog.text
 
 
-def test_rolling_resum_heals_a_drifted_sum_within_resum_every_updates(tmp_path):
-    # Every element is rebuilt exactly from the files at least once per resum_every updates, a slice
+def test_rolling_exact_sum_heals_a_drifted_sum_within_exact_sum_every_updates(tmp_path):
+    # Every element is rebuilt exactly from the files at least once per exact_sum_every updates, a slice
     # per update: a sum knocked off by +1 everywhere is healed after `window` pushes, and not after one.
     model = SmallNet()
     generator = torch.Generator().manual_seed(3)
-    average = WindowAverage(resum_every=4)
+    average = WindowAverage(exact_sum_every=4)
     buffer = SnapshotBuffer(tmp_path, 4, listener=average.update)
 
     def push(step):
@@ -214,7 +214,7 @@ def test_an_update_reads_about_one_snapshot_of_elements_whatever_the_window(tmp_
     elements = sum(t.numel() for t in state.values())
     reads: dict[int, list[int]] = {}
     for window in (2, 8):
-        average = WindowAverage(resum_every=window)
+        average = WindowAverage(exact_sum_every=window)
         counted: list[int] = []
 
         def listener(added, evicted, load_window, average=average, counted=counted, window=window):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from checkpoint_stability import buffer as buffer_module
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError, snapshot_file_name
-from checkpoint_stability.state import capture_state, live_tensors, write_into
+from checkpoint_stability.state_dicts import capture_state, live_tensors, write_into
 
 
 class TiedModel(torch.nn.Module):

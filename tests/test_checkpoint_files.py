@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoint_stability import checkpoint_files
-from checkpoint_stability.analysis import AnalysisError, order_series
-from checkpoint_stability.checkpoint_files import (
+from checkpoint_stability.offline.analysis import AnalysisError, order_series
+from checkpoint_stability.storage import checkpoint_files
+from checkpoint_stability.storage.checkpoint_files import (
     CheckpointError,
     ModelLoader,
     average_checkpoints,

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_lm import tiny_gpt2, tiny_tokenizer
 
-from checkpoint_stability.cli import main
+from checkpoint_stability.offline.cli import main
 
 STEPS = [100, 200, 300, 400, 500]
 
@@ -544,7 +544,7 @@ def test_analyze_refuses_what_it_cannot_do(checkpoints, tmp_path, tasks_module, 
     assert code == 2 and "another series" in err and "checkpoint-100" in err
 
     # A directory another run holds (a live training run, or another analysis) is refused.
-    from checkpoint_stability.run_lock import RunLock
+    from checkpoint_stability.storage.run_lock import RunLock
 
     held = RunLock(run_dir)
     try:
@@ -587,7 +587,7 @@ def test_help_of_every_command(capsys):
 
 
 def test_report_command(checkpoints, tmp_path, tasks_module, capsys):
-    pytest.importorskip("checkpoint_stability.report")
+    pytest.importorskip("checkpoint_stability.reporting.report")
     run_dir = tmp_path / "run"
     argv = ["analyze", *checkpoints[:3], "-o", run_dir, "--windows", "1,2", "--tasks", "cli_tasks:build_mc"]
     assert run(argv, capsys)[0] == 0

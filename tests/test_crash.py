@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoint_stability import History, StabilityMonitor
+from checkpoint_stability import StabilityMonitor
 from checkpoint_stability.buffer import SnapshotBuffer
-from checkpoint_stability.export import load_export
+from checkpoint_stability.history import History
+from checkpoint_stability.storage.export import load_export
 
 # The child trains nothing: it pushes snapshots of a ~4 MB model through a real monitor and reports
 # on stdout which steps the buffer has acknowledged (manifest committed). In the stalled modes it
@@ -54,7 +55,8 @@ CHILD = textwrap.dedent(
     buffer_module.atomic_write_bytes = stalling_write
 
     # Exports and the best.json switch: stall once a first best exists, while the next is written.
-    from checkpoint_stability import export as export_module, selection as selection_module
+    from checkpoint_stability import selection as selection_module
+    from checkpoint_stability.storage import export as export_module
     real_export_write, real_text_write = export_module.atomic_write_bytes, selection_module.atomic_write_text
     bests = [0]
 

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from tiny_training import classify_task, make_data, train
 
 from checkpoint_stability import FunctionTask, StabilityMonitor
-from checkpoint_stability import cli as cli_module
-from checkpoint_stability.analysis import analyze
+from checkpoint_stability.offline import cli as cli_module
+from checkpoint_stability.offline.analysis import analyze
 
 SENTINEL = b"sentinel: a file outside every run directory\n"
 FUZZ = settings(

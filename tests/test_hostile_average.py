@@ -23,14 +23,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from checkpoint_stability import checkpoint_files
-from checkpoint_stability.checkpoint_files import (
+from checkpoint_stability.offline.cli import main
+from checkpoint_stability.storage import checkpoint_files
+from checkpoint_stability.storage.checkpoint_files import (
     CheckpointError,
     average_checkpoints,
     iter_average,
     resolve_checkpoint,
 )
-from checkpoint_stability.cli import main
 
 MARKER = "checkpoint-stability-average.json"
 

@@ -20,7 +20,7 @@ from tiny_training import classify_task, make_data, train
 
 from checkpoint_stability import FunctionTask, StabilityMonitor
 from checkpoint_stability import buffer as buffer_module
-from checkpoint_stability.run_lock import RunLock
+from checkpoint_stability.storage.run_lock import RunLock
 
 SENTINEL = b"outside the run directory: must never change\n{torn"
 
@@ -369,7 +369,7 @@ def test_a_lock_file_that_cannot_lock_is_refused_not_ignored(tmp_path, kind):
 
 
 def test_a_read_only_run_directory_is_named_in_the_message(tmp_path, monkeypatch):
-    import checkpoint_stability.run_lock as run_lock
+    import checkpoint_stability.storage.run_lock as run_lock
 
     real_open = os.open
 

@@ -23,12 +23,12 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint_stability import history as history_module
-from checkpoint_stability.analysis import checkpoint_step, order_series
-from checkpoint_stability.checkpoint_files import resolve_checkpoint
-from checkpoint_stability.cli import main
 from checkpoint_stability.history import History
-from checkpoint_stability.report import write_report
-from checkpoint_stability.summary import summarize
+from checkpoint_stability.offline.analysis import checkpoint_step, order_series
+from checkpoint_stability.offline.cli import main
+from checkpoint_stability.reporting.report import write_report
+from checkpoint_stability.reporting.summary import summarize
+from checkpoint_stability.storage.checkpoint_files import resolve_checkpoint
 
 pytest.importorskip("matplotlib")
 
@@ -141,7 +141,7 @@ def no_plots(monkeypatch):
         Path(path).write_bytes(b"placeholder")
 
     for name in ("plot_scores", "plot_flips", "plot_window_sweep"):
-        monkeypatch.setattr(f"checkpoint_stability.report_plots.{name}", placeholder)
+        monkeypatch.setattr(f"checkpoint_stability.reporting.plots.{name}", placeholder)
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from checkpoint_stability import ClassificationTask, NextTokenTask
 from checkpoint_stability.callbacks.lightning import StabilityCallback
-from checkpoint_stability.defaults import default_task_from_dataloader
 from checkpoint_stability.sinks import custom_scalars_layout
+from checkpoint_stability.tasks.from_dataloader import default_task_from_dataloader
 
 VARIANTS = ("raw", "avg", "ens")
 METRICS = ("score", "mtv", "is")

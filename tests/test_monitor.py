@@ -463,7 +463,7 @@ def test_report_setting_and_report_faults_never_stop_training(tmp_path, monkeypa
     def broken(run_dir, **_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("checkpoint_stability.report.write_report", broken)
+    monkeypatch.setattr("checkpoint_stability.reporting.report.write_report", broken)
     faulty = StabilityMonitor(
         [classify_task(x, y)], dirpath=tmp_path / "full", every_n_steps=5, console=False
     )
@@ -477,7 +477,7 @@ def test_report_setting_and_report_faults_never_stop_training(tmp_path, monkeypa
     def no_matplotlib(run_dir, **_):
         raise ImportError("the report needs matplotlib: pip install checkpoint-stability[report]")
 
-    monkeypatch.setattr("checkpoint_stability.report.write_report", no_matplotlib)
+    monkeypatch.setattr("checkpoint_stability.reporting.report.write_report", no_matplotlib)
     bare = StabilityMonitor([classify_task(x, y)], dirpath=tmp_path / "bare", every_n_steps=5, console=False)
     train(10, bare)
     caplog.clear()
@@ -487,7 +487,7 @@ def test_report_setting_and_report_faults_never_stop_training(tmp_path, monkeypa
 
 
 def test_the_monitor_as_a_context_manager_closes_or_abandons(tmp_path):
-    from checkpoint_stability.run_lock import RunLock
+    from checkpoint_stability.storage.run_lock import RunLock
 
     x, y = make_data(9)
     with StabilityMonitor(

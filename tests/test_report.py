@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_stability import FunctionTask, History, StabilityMonitor
-from checkpoint_stability import report as report_module
-from checkpoint_stability.report import score_outputs, window_sweep, write_report
+from checkpoint_stability import FunctionTask, StabilityMonitor
+from checkpoint_stability.history import History
+from checkpoint_stability.reporting import report as report_module
+from checkpoint_stability.reporting.report import score_outputs, window_sweep, write_report
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib import image as mpimg  # noqa: E402
@@ -159,7 +160,7 @@ def no_plots(monkeypatch):
         Path(path).write_bytes(b"placeholder")
 
     for name in ("plot_scores", "plot_flips", "plot_window_sweep"):
-        monkeypatch.setattr(f"checkpoint_stability.report_plots.{name}", placeholder)
+        monkeypatch.setattr(f"checkpoint_stability.reporting.plots.{name}", placeholder)
 
 
 # ---------------------------------------------------------------------------------------------------- tests
@@ -389,7 +390,7 @@ def test_an_existing_report_is_replaced_whole_or_not_at_all(run, tmp_path, no_pl
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("checkpoint_stability.report_plots.plot_window_sweep", disk_full)
+    monkeypatch.setattr("checkpoint_stability.reporting.plots.plot_window_sweep", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_report(run, output_dir=out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -13,7 +13,7 @@ import pytest
 from tiny_training import classify_task, make_data, train
 
 from checkpoint_stability import StabilityMonitor
-from checkpoint_stability.run_lock import LOCK_FILE, RunDirectoryLocked, RunLock
+from checkpoint_stability.storage.run_lock import LOCK_FILE, RunDirectoryLocked, RunLock
 
 
 def monitor(dirpath, **settings) -> StabilityMonitor:
@@ -50,7 +50,7 @@ def test_a_killed_runs_lock_is_taken_over(tmp_path):
     holder = textwrap.dedent(
         f"""
         import sys, time
-        from checkpoint_stability.run_lock import RunLock
+        from checkpoint_stability.storage.run_lock import RunLock
         lock = RunLock({str(tmp_path)!r})
         print("locked", flush=True)
         time.sleep(60)

@@ -154,7 +154,7 @@ def test_a_pointer_outside_exports_is_refused(tmp_path, path, caplog):
 
 
 def test_a_failed_export_keeps_the_previous_best_and_leaves_no_staging(tmp_path, monkeypatch, caplog):
-    from checkpoint_stability.export import ModelExporter
+    from checkpoint_stability.storage.export import ModelExporter
 
     real_write, calls = ModelExporter.write, []
 

@@ -195,8 +195,9 @@ def test_only_rank_zero_writes(runs, mode):
     first, second = ranks(runs, mode)
     run_dir = runs / mode / "stability"
     # Rank 1 holds no history, buffer, selector or sink, and created, renamed or removed no file there.
-    # Rank 0's only sink is the callback's TensorBoard run (console=False; the monitor's own is off).
-    sinks = ["TensorBoardSink"] if mode == "tasks" else []
+    # Rank 0's sinks: the callback's TensorBoard run (console=False; the monitor's own is off) and the
+    # report written when the run ends.
+    sinks = [*(["TensorBoardSink"] if mode == "tasks" else []), "ReportSink"]
     assert first["holds"] == {"history": True, "buffer": True, "selector": True, "sinks": sinks}
     assert second["holds"] == {"history": False, "buffer": False, "selector": False, "sinks": []}
     assert second["history"] is None

@@ -16,12 +16,12 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.defaults import default_task_from_dataloader
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
 from checkpoint_stability.sinks.wandb import WandbSink
 from checkpoint_stability.tasks.base import Task
+from checkpoint_stability.tasks.from_dataloader import default_task_from_dataloader
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class StabilityCallback(Callback):
     ``tasks=None`` evaluates a default task built from the Trainer's own validation data at
     ``on_fit_start``: ``(inputs, labels)`` batches give a classification task, ``input_ids`` /
     ``labels`` dict batches a next-token accuracy task (see
-    :func:`checkpoint_stability.defaults.default_task_from_dataloader`); any other shape, or no
+    :func:`checkpoint_stability.tasks.from_dataloader.default_task_from_dataloader`); any other shape, or no
     validation data, stops ``fit`` with a ``ValueError`` saying to pass ``tasks``. ``tasks=[]``
     evaluates nothing: the window is buffered and averaged, and its final average is exported when
     training ends.

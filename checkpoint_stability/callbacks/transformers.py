@@ -17,12 +17,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.defaults import DEFAULT_TASK_NAME, default_task_from_dataloader
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.base import scalar_items
 from checkpoint_stability.sinks.wandb import WandbSink
 from checkpoint_stability.tasks.base import Task
+from checkpoint_stability.tasks.from_dataloader import DEFAULT_TASK_NAME, default_task_from_dataloader
 
 logger = logging.getLogger(__name__)
 

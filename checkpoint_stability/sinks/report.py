@@ -36,7 +36,7 @@ class ReportSink:
     def run_ended(self) -> Path | None:
         """Write the report; returns its path (None when the reporting extra is not installed)."""
         try:
-            from checkpoint_stability.report import write_report
+            from checkpoint_stability.reporting.report import write_report
 
             path = write_report(self.run_dir)
         except ImportError as error:  # matplotlib, an optional extra: say how to get it

@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from checkpoint_stability.confinement import writable_file
+from checkpoint_stability.storage.confinement import writable_file
 
 
 def atomic_write_bytes(

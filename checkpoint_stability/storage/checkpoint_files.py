@@ -49,10 +49,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from checkpoint_stability.atomic_files import fsync_directory, fsync_tree
-from checkpoint_stability.confinement import is_inside, open_confined, writable_file
-from checkpoint_stability.json_files import DamagedJSONError, parse_json_object, read_json_object
-from checkpoint_stability.state import tied_groups
+from checkpoint_stability.errors import CheckpointStabilityError
+from checkpoint_stability.state_dicts import tied_groups
+from checkpoint_stability.storage.atomic_files import fsync_directory, fsync_tree
+from checkpoint_stability.storage.confinement import is_inside, open_confined, writable_file
+from checkpoint_stability.storage.json_files import DamagedJSONError, parse_json_object, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ AVERAGED_DTYPES = frozenset(
 CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CheckpointStabilityError, ValueError):
     """A checkpoint that cannot be read, or checkpoints that do not fit together (or into a model)."""
 
 
@@ -498,7 +499,7 @@ def load_state(path: str | os.PathLike | Checkpoint) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-class AverageWriteError(OSError):
+class AverageWriteError(CheckpointStabilityError, OSError):
     """The average could not be written (a full disk, say): nothing was published, and the inputs and
     any previous output are unchanged. Its message names the output and the reason."""
 
@@ -962,7 +963,7 @@ class ModelLoader:
     """
 
     def __init__(self, model: torch.nn.Module, checkpoint: str | os.PathLike | Checkpoint):
-        from checkpoint_stability.state import live_tensors
+        from checkpoint_stability.state_dicts import live_tensors
 
         self.reference = resolve_checkpoint(checkpoint)
         live = live_tensors(model)

@@ -35,16 +35,22 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_stability.atomic_files import atomic_write_text
-from checkpoint_stability.checkpoint_files import Checkpoint, ModelLoader, check_series, resolve_checkpoint
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.confinement import UnsafePathError, is_inside, writable_file
 from checkpoint_stability.ensemble import ensemble_result
+from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.isolation import isolated_evaluation
-from checkpoint_stability.json_files import DamagedJSONError, read_json_object
 from checkpoint_stability.records import Evaluation, ScoreSeries
-from checkpoint_stability.run_lock import LOCK_FILE, RunLock
+from checkpoint_stability.storage.atomic_files import atomic_write_text
+from checkpoint_stability.storage.checkpoint_files import (
+    Checkpoint,
+    ModelLoader,
+    check_series,
+    resolve_checkpoint,
+)
+from checkpoint_stability.storage.confinement import UnsafePathError, is_inside, writable_file
+from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
+from checkpoint_stability.storage.run_lock import LOCK_FILE, RunLock
 from checkpoint_stability.tasks.base import Task, TaskResult
 
 logger = logging.getLogger(__name__)
@@ -57,7 +63,7 @@ STEP_NAME = re.compile(r"(?:checkpoint|step)-(\d+)")
 TRAINER_STATE = "trainer_state.json"
 
 
-class AnalysisError(ValueError):
+class AnalysisError(CheckpointStabilityError, ValueError):
     """A series or run directory that cannot be analysed as asked (the message says why)."""
 
 
@@ -233,7 +239,7 @@ def analyze(
         horizon: trailing evaluations over which a record's MTV and IS are computed.
         similarity: ``"exact"`` or ``"char_f1"`` for IS.
         progress: a tqdm bar on stderr over the model evaluations.
-        report: write the report (``checkpoint_stability.report.write_report``) at the end.
+        report: write the report (``checkpoint_stability.reporting.report.write_report``) at the end.
 
     An average over a single checkpoint is that checkpoint, and windows that hold the same checkpoints
     (``min(w, k)`` equal) share one evaluation.
@@ -332,7 +338,7 @@ def check_output_paths(run_dir: Path, task_names: Sequence[str], *, report: bool
 
 def _write_report(run_dir: Path) -> Path | None:
     try:
-        from checkpoint_stability.report import write_report
+        from checkpoint_stability.reporting.report import write_report
     except ImportError as error:
         logger.warning("no report written (%s); the history is complete in %s", error, run_dir)
         return None

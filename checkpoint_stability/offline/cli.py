@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from checkpoint_stability.errors import CheckpointStabilityError
+
 PROG = "checkpoint-stability"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -26,7 +28,7 @@ STEPS_HELP = (
 )
 
 
-class CliError(Exception):
+class CliError(CheckpointStabilityError):
     """A problem with the command line itself; reported as one line, exit code 2."""
 
 
@@ -164,10 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or argparse's own usage error (code 2)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     _show_library_messages()
-    from checkpoint_stability.checkpoint_files import CheckpointError
+    from checkpoint_stability.storage.checkpoint_files import CheckpointError
 
     # ValueError covers CheckpointError and AnalysisError; OSError a missing file or a full disk.
-    from checkpoint_stability.run_lock import RunDirectoryLocked
+    from checkpoint_stability.storage.run_lock import RunDirectoryLocked
 
     user_errors: tuple[type[BaseException], ...] = (
         CliError,
@@ -209,11 +211,13 @@ def _show_library_messages() -> None:
 
 def _report(args) -> int:
     try:
-        from checkpoint_stability.report import write_report
+        from checkpoint_stability.reporting.report import write_report
     except ModuleNotFoundError as error:
-        if error.name != "checkpoint_stability.report":
+        if error.name != "checkpoint_stability.reporting.report":
             raise
-        raise CliError("this installation has no report module (checkpoint_stability.report)") from error
+        raise CliError(
+            "this installation has no report module (checkpoint_stability.reporting.report)"
+        ) from error
     try:
         path = write_report(args.run_dir, output_dir=args.output_dir)
     except ImportError as error:  # matplotlib, an optional extra
@@ -223,7 +227,7 @@ def _report(args) -> int:
 
 
 def _average(args) -> int:
-    from checkpoint_stability.checkpoint_files import average_checkpoints
+    from checkpoint_stability.storage.checkpoint_files import average_checkpoints
 
     out = average_checkpoints(
         args.checkpoints, args.output, overwrite=args.overwrite, progress=not args.no_progress
@@ -233,7 +237,7 @@ def _average(args) -> int:
 
 
 def _analyze(args) -> int:
-    from checkpoint_stability.analysis import analyze, huggingface_model_factory, order_series
+    from checkpoint_stability.offline.analysis import analyze, huggingface_model_factory, order_series
 
     windows = parse_windows(args.windows)
     if args.horizon < 2:

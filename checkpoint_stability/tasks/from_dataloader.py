@@ -49,7 +49,7 @@ def default_task_from_dataloader(
 
         >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> from checkpoint_stability.defaults import default_task_from_dataloader
+        >>> from checkpoint_stability.tasks.from_dataloader import default_task_from_dataloader
         >>> data = TensorDataset(torch.randn(10, 3), torch.randint(0, 2, (10,)))
         >>> default_task_from_dataloader(DataLoader(data, batch_size=4))
         ClassificationTask(name='validation', examples=10, batch_size=64)

@@ -19,9 +19,9 @@ read-only (``History(run_dir, read_only=True)``), which repairs nothing — a to
 off under a training run still appending to the same files — and warns about damaged lines naming the
 run's own files. Lines that parse but cannot be used (a task name that is not a valid task name, an
 examples line whose ``correct`` holds strings) are left out with one warning per file
-(:class:`~checkpoint_stability.summary.RunView`). Every file the report writes is a new regular file in
-its own directory, opened without following links, and a report directory that is a link or a file is
-refused: a task name cannot lead a plot out of ``report/``.
+(:class:`~checkpoint_stability.reporting.summary.RunView`). Every file the report writes is a new
+regular file in its own directory, opened without following links, and a report directory that is a
+link or a file is refused: a task name cannot lead a plot out of ``report/``.
 
 matplotlib is an optional extra (``pip install checkpoint-stability[report]``). Figures are drawn on
 their own Agg canvases, so a user's interactive backend and pyplot state are left alone.
@@ -40,13 +40,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from checkpoint_stability.atomic_files import fsync_directory
-from checkpoint_stability.confinement import UnsafePathError, open_confined
 from checkpoint_stability.ensemble import vote
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.metrics import char_f1, exact_match, instability_score, mean_total_variation
 from checkpoint_stability.records import MEAN_TASK, VARIANTS
-from checkpoint_stability.summary import (
+from checkpoint_stability.reporting.summary import (
     RunView,
     as_view,
     final_count,
@@ -54,6 +52,8 @@ from checkpoint_stability.summary import (
     series_records,
     summarize,
 )
+from checkpoint_stability.storage.atomic_files import fsync_directory
+from checkpoint_stability.storage.confinement import UnsafePathError, open_confined
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def window_sweep(
     the newest snapshot); its outputs are scored with :func:`score_outputs` against the task's stored
     targets. ``n = 1`` reproduces the raw series. Fewer than two raw evaluations give no rows.
 
-    ``history`` is read through a :class:`~checkpoint_stability.summary.RunView` (lines that cannot be
-    used are left out).
+    ``history`` is read through a :class:`~checkpoint_stability.reporting.summary.RunView` (lines that
+    cannot be used are left out).
 
     Raises:
         ValueError: the task has no usable meta file (its targets are unknown), or its stored
@@ -374,7 +374,7 @@ class _ReportWriter:
         return notes
 
     def _curves(self) -> None:
-        from checkpoint_stability.report_plots import Curve, plot_scores
+        from checkpoint_stability.reporting.plots import Curve, plot_scores
 
         self.md += ["## Scores over training", ""]
         self.md += [
@@ -426,7 +426,7 @@ class _ReportWriter:
         return (self.history.meta(task) or {}).get("metric", "score")
 
     def _flips(self) -> None:
-        from checkpoint_stability.report_plots import FlipPanel, plot_flips
+        from checkpoint_stability.reporting.plots import FlipPanel, plot_flips
 
         self.md += ["## Which examples flip", ""]
         self.md += [
@@ -508,7 +508,7 @@ class _ReportWriter:
         return found
 
     def _sweep(self) -> None:
-        from checkpoint_stability.report_plots import plot_window_sweep
+        from checkpoint_stability.reporting.plots import plot_window_sweep
 
         percent = round(100 * FINAL_FRACTION)
         self.md += ["## Ensemble window size", ""]

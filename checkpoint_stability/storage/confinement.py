@@ -20,8 +20,10 @@ import os
 import stat
 from pathlib import Path
 
+from checkpoint_stability.errors import CheckpointStabilityError
 
-class UnsafePathError(ValueError):
+
+class UnsafePathError(CheckpointStabilityError, ValueError):
     """A file to be written is a link, not a regular file, or lies outside its directory."""
 
 

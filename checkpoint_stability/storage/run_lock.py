@@ -10,17 +10,18 @@ import socket
 import time
 from pathlib import Path
 
-from checkpoint_stability.confinement import UnsafePathError, open_confined
-from checkpoint_stability.json_files import read_json_object
+from checkpoint_stability.errors import CheckpointStabilityError
+from checkpoint_stability.storage.confinement import UnsafePathError, open_confined
+from checkpoint_stability.storage.json_files import read_json_object
 
 LOCK_FILE = "lock.json"
 
 
-class RunDirectoryLocked(RuntimeError):
+class RunDirectoryLocked(CheckpointStabilityError, RuntimeError):
     """Another live process holds the run directory."""
 
 
-class LockingUnsupported(OSError):
+class LockingUnsupported(CheckpointStabilityError, OSError):
     """The file system cannot ``flock`` (some network file systems): the run goes on unlocked."""
 
 
@@ -40,7 +41,7 @@ class RunLock:
     Example::
 
         >>> import tempfile
-        >>> from checkpoint_stability.run_lock import RunLock, RunDirectoryLocked
+        >>> from checkpoint_stability.storage.run_lock import RunLock, RunDirectoryLocked
         >>> with tempfile.TemporaryDirectory() as d:
         ...     first = RunLock(d)
         ...     try:

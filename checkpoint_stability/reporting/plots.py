@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint_stability.confinement import open_confined
+from checkpoint_stability.storage.confinement import open_confined
 
 RAW_COLOR = "#555555"
 VARIANT_COLORS = {"avg": "#1f77b4", "ens": "#e6550d"}

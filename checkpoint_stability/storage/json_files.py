@@ -16,8 +16,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from checkpoint_stability.errors import CheckpointStabilityError
 
-class DamagedJSONError(ValueError):
+
+class DamagedJSONError(CheckpointStabilityError, ValueError):
     """A JSON file that cannot be used: unreadable, malformed, or not the object its reader expects."""
 
 
@@ -33,10 +35,11 @@ def parse_json_object(data: bytes | str, what: str) -> dict:
 
         >>> parse_json_object(b'{"step": 3}', "best.json")
         {'step': 3}
-        >>> parse_json_object("[" * 100_000, "best.json")
-        Traceback (most recent call last):
-        ...
-        checkpoint_stability.json_files.DamagedJSONError: best.json is not valid JSON: nested too deeply
+        >>> try:
+        ...     parse_json_object("[" * 100_000, "best.json")
+        ... except DamagedJSONError as error:
+        ...     print(error)
+        best.json is not valid JSON: nested too deeply
     """
     try:
         value = json.loads(data, parse_constant=_reject_constant)

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from checkpoint_stability.atomic_files import atomic_write_bytes
-from checkpoint_stability.json_files import DamagedJSONError, parse_json_object, read_json_object
-from checkpoint_stability.state import CapturedState, tied_groups
+from checkpoint_stability.state_dicts import CapturedState, tied_groups
+from checkpoint_stability.storage.atomic_files import atomic_write_bytes
+from checkpoint_stability.storage.json_files import DamagedJSONError, parse_json_object, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # save_pretrained's name once a model is split into shards
@@ -44,8 +44,8 @@ class ModelExporter:
 
         >>> import tempfile, torch
         >>> from pathlib import Path
-        >>> from checkpoint_stability.export import ModelExporter, load_export
-        >>> from checkpoint_stability.state import capture_state
+        >>> from checkpoint_stability.storage.export import ModelExporter, load_export
+        >>> from checkpoint_stability.state_dicts import capture_state
         >>> model = torch.nn.Linear(2, 1)
         >>> with tempfile.TemporaryDirectory() as d:
         ...     ModelExporter(lambda: model).write(Path(d), capture_state(model.state_dict()), {"step": "3"})
