@@ -8,6 +8,7 @@ behind it stay importable from their modules (see docs/ARCHITECTURE.md).
 """
 
 from checkpoint_stability import _moved
+from checkpoint_stability._version import __version__ as __version__
 from checkpoint_stability.buffer import SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.errors import CheckpointStabilityError
@@ -25,8 +26,6 @@ from checkpoint_stability.tasks import (
     Task,
     TaskResult,
 )
-
-__version__ = "0.2.0"
 
 __all__ = [
     "CheckpointStabilityError",

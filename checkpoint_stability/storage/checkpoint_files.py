@@ -610,7 +610,7 @@ def average_checkpoints(
 
 
 def _version() -> str:
-    from checkpoint_stability import __version__
+    from checkpoint_stability._version import __version__
 
     return __version__
 
