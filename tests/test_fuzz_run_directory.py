@@ -370,7 +370,7 @@ def test_a_damaged_live_run_directory_resumes_and_reports_without_harm(
         monitor = StabilityMonitor(
             _tasks(), dirpath=run, window=3, every_n_steps=5, console=False, tensorboard=True
         )
-        monitor.start(resume_step=15)  # on_error="warn": a directory it cannot use is reported, not raised
+        monitor.try_open(resume_step=15)  # on_error="warn": a directory it cannot use is reported, not raised
         model = train(10)
         monitor.on_snapshot(model, 20)
         monitor.on_snapshot(model, 25)

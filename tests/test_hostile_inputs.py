@@ -382,7 +382,7 @@ def test_a_read_only_run_directory_is_named_in_the_message(tmp_path, monkeypatch
     x, y = make_data(3)
     monitor = StabilityMonitor([classify_task(x, y)], dirpath=tmp_path, window=3, every_n_steps=5, **quiet())
     with pytest.warns(UserWarning) as warned:
-        monitor.start()
+        monitor.try_open()
     message = str(warned[0].message)
     assert "Read-only file system" in message and str(tmp_path / "lock.json") in message
     assert "collide" not in message

@@ -32,9 +32,9 @@ def test_a_second_run_in_the_same_directory_is_refused_and_the_first_goes_on(tmp
     with pytest.raises(
         RuntimeError, match=rf"in use by another run \(pid {os.getpid()} on .*\).*another dirpath"
     ):
-        monitor(tmp_path, on_error="raise").start(resume_step=None)
+        monitor(tmp_path, on_error="raise").try_open(resume_step=None)
     with pytest.warns(UserWarning, match="in use by another run"):
-        assert monitor(tmp_path).start(resume_step=None) is False
+        assert monitor(tmp_path).try_open(resume_step=None) is False
 
     train(10, first)  # the refused runs changed nothing of the first one's
     first.close()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.callbacks.base import StabilityCallbackBase
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
@@ -23,12 +20,8 @@ from checkpoint_stability.sinks.wandb import WandbSink
 from checkpoint_stability.tasks.base import Task
 from checkpoint_stability.tasks.from_dataloader import default_task_from_dataloader
 
-logger = logging.getLogger(__name__)
 
-RUN_DIRECTORY_NAME = "stability"
-
-
-class StabilityCallback(Callback):
+class StabilityCallback(StabilityCallbackBase, Callback):
     r"""Evaluate the model, its window average and its window ensemble side by side while Lightning trains.
 
     Every ``every_n_steps`` optimizer steps (``trainer.global_step``; with gradient accumulation only the
@@ -128,54 +121,12 @@ class StabilityCallback(Callback):
     def __init__(
         self, tasks: Sequence[Task] | None = None, *, model_attribute: str | None = None, **settings
     ):
-        self.config = StabilityConfig.from_settings("StabilityCallback", settings)
-        if tasks is not None:
-            tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
-            # Checked against the settings (names, select_metric, mean_prob) now, not when fit starts.
-            tasks = StabilityMonitor.check_tasks(tasks, self.config)
-        self.tasks: list[Task] | None = tasks
+        super().__init__(tasks, **settings)
         if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute):
             raise ValueError(f"model_attribute must be None or an attribute name, got {model_attribute!r}")
         self.model_attribute = model_attribute
-        self.monitor: StabilityMonitor | None = None
-        """The monitor of the current (or last) ``fit``; built at ``on_fit_start``."""
-        self._sinks: list[Sink] = []
         self._restored_state: dict | None = None  # from a checkpoint, applied when the fit opens
-        self._running = False
-        self._last_snapshot_step: int | None = None
-        self._latest_records: list[dict] = []
         self._export_prefix = ""
-
-    # ------------------------------------------------------------------ public
-
-    @property
-    def latest_records(self) -> list[dict]:
-        """The records of the latest snapshot (every rank has the same)."""
-        return list(self._latest_records)
-
-    @property
-    def best(self) -> dict | None:
-        """What ``best.json`` says: the best model so far under the ``select`` policy, or None."""
-        return None if self.monitor is None else self.monitor.best
-
-    @property
-    def best_model_path(self) -> Path | None:
-        """The directory of the exported best model (``model.safetensors`` inside), or None.
-
-        With the default ``select="avg"`` this is a window average, which no Lightning checkpoint
-        holds: ``best.json``'s ``steps`` names the snapshots it averages.
-        """
-        return None if self.monitor is None else self.monitor.best_model_path
-
-    def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
-        """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``.
-
-        ``model`` is a LightningModule like the trained one, or the submodule named by
-        ``model_attribute`` (e.g. the wrapped Hugging Face model).
-        """
-        if self.monitor is None:
-            raise FileNotFoundError("no best model has been exported yet: the callback has not run")
-        return self.monitor.load_best(model, strict=strict, prefix=self._export_prefix)
 
     # ------------------------------------------------------------------ hooks
 
@@ -192,7 +143,7 @@ class StabilityCallback(Callback):
         tasks = self.tasks if self.tasks is not None else [self._default_task(trainer)]
         self._export_prefix = self._resolve_model_attribute(pl_module)
         writer, self._sinks = self._destinations(trainer, [t.name for t in tasks])
-        config = self.config.replace(dirpath=self._configured_dirpath(trainer))
+        config = self.config.replace(dirpath=self._configured_dirpath(trainer.default_root_dir))
         self.monitor = StabilityMonitor(
             tasks, config, sinks=self._sinks, tensorboard_writer=writer, export_prefix=self._export_prefix
         )
@@ -204,7 +155,6 @@ class StabilityCallback(Callback):
         # on_fit_start under every strategy) are known.
         resumed = trainer.ckpt_path is not None or trainer.global_step > 0
         self._warn_if_no_snapshot(trainer)
-        self._last_snapshot_step = trainer.global_step
         self._open(trainer, pl_module, resume_step=trainer.global_step if resumed else None)
 
     def on_train_batch_end(
@@ -212,11 +162,7 @@ class StabilityCallback(Callback):
     ) -> None:
         # Under gradient accumulation several batches end on one global_step; only the first of them
         # follows the optimizer step.
-        step = trainer.global_step
-        if not self._running or step == self._last_snapshot_step or not self.monitor.should_snapshot(step):
-            return
-        self._last_snapshot_step = step
-        self._latest_records = self.monitor.on_snapshot(pl_module, step)
+        self._snapshot(pl_module, trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close()
@@ -279,13 +225,6 @@ class StabilityCallback(Callback):
                 return f"{found[0]}."
         return ""
 
-    def _configured_dirpath(self, trainer: Trainer) -> Path:
-        chosen = self.config.dirpath
-        if chosen is None:
-            chosen = Path(trainer.default_root_dir) / RUN_DIRECTORY_NAME
-        # Absolute, so the path saved in a checkpoint still names it from another working directory.
-        return Path(os.path.abspath(chosen))
-
     def _destinations(self, trainer: Trainer, task_names: list[str]) -> tuple[Any, list[Sink]]:
         """(the TensorBoard writer for the monitor, the other sinks): exactly one path per logger."""
         if not trainer.is_global_zero:
@@ -325,15 +264,9 @@ class StabilityCallback(Callback):
     def _open(self, trainer: Trainer, pl_module: LightningModule, resume_step: int | None) -> None:
         monitor = self._require_monitor()
         restored, self._restored_state = self._restored_state, None
-        self._running = True
-        try:
-            opened = monitor.start(
-                resume_step=resume_step, model=pl_module, restored_state=restored, owner="StabilityCallback"
-            )
-        except RuntimeError:
-            self._running = False
-            raise
-        if not opened:
+        if not self._start(
+            trainer.global_step, resume_step=resume_step, model=pl_module, restored_state=restored
+        ):
             return
         last_step = monitor.state_dict()["last_step"]
         if resume_step is None and last_step is not None and last_step > trainer.global_step:
@@ -343,34 +276,6 @@ class StabilityCallback(Callback):
                 "first snapshot drops the records after it. Pass dirpath= (or another default_root_dir) "
                 "to keep that run, or ckpt_path= to resume it"
             )
-
-    def _close(self) -> None:
-        """The end of a fit: finish writes, export (``tasks=[]``), close the sinks. Collective."""
-        if not self._running:
-            return
-        self._running = False
-        try:
-            self.monitor.close()
-        finally:
-            self._close_sinks()
-
-    def _abandon(self) -> None:
-        """An exception ends the fit: finish the snapshot write in flight and release, without any
-        collective (another rank may be gone) and without exporting."""
-        if not self._running:
-            return
-        self._running = False
-        try:
-            self.monitor.abandon()
-        finally:
-            self._close_sinks()
-
-    def _close_sinks(self) -> None:
-        for sink in self._sinks:
-            try:
-                sink.close()
-            except Exception as error:
-                logger.warning("StabilityCallback: closing %s failed: %r", type(sink).__name__, error)
 
 
 def _validation_dataloader(trainer: Trainer):

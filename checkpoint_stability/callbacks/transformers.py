@@ -11,12 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.callbacks.base import StabilityCallbackBase
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.base import scalar_items
@@ -26,12 +25,11 @@ from checkpoint_stability.tasks.from_dataloader import DEFAULT_TASK_NAME, defaul
 
 logger = logging.getLogger(__name__)
 
-RUN_DIRECTORY_NAME = "stability"
 TENSORBOARD_RUN_NAME = "stability"
 WANDB_STEP_METRIC = "train/global_step"  # the step axis transformers' WandbCallback defines
 
 
-class StabilityCallback(TrainerCallback, ExportableState):
+class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState):
     r"""Evaluate the model, its window average and its window ensemble side by side while a
     ``transformers.Trainer`` trains.
 
@@ -79,43 +77,12 @@ class StabilityCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, tasks: Sequence[Task] | None = None, **settings):
-        self.config = StabilityConfig.from_settings("StabilityCallback", settings)
-        if tasks is not None:
-            tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
-            tasks = StabilityMonitor.check_tasks(tasks, self.config)
-        self.tasks: list[Task] | None = tasks
-        self.monitor: StabilityMonitor | None = None
-        """The monitor of the current (or last) ``train``; built at ``on_train_begin``."""
-        self._sinks: list[Sink] = []
-        self._running = False
-        self._last_snapshot_step: int | None = None
-        self._latest_records: list[dict] = []
+        super().__init__(tasks, **settings)
         self._task_names: list[str] = []
         self.tensorboard_dir: Path | None = None
         """The TensorBoard run the stability scalars go to (None without ``"tensorboard"`` in report_to)."""
 
     # ------------------------------------------------------------------ public
-
-    @property
-    def latest_records(self) -> list[dict]:
-        """The records of the latest snapshot."""
-        return list(self._latest_records)
-
-    @property
-    def best(self) -> dict | None:
-        """What ``best.json`` says: the best model so far under the ``select`` policy, or None."""
-        return None if self.monitor is None else self.monitor.best
-
-    @property
-    def best_model_path(self) -> Path | None:
-        """The directory of the exported best model (``model.safetensors`` inside), or None."""
-        return None if self.monitor is None else self.monitor.best_model_path
-
-    def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
-        """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``."""
-        if self.monitor is None:
-            raise FileNotFoundError("no best model has been exported yet: the callback has not run")
-        return self.monitor.load_best(model, strict=strict)
 
     def state(self) -> dict:
         """What transformers saves in ``trainer_state.json`` (``ExportableState``): the monitor's state."""
@@ -149,32 +116,19 @@ class StabilityCallback(TrainerCallback, ExportableState):
         self._task_names = [t.name for t in tasks]
         resume_step = state.global_step if state.global_step > 0 else None
         self._sinks = self._destinations(args, resume_step) if state.is_world_process_zero else []
-        config = self.config.replace(dirpath=self._configured_dirpath(args), tensorboard=False)
+        config = self.config.replace(dirpath=self._configured_dirpath(args.output_dir), tensorboard=False)
         # The tokenizer the Trainer was given is saved beside each export (a save_pretrained directory).
         processing_class = kwargs.get("processing_class")
         self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks, processing_class=processing_class)
         self._latest_records = []
-        self._last_snapshot_step = state.global_step
-        self._running = True
-        try:
-            opened = self.monitor.start(
-                resume_step=resume_step,
-                model=model,
-                restored_state=_restored_state(state),
-                owner="StabilityCallback",
-            )
-        except RuntimeError:
-            self._running = False
-            raise
+        opened = self._start(
+            state.global_step, resume_step=resume_step, model=model, restored_state=_restored_state(state)
+        )
         if opened and resume_step is not None and self.monitor.history is not None:
             self._latest_records = _records_at_last_step(self.monitor.history.records(), resume_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step
-        if not self._running or step == self._last_snapshot_step or not self.monitor.should_snapshot(step):
-            return
-        self._last_snapshot_step = step
-        self._latest_records = self.monitor.on_snapshot(model, step)
+        self._snapshot(model, state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics is None:
@@ -214,8 +168,7 @@ class StabilityCallback(TrainerCallback, ExportableState):
             warnings.warn(message, stacklevel=2)
 
     def _default_tasks(self, args) -> list[Task]:
-        trainer = _running_trainer(self)
-        eval_dataset = None if trainer is None else trainer.eval_dataset
+        eval_dataset, data_collator = _trainer_eval_data(self)
         if eval_dataset is None:
             raise ValueError(
                 "StabilityCallback(tasks=None) builds its task from the Trainer's eval_dataset, and this "
@@ -232,19 +185,13 @@ class StabilityCallback(TrainerCallback, ExportableState):
             loader = DataLoader(
                 dataset,
                 batch_size=args.per_device_eval_batch_size,
-                collate_fn=_collate_model_inputs(trainer.data_collator),
+                collate_fn=_collate_model_inputs(data_collator),
             )
             try:
                 tasks.append(default_task_from_dataloader(loader, name=str(name)))
             except ValueError as error:
                 raise ValueError(f"StabilityCallback(tasks=None), eval_dataset {name!r}: {error}") from error
         return tasks
-
-    def _configured_dirpath(self, args) -> Path:
-        chosen = self.config.dirpath
-        if chosen is None:
-            chosen = Path(args.output_dir) / RUN_DIRECTORY_NAME
-        return Path(os.path.abspath(chosen))
 
     def _destinations(self, args, resume_step: int | None) -> list[Sink]:
         report_to = args.report_to or []
@@ -270,19 +217,6 @@ class StabilityCallback(TrainerCallback, ExportableState):
             if wandb is not None and wandb.run is not None:
                 sinks.append(WandbSink(wandb.run, step_metric=WANDB_STEP_METRIC, task_names=self._task_names))
         return sinks
-
-    def _close(self) -> None:
-        if not self._running:
-            return
-        self._running = False
-        try:
-            self.monitor.close()
-        finally:
-            for sink in self._sinks:
-                try:
-                    sink.close()
-                except Exception as error:
-                    logger.warning("StabilityCallback: closing %s failed: %r", type(sink).__name__, error)
 
 
 def _stability_key(metric: str | None) -> str | None:
@@ -311,11 +245,19 @@ def _records_at_last_step(records: list[dict], step: int) -> list[dict]:
     return [r for r in records if r["step"] == last]
 
 
-def _running_trainer(callback: StabilityCallback) -> Any:
-    """The ``transformers.Trainer`` whose callbacks include ``callback`` and which is running now, or None.
+def _trainer_eval_data(callback: StabilityCallback) -> tuple[Any, Any]:
+    """``(eval_dataset, data_collator)`` of the running ``transformers.Trainer`` whose callbacks include
+    ``callback`` (``(None, None)`` if there is none): all that the default tasks need from the Trainer.
 
-    A ``TrainerCallback`` is never given its Trainer, and the handler's ``eval_dataloader`` is only set
-    once an evaluation ran; the Trainer is the ``self`` of a frame below ``on_train_begin``."""
+    Found by walking the call stack, because no public way hands either over (read in transformers
+    4.40, 4.41, 4.46 and 5.25): an event gets ``args``, ``state``, ``control`` and the ``CallbackHandler``'s
+    ``model``, ``processing_class`` (``tokenizer`` before 4.46), ``optimizer``, ``lr_scheduler``,
+    ``train_dataloader`` and ``eval_dataloader``, and neither those objects nor the handler refer to the
+    Trainer or its ``eval_dataset``. ``eval_dataloader`` is None at ``on_train_begin`` unless an
+    evaluation ran before, and then it holds the last evaluated set only, split across ranks by
+    accelerate, where a default task needs every set, whole, on every rank. ``on_train_begin`` is called
+    from a Trainer method, so the Trainer is the ``self`` of a frame below it. Only ``tasks=None`` needs
+    this; a callback given ``tasks`` never walks the stack."""
     from transformers import Trainer
 
     frame = inspect.currentframe()
@@ -323,11 +265,11 @@ def _running_trainer(callback: StabilityCallback) -> Any:
         while frame is not None:
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
-                return candidate
+                return candidate.eval_dataset, candidate.data_collator
             frame = frame.f_back
     finally:
         del frame
-    return None
+    return None, None
 
 
 def _collate_model_inputs(collate: Any):

@@ -1,0 +1,159 @@
+"""What both framework callbacks share, free of any framework: settings, the monitor's lifecycle around
+one training run, the snapshot-step guard and the best-model accessors.
+
+A framework adapter subclasses its framework's callback class and :class:`StabilityCallbackBase`; it
+only translates its framework's hooks, steps and loggers into the calls below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.sinks import Sink
+from checkpoint_stability.tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+RUN_DIRECTORY_NAME = "stability"
+CALLBACK_NAME = "StabilityCallback"
+
+
+class StabilityCallbackBase:
+    """The framework-free half of a ``StabilityCallback``: one :class:`StabilityMonitor` per training run.
+
+    The adapter builds ``self.monitor`` (with its sinks in ``self._sinks``) when training starts, then
+    calls :meth:`_start` once the training checkpoint's state and step are known, :meth:`_snapshot`
+    after every optimizer step, and :meth:`_close` (or :meth:`_abandon` on an exception) at the end.
+    """
+
+    def __init__(self, tasks: Sequence[Task] | None = None, **settings):
+        self.config = StabilityConfig.from_settings(CALLBACK_NAME, settings)
+        if tasks is not None:
+            tasks = list(tasks) if isinstance(tasks, Sequence) and not isinstance(tasks, str) else tasks
+            # Checked against the settings (names, select_metric, mean_prob) now, not when training starts.
+            tasks = StabilityMonitor.check_tasks(tasks, self.config)
+        self.tasks: list[Task] | None = tasks
+        self.monitor: StabilityMonitor | None = None
+        """The monitor of the current (or last) training run; built when training starts."""
+        self._sinks: list[Sink] = []
+        self._running = False
+        self._last_snapshot_step: int | None = None
+        self._latest_records: list[dict] = []
+        super().__init__()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def latest_records(self) -> list[dict]:
+        """The records of the latest snapshot (every rank has the same)."""
+        return list(self._latest_records)
+
+    @property
+    def best(self) -> dict | None:
+        """What ``best.json`` says: the best model so far under the ``select`` policy, or None."""
+        return None if self.monitor is None else self.monitor.best
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """The directory of the exported best model, or None.
+
+        With the default ``select="avg"`` this is a window average, which none of the framework's own
+        checkpoints holds: ``best.json``'s ``steps`` names the snapshots it averages.
+        """
+        return None if self.monitor is None else self.monitor.best_model_path
+
+    def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
+        """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``.
+
+        ``model`` is a module like the trained one, or the exported model inside it (Lightning's
+        ``model_attribute``, e.g. the wrapped Hugging Face model).
+        """
+        if self.monitor is None:
+            raise FileNotFoundError("no best model has been exported yet: the callback has not run")
+        return self.monitor.load_best(model, strict=strict)
+
+    # ------------------------------------------------------------------ for the adapters
+
+    def _configured_dirpath(self, default_parent: str | os.PathLike) -> Path:
+        """``dirpath=`` if given, else ``<default_parent>/stability``; absolute, so the path saved in a
+        checkpoint still names it from another working directory."""
+        chosen = self.config.dirpath
+        if chosen is None:
+            chosen = Path(default_parent) / RUN_DIRECTORY_NAME
+        return Path(os.path.abspath(chosen))
+
+    def _start(
+        self,
+        step: int,
+        *,
+        resume_step: int | None,
+        model: torch.nn.Module | None,
+        restored_state: dict | None,
+    ) -> bool:
+        """Training starts at ``step``: restore the state saved in the training checkpoint (its run
+        directory wins), open under the ``on_error`` policy, and give sinks with a ``preload(records)``
+        method (W&B charts) the history the run continues. True if the run directory is open; with
+        ``on_error="warn"`` an unusable one is warned about and each snapshot tries again. Collective."""
+        monitor = self.monitor
+        self._last_snapshot_step = step
+        self._running = True
+        try:
+            if restored_state:
+                monitor.load_state_dict(restored_state)
+            opened = monitor.try_open(resume_step=resume_step, model=model)
+        except RuntimeError:
+            self._running = False
+            raise
+        if opened and monitor.runtime.is_main and monitor.history is not None:
+            records, window = monitor.history.records(), monitor.config.window
+            # The live series only: raw over one snapshot, avg and ens over the configured window.
+            series = [r for r in records if r["window"] == (1 if r["variant"] == "raw" else window)]
+            for sink in monitor.sinks:
+                preload = getattr(sink, "preload", None)
+                if callable(preload):
+                    preload(series)
+        return opened
+
+    def _snapshot(self, model: Any, step: int) -> None:
+        """After an optimizer step: snapshot and evaluate when ``step`` is a snapshot step not taken yet
+        (under gradient accumulation several hooks can see one step)."""
+        if not self._running or step == self._last_snapshot_step or not self.monitor.should_snapshot(step):
+            return
+        self._last_snapshot_step = step
+        self._latest_records = self.monitor.on_snapshot(model, step)
+
+    def _close(self) -> None:
+        """The end of a training run: finish writes, export (``tasks=[]``), close the sinks. Collective."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.monitor.close()
+        finally:
+            self._close_sinks()
+
+    def _abandon(self) -> None:
+        """An exception ends the run: finish the snapshot write in flight and release, without any
+        collective (another rank may be gone) and without exporting."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.monitor.abandon()
+        finally:
+            self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as error:
+                logger.warning("%s: closing %s failed: %r", CALLBACK_NAME, type(sink).__name__, error)
