@@ -728,6 +728,15 @@ class History:
                 )
             f.append([_dumps(line)])
 
+    def append_result(self, task, step: int, variant: str, window: int, result) -> None:
+        """Append one evaluation's per-example results (``result``: a ``TaskResult``) of ``task`` (its
+        ``name``, ``kind`` and ``metric``); a raw one also writes the task's meta file the first time."""
+        if variant == "raw":
+            self.write_meta(task.name, task.kind, task.metric, result.example_ids, result.targets)
+        self.append_outputs(
+            task.name, step, variant, window, result.outputs, result.correct, result.choice_logprobs
+        )
+
     def truncate_after(self, step: int) -> int:
         """Drop every score, error and examples line with a step > ``step``; return how many were dropped.
 

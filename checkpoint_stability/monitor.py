@@ -10,10 +10,8 @@ records to the history and the sinks. Framework callbacks only translate their h
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
-from checkpoint_stability.records import MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
+from checkpoint_stability.live_series import LiveSeries
+from checkpoint_stability.records import MEAN_TASK
 from checkpoint_stability.run_directory import RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
@@ -39,7 +38,6 @@ from checkpoint_stability.state_dicts import (
     is_sharded,
     live_tensors,
     parameter_names,
-    write_into,
 )
 from checkpoint_stability.storage.export import ModelExporter
 from checkpoint_stability.tasks.base import Task, TaskResult
@@ -123,7 +121,7 @@ class StabilityMonitor:
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
         self._run_directory: RunDirectory | None = None
-        self._reset_caches()
+        self.series = LiveSeries(self.tasks, config)
 
     @property
     def buffer(self) -> SnapshotBuffer | None:
@@ -193,8 +191,8 @@ class StabilityMonitor:
             if open_part == self._open_buffer and self._sharded:
                 self.window.agree(self.runtime)
         # Every rank decides the same way when an avg evaluation is due, so every rank needs the count.
-        self._last_step, self._snapshots_taken = self.runtime.broadcast_object(
-            (self._last_step, self._snapshots_taken)
+        self._last_step, self.series.snapshots_taken = self.runtime.broadcast_object(
+            (self._last_step, self.series.snapshots_taken)
         )
         self._opened = True
 
@@ -203,28 +201,18 @@ class StabilityMonitor:
         """Rank 0 keeps the window of full weights; with sharded weights every rank keeps its shards'."""
         return self.runtime.is_main or self._sharded
 
-    def start(
-        self,
-        *,
-        resume_step: int | None = None,
-        model: torch.nn.Module | None = None,
-        restored_state: dict | None = None,
-        owner: str = "StabilityMonitor",
-    ) -> bool:
-        """What a framework adapter does when training starts; True if the run directory is open.
+    def try_open(self, *, resume_step: int | None = None, model: torch.nn.Module | None = None) -> bool:
+        """:meth:`open` under the ``on_error`` policy; True if the run directory is open.
 
-        Restores the state saved in the training checkpoint (its run directory wins), opens, and
-        applies the ``on_error`` policy to a directory that cannot be used: ``"raise"`` raises a
-        ``RuntimeError``; ``"warn"`` warns once (rank 0) and training goes on, each snapshot trying
-        again. Sinks with a ``preload(records)`` method (W&B charts) are then given the history the run
-        continues. Collective.
+        A directory that cannot be used raises a ``RuntimeError`` with ``on_error="raise"``; with
+        ``"warn"`` it is warned about once (rank 0), False is returned and each snapshot tries again.
+        Collective.
         """
-        if restored_state:
-            self.load_state_dict(restored_state)
         try:
             self.open(resume_step=resume_step, model=model)
         except Exception as error:
-            message = f"{owner} cannot use the run directory {self.config.dirpath}: {describe_error(error)}"
+            where = self.config.dirpath
+            message = f"checkpoint-stability cannot use the run directory {where}: {describe_error(error)}"
             if self.config.on_error == "raise":
                 raise RuntimeError(f"{message} (on_error='raise')") from error
             if self.runtime.is_main:
@@ -234,12 +222,6 @@ class StabilityMonitor:
                     stacklevel=2,
                 )
             return False
-        if self.runtime.is_main and self.history is not None:
-            series = [r for r in self.history.records() if r["window"] == self._window_of(r["variant"])]
-            for sink in self.sinks:
-                preload = getattr(sink, "preload", None)
-                if callable(preload):
-                    preload(series)
         return True
 
     def resume(self, step: int) -> None:
@@ -373,7 +355,7 @@ class StabilityMonitor:
         self.window.parameter_names = parameter_names(model)
         captured = self.window.push(step, live) if self._owns_buffer else None
         self._last_step = step
-        self._snapshots_taken += 1
+        self.series.snapshots_taken += 1
 
         results: dict[tuple[str, str], TaskResult] = {}
         if self.tasks:
@@ -389,13 +371,13 @@ class StabilityMonitor:
         if self.runtime.is_main:
             for task in self.tasks:
                 if (task.name, "raw") in results:
-                    self._raw_window[task.name].append((step, results[(task.name, "raw")]))
+                    self.series.add_raw(task.name, step, results[(task.name, "raw")])
                 if self.config.ensemble is not None:
                     combined = self._ensemble(task, step)
                     if combined is not None:
                         results[(task.name, "ens")] = combined
             try:
-                records = self._records(step, results)
+                records = self.series.records(step, results)
             except Exception as error:
                 self._fault("metrics", error, step=step)
             self._persist(step, results, records)
@@ -453,7 +435,7 @@ class StabilityMonitor:
         return result
 
     def _ensemble(self, task: Task, step: int) -> TaskResult | None:
-        window = [result for _, result in self._raw_window[task.name]]
+        window = self.series.ensemble_window(task.name)
         if not window:
             return None
         try:
@@ -464,7 +446,7 @@ class StabilityMonitor:
 
     def _average_due(self) -> bool:
         """Every ``average_every``-th snapshot of the run (the first one included)."""
-        return (self._snapshots_taken - 1) % self.config.average_every == 0
+        return (self.series.snapshots_taken - 1) % self.config.average_every == 0
 
     def _evaluate_average(
         self, model: torch.nn.Module, live: dict[str, torch.Tensor], captured: CapturedState | None, step: int
@@ -475,7 +457,7 @@ class StabilityMonitor:
             if self._sharded:
                 self.window.agree(self.runtime)
             holds = self.average.count
-            self._avg_models = holds
+            self.series.avg_models = holds
             if holds and step not in self.buffer.steps:
                 # The window lacks this very snapshot (its write failed, or its weights were not
                 # finite): an average of the older ones only would pass for this step's, silently.
@@ -516,52 +498,11 @@ class StabilityMonitor:
                 if result is not None:
                     results[(task.name, "avg")] = result
         finally:
-            self._restore(live, backup, step)
+            self.window.restore(live, backup, step)
         return results
 
-    def _restore(self, live: dict[str, torch.Tensor], backup: CapturedState, step: int) -> None:
-        """Put the live weights back after an averaged evaluation. If that fails the model no longer
-        holds its own weights, so the fault is reported loudly, through the fault policy like any other."""
-        try:
-            write_into(live, backup)
-        except Exception as error:
-            self._fault(
-                "restore",
-                RuntimeError(
-                    "the live weights could not be restored after the averaged evaluation "
-                    f"({describe_error(error)}); the model may hold averaged weights from here on"
-                ),
-                step=step,
-                agreed=True,
-            )
-
-    def _records(self, step: int, results: dict[tuple[str, str], TaskResult]) -> list[dict]:
-        evaluations = [
-            Evaluation(
-                task.name,
-                variant,
-                self._window_of(variant),
-                self._models_in(task.name, variant),
-                results[(task.name, variant)].score,
-                results[(task.name, variant)].outputs,
-            )
-            for variant in VARIANTS
-            for task in self.tasks
-            if (task.name, variant) in results
-        ]
-        return self.series.step_records(step, evaluations, [t.name for t in self.tasks], time.time())
-
     def _window_of(self, variant: str) -> int:
-        """The window size a variant is computed over (raw: a single snapshot)."""
-        return 1 if variant == "raw" else self.config.window
-
-    def _models_in(self, task_name: str, variant: str) -> int:
-        """How many snapshots the variant actually combined at this step (fewer early in a run)."""
-        if variant == "raw":
-            return 1
-        if variant == "ens":
-            return len(self._raw_window[task_name])
-        return self._avg_models
+        return self.series.window_of(variant)
 
     def _persist(self, step: int, results: dict[tuple[str, str], TaskResult], records: list[dict]) -> None:
         # Score lines first and each task on its own: one task's trouble must not cost the others.
@@ -573,19 +514,7 @@ class StabilityMonitor:
         for (task_name, variant), result in results.items():
             task = self._task(task_name)
             try:
-                if variant == "raw":
-                    self.history.write_meta(
-                        task.name, task.kind, task.metric, result.example_ids, result.targets
-                    )
-                self.history.append_outputs(
-                    task.name,
-                    step,
-                    variant,
-                    self._window_of(variant),
-                    result.outputs,
-                    result.correct,
-                    result.choice_logprobs,
-                )
+                self.history.append_result(task, step, variant, self._window_of(variant), result)
             except Exception as error:
                 self._fault("history", error, step=step, task=task.name, variant=variant)
 
@@ -613,25 +542,13 @@ class StabilityMonitor:
         if chosen is None:
             return
         variant = chosen["variant"]
-        weights, error = None, None
-        try:
-            if variant == "avg":
-                weights = self._average_weights(model, live)
-            elif variant == "raw":
-                weights = (
-                    gather_full_state(model, self.runtime.is_main) if self._sharded else capture_state(live)
-                )
-        except Exception as caught:
-            error = caught
-        if self._sharded and self.runtime.any_rank(error is not None):
-            error = error or RuntimeError("gathering the model for export failed on another rank")
-        if error is not None:
-            self._fault("export", error, step=step, variant=variant)
+        weights, ok = self._gather_weights(variant, model, live, step)
+        if not ok:
             return
         if not self.runtime.is_main:
             return
         if variant == "ens":
-            steps = [s for s, _ in self._raw_window[self.tasks[0].name]]
+            steps = self.series.ensemble_steps(self.tasks[0].name)
         else:
             steps = self.buffer.steps if variant == "avg" else [step]
         scores = {
@@ -642,20 +559,27 @@ class StabilityMonitor:
         except Exception as caught:
             self._fault("export", caught, step=step, variant=variant)
 
-    def _average_weights(self, model: torch.nn.Module | None, live: dict[str, torch.Tensor] | None):
-        """The window average in the live model's dtypes, whole, on rank 0 (None elsewhere).
-
-        Sharded weights: every rank swaps its averaged shards in, the full model is gathered once to
-        rank 0 on CPU, and the live shards are restored bit for bit. Collective in that case.
-        """
-        if not self._sharded:
-            return self.average.captured(self.window.live_dtypes)
-        backup = capture_state(live)
+    def _gather_weights(
+        self, variant: str, model: torch.nn.Module | None, live: dict[str, torch.Tensor] | None, step: int
+    ) -> tuple[CapturedState | None, bool]:
+        """The weights of ``variant`` to export, whole on rank 0 (an ensemble has none); collective with
+        sharded weights. ``(None, False)`` after a failure on any rank, reported as an export fault."""
+        weights, error = None, None
         try:
-            self.average.copy_into(live)
-            return gather_full_state(model, self.runtime.is_main)
-        finally:
-            self._restore(live, backup, self._last_step or 0)
+            if variant == "avg":
+                weights = self.window.averaged_state(model, live, self.runtime, self._sharded, step)
+            elif variant == "raw":
+                weights = (
+                    gather_full_state(model, self.runtime.is_main) if self._sharded else capture_state(live)
+                )
+        except Exception as caught:
+            error = caught
+        if self._sharded and self.runtime.any_rank(error is not None):
+            error = error or RuntimeError("gathering the model for export failed on another rank")
+        if error is not None:
+            self._fault("export", error, step=step, variant=variant)
+            return None, False
+        return weights, True
 
     def _export_latest_average(self) -> None:
         """With no tasks there is nothing to select on: the final window average is the run's model."""
@@ -665,16 +589,9 @@ class StabilityMonitor:
         if self._sharded and model is None:
             logger.warning("the sharded model is gone before close(); the final average is not exported")
             return
-        weights, error = None, None
-        try:
-            live = live_tensors(model) if self._sharded else None
-            weights = self._average_weights(model, live)
-        except Exception as caught:
-            error = caught
-        if self._sharded and self.runtime.any_rank(error is not None):
-            error = error or RuntimeError("gathering the average failed on another rank")
-        if error is not None:
-            self._fault("export", error, step=self._last_step)
+        live = live_tensors(model) if self._sharded else None
+        weights, ok = self._gather_weights("avg", model, live, self._last_step or 0)
+        if not ok:
             return
         if self.runtime.is_main and weights is not None and self.selector is not None:
             try:
@@ -767,46 +684,10 @@ class StabilityMonitor:
             self._run_directory.release()
             self._run_directory = None
 
-    def _reset_caches(self) -> None:
-        self.series = ScoreSeries(self.config.horizon, self.config.similarity)
-        self._raw_window = {t.name: deque(maxlen=self.config.window) for t in self.tasks}
-        self._avg_models = 0
-        self._snapshots_taken = 0
-
     def _rebuild_series(self) -> None:
         """Rank 0: rebuild the live score and output series from the history after (re)open."""
-        self._reset_caches()
-        self._avg_models = self.average.count
-        live_series = {
-            (task.name, variant, self._window_of(variant)) for task in self.tasks for variant in VARIANTS
-        }
-        outputs = []
-        for task in self.tasks:
-            meta = self.history.meta(task.name)
-            for line in self.history.outputs(task.name):
-                key = (task.name, line["variant"], line["window"])
-                if key not in live_series:
-                    continue
-                outputs.append((*key, line["outputs"]))
-                if key[1] == "raw" and meta is not None and len(line["outputs"]) == len(meta["targets"]):
-                    result = TaskResult(
-                        outputs=line["outputs"],
-                        correct=line["correct"],
-                        targets=meta["targets"],
-                        example_ids=meta["example_ids"],
-                        choice_logprobs=line.get("choice_logprobs"),
-                    )
-                    self._raw_window[task.name].append((line["step"], result))
-        records = self.history.records()
-        self._snapshots_taken = len({r["step"] for r in records})
-        names = {task.name for task in self.tasks} | {MEAN_TASK}
-        self.series.restore(
-            [r for r in records if r["task"] in names and r["window"] == self._window_of(r["variant"])],
-            outputs,
-        )
-        self._last_step = max(
-            [s for s in (self.history.last_step(), *(self.buffer.steps[-1:])) if s is not None], default=None
-        )
+        last = self.series.rebuild(self.history, self.average.count)
+        self._last_step = max([s for s in (last, *(self.buffer.steps[-1:])) if s is not None], default=None)
 
     def _build_sinks(self, resume_step: int | None) -> list[Sink]:
         sinks: list[Sink] = []

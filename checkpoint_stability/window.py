@@ -14,9 +14,15 @@ from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.errors import CheckpointStabilityError
-from checkpoint_stability.faults import FaultPolicy
+from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.runtime import Runtime
-from checkpoint_stability.state_dicts import CapturedState, non_finite_counts
+from checkpoint_stability.state_dicts import (
+    CapturedState,
+    capture_state,
+    gather_full_state,
+    non_finite_counts,
+    write_into,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +169,44 @@ class SnapshotWindow:
         if self.buffer is not None:
             with contextlib.suppress(SnapshotError):
                 self.buffer.close()
+
+    def averaged_state(
+        self,
+        model: torch.nn.Module | None,
+        live: dict[str, torch.Tensor] | None,
+        runtime: Runtime,
+        sharded: bool,
+        step: int,
+    ) -> CapturedState | None:
+        """The window average in the live model's dtypes, whole, on rank 0 (None elsewhere).
+
+        Sharded weights: every rank swaps its averaged shards in, the full model is gathered once to
+        rank 0 on CPU, and the live shards are restored bit for bit. Collective in that case.
+        """
+        if not sharded:
+            return self.average.captured(self.live_dtypes)
+        backup = capture_state(live)
+        try:
+            self.average.copy_into(live)
+            return gather_full_state(model, runtime.is_main)
+        finally:
+            self.restore(live, backup, step)
+
+    def restore(self, live: dict[str, torch.Tensor], backup: CapturedState, step: int) -> None:
+        """Put the live weights back after the average was swapped in. If that fails the model no longer
+        holds its own weights, so the fault is reported loudly, through the fault policy like any other."""
+        try:
+            write_into(live, backup)
+        except Exception as error:
+            self.faults.report(
+                "restore",
+                RuntimeError(
+                    "the live weights could not be restored after the averaged evaluation "
+                    f"({describe_error(error)}); the model may hold averaged weights from here on"
+                ),
+                step=step,
+                agreed=True,
+            )
 
     # ------------------------------------------------------------------ admission
 

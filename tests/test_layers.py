@@ -24,6 +24,7 @@ CORE = {
     "selection",
     "faults",
     "run_directory",
+    "live_series",
 }
 
 

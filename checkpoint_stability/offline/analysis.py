@@ -587,19 +587,7 @@ class _Run:
             for task in self.tasks:
                 result = results[(task.name, variant, window)]
                 if (task.name, step, variant, window) not in self.stored:
-                    if variant == "raw":
-                        self.history.write_meta(
-                            task.name, task.kind, task.metric, result.example_ids, result.targets
-                        )
-                    self.history.append_outputs(
-                        task.name,
-                        step,
-                        variant,
-                        window,
-                        result.outputs,
-                        result.correct,
-                        result.choice_logprobs,
-                    )
+                    self.history.append_result(task, step, variant, window, result)
                 evaluations.append(
                     Evaluation(task.name, variant, window, n_models, result.score, result.outputs)
                 )
