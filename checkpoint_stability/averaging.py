@@ -14,6 +14,7 @@ from checkpoint_stability.state_dicts import (
     is_plain_layout,
     non_finite_names,
 )
+from checkpoint_stability.validation import require_int
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,8 @@ class WindowAverage:
             raise ValueError(
                 f"accumulator_dtype must be torch.float32 or torch.float64, got {accumulator_dtype}"
             )
-        if exact_sum_every is not None and (
-            isinstance(exact_sum_every, bool) or not isinstance(exact_sum_every, int) or exact_sum_every < 1
-        ):
-            raise ValueError(f"exact_sum_every must be None or an integer >= 1, got {exact_sum_every!r}")
         self.accumulator_dtype = accumulator_dtype
-        self.exact_sum_every = exact_sum_every
+        self.exact_sum_every = require_int("exact_sum_every", exact_sum_every, 1, optional=True)
         self._sum: dict[str, torch.Tensor] = {}
         self._newest: dict[str, torch.Tensor] = {}  # non-floating tensors of the newest snapshot
         self._dtypes: dict[str, torch.dtype] = {}  # dtype of each floating tensor as given

@@ -31,6 +31,7 @@ from checkpoint_stability.state_dicts import (
 )
 from checkpoint_stability.storage.atomic_files import atomic_write_bytes
 from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
+from checkpoint_stability.validation import require_int
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +256,8 @@ class SnapshotBuffer:
         storage_dtype: torch.dtype | None = None,
         listener: WindowListener | None = None,
     ):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
         self.directory = Path(directory)
-        self.window = window
+        self.window = require_int("window", window, 1)
         self.storage_dtype = storage_dtype
         self.listener = listener
         self._lock = threading.Lock()
@@ -318,8 +317,7 @@ class SnapshotBuffer:
         weights pinned buffers: call ``synchronize()`` on it before reading it on the CPU). The snapshot
         that falls out of the window is deleted once the listener has seen it.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        step = require_int("step", step, 0)
         self.wait()
         newest = self.steps[-1] if self._entries else None
         if newest is not None and step <= newest:

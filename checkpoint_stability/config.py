@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_stability.tasks.base import Task, validate_tasks
+from checkpoint_stability.validation import require_int
 
 ENSEMBLE_CHOICES = ("vote", "mean_prob")
 ON_ERROR_CHOICES = ("warn", "raise")
@@ -124,13 +125,13 @@ class StabilityConfig:
             )
             if self.exact_sum_every is None:
                 self.exact_sum_every = resum_every
-        _require_int("window", self.window, minimum=1)
-        _require_int("every_n_steps", self.every_n_steps, minimum=1)
-        _require_int("average_every", self.average_every, minimum=1)
-        _require_int("horizon", self.horizon, minimum=2)
-        _require_int("min_snapshots", self.min_snapshots, minimum=1)
+        self.window = require_int("window", self.window, 1)
+        self.every_n_steps = require_int("every_n_steps", self.every_n_steps, 1)
+        self.average_every = require_int("average_every", self.average_every, 1)
+        self.horizon = require_int("horizon", self.horizon, 2)
+        self.min_snapshots = require_int("min_snapshots", self.min_snapshots, 1)
         if self.exact_sum_every is not None:
-            _require_int("exact_sum_every", self.exact_sum_every, minimum=1)
+            self.exact_sum_every = require_int("exact_sum_every", self.exact_sum_every, 1)
         _require_choice("ensemble", self.ensemble, (*ENSEMBLE_CHOICES, None))
         _require_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         _require_choice("select", self.select, (*SELECT_CHOICES, None))
@@ -220,13 +221,6 @@ class StabilityConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
-
-
-def _require_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
 
 
 def _require_choice(name: str, value, allowed: tuple) -> None:

@@ -6,12 +6,12 @@ log-probability of choice ``c`` for example ``i`` (multiple-choice tasks only).
 """
 
 import math
-import numbers
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from checkpoint_stability.tasks.base import Task, TaskResult
+from checkpoint_stability.validation import as_list, is_int, is_real
 
 ENSEMBLE_METHODS = ("vote", "mean_prob")
 
@@ -183,10 +183,10 @@ def _softmax(vector: list[float], s: int, i: int) -> list[float]:
 
 
 def _as_window(window: Any, name: str) -> Window:
-    snapshots = _as_list(window, name)
+    snapshots = as_list(window, name)
     if not snapshots:
         raise ValueError(f"{name} is an empty window (zero snapshots); need at least one snapshot")
-    snapshots = [_as_list(snapshot, f"{name}[{s}]") for s, snapshot in enumerate(snapshots)]
+    snapshots = [as_list(snapshot, f"{name}[{s}]") for s, snapshot in enumerate(snapshots)]
     n = len(snapshots[0])
     for s, snapshot in enumerate(snapshots):
         if len(snapshot) != n:
@@ -203,7 +203,7 @@ def _validate_logprobs(choice_logprobs: Any) -> LogprobWindow:
     for s, snapshot in enumerate(window):
         rows = []
         for i, vector in enumerate(snapshot):
-            values = _as_list(vector, f"choice_logprobs[{s}][{i}]")
+            values = as_list(vector, f"choice_logprobs[{s}][{i}]")
             if not values:
                 raise ValueError(f"choice_logprobs[{s}][{i}] has zero choices; need at least one")
             if s > 0 and len(values) != len(checked[0][i]):
@@ -224,7 +224,7 @@ def _validate_logprobs(choice_logprobs: Any) -> LogprobWindow:
 
 def _checked_logprob(value: Any, s: int, i: int, c: int) -> float:
     where = f"choice_logprobs[{s}][{i}][{c}]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ValueError(f"{where} is {value!r} ({type(value).__name__}); expected a real number")
     number = float(value)
     if math.isnan(number):
@@ -250,19 +250,8 @@ def _check_outputs_match_logprobs(window: Window, logprobs: LogprobWindow) -> No
             n_choices = len(logprobs[s][i])
             if type(output) is int and 0 <= output < n_choices:
                 continue  # the common case, without the ABC check below
-            if (
-                isinstance(output, bool)
-                or not isinstance(output, numbers.Integral)
-                or not 0 <= output < n_choices
-            ):
+            if not is_int(output) or not 0 <= output < n_choices:
                 raise ValueError(
                     f"outputs[{s}][{i}] is {output!r}, but with choice_logprobs the outputs must be choice "
                     f"indices in 0..{n_choices - 1}"
                 )
-
-
-def _as_list(values: Any, name: str) -> list:
-    # A str is iterable, but a string where a sequence of snapshots/examples belongs is a caller bug.
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a sequence, got {type(values).__name__}")
-    return list(values)

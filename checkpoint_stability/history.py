@@ -38,6 +38,7 @@ from checkpoint_stability.storage.atomic_files import atomic_write_bytes, atomic
 from checkpoint_stability.storage.confinement import UnsafePathError, is_inside, open_confined, writable_file
 from checkpoint_stability.storage.json_files import read_json_object
 from checkpoint_stability.tasks.base import validate_task_name as _validate_name
+from checkpoint_stability.validation import is_real, require_int
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,10 @@ _OUTPUTS_SUFFIX = ".jsonl"
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _float(value: object, name: str, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         allowed = "a finite float or None" if optional else "a finite float"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return float(value)
@@ -113,7 +108,7 @@ def _encode_logprobs(value: Any, where: str) -> Any:
         return [_encode_logprobs(v, where) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, numbers.Number):
         return _encode_logprobs(value.tolist(), where)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ValueError(f"{where} must hold (nested lists of) floats, got {type(value).__name__} {value!r}")
     f = float(value)
     if math.isnan(f) or f == math.inf:
@@ -593,11 +588,11 @@ class History:
                     f"{where} has the unexpected key {key!r}; allowed keys: {', '.join(SCORE_KEYS)}"
                 )
         line = {
-            "step": _int(record["step"], f"{where}['step']", 0),
+            "step": require_int(f"{where}['step']", record["step"], 0),
             "task": validate_task_name(record["task"]),
             "variant": _name(record["variant"], f"{where}['variant']"),
-            "window": _int(record["window"], f"{where}['window']", 1),
-            "n_models": _int(record["n_models"], f"{where}['n_models']", 1),
+            "window": require_int(f"{where}['window']", record["window"], 1),
+            "n_models": require_int(f"{where}['n_models']", record["n_models"], 1),
             "score": _float(record["score"], f"{where}['score']"),
             "mtv": _float(record["mtv"], f"{where}['mtv']", optional=True),
             "is": _float(record["is"], f"{where}['is']", optional=True),
@@ -628,7 +623,7 @@ class History:
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string or None, got {value!r}")
         line = {
-            "step": _int(step, "step", 0),
+            "step": require_int("step", step, 0),
             "phase": _name(phase, "phase"),
             "task": task,
             "variant": variant,
@@ -698,9 +693,9 @@ class History:
         """
         validate_task_name(task)
         line: dict[str, Any] = {
-            "step": _int(step, "step", 0),
+            "step": require_int("step", step, 0),
             "variant": _name(variant, "variant"),
-            "window": _int(window, "window", 1),
+            "window": require_int("window", window, 1),
             "outputs": _plain(outputs, "outputs"),
             "correct": _plain(correct, "correct"),
         }
@@ -743,9 +738,7 @@ class History:
         Used on resume from an earlier checkpoint. Each affected file is rewritten atomically; meta files
         and damaged lines are kept.
         """
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise ValueError(f"step must be an integer, got {step!r}")
-        step = int(step)  # -1 drops everything (restart from scratch)
+        step = require_int("step", step)  # -1 drops everything (restart from scratch)
         with self._lock:
             dropped = self._history.drop_after(step)
             for f in self._outputs.values():

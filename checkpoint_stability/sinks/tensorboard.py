@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from checkpoint_stability.sinks.base import custom_scalars_layout, layout_task_names, scalar_items
+from checkpoint_stability.validation import require_int
 
 
 class TensorBoardSink:
@@ -52,8 +53,7 @@ class TensorBoardSink:
         if writer is None and log_dir is None:
             raise ValueError("log_dir must be a directory path when no writer is given, got None")
         if purge_step is not None:
-            if isinstance(purge_step, bool) or not isinstance(purge_step, int) or purge_step < 0:
-                raise ValueError(f"purge_step must be None or an int >= 0, got {purge_step!r}")
+            purge_step = require_int("purge_step", purge_step, 0, optional=True)
             # purge_step only takes effect when the SummaryWriter opens its event file, which a
             # handed-over writer has already done; accepting it would silently do nothing.
             if writer is not None:

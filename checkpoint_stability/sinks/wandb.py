@@ -7,6 +7,7 @@ from typing import Any
 
 from checkpoint_stability.records import MEAN_TASK, METRICS, VARIANTS, scalar_name
 from checkpoint_stability.sinks.base import layout_task_names, scalar_items
+from checkpoint_stability.validation import require_int
 
 # Higher is better for a score; MTV and IS measure instability, so lower is better.
 SUMMARIES = {"score": "max", "mtv": "min", "is": "min"}
@@ -56,8 +57,7 @@ class WandbSink:
     ) -> None:
         if not isinstance(step_metric, str) or not step_metric:
             raise ValueError(f"step_metric must be a non-empty metric name, got {step_metric!r}")
-        if isinstance(chart_every, bool) or not isinstance(chart_every, int) or chart_every < 1:
-            raise ValueError(f"chart_every must be an integer >= 1, got {chart_every!r}")
+        chart_every = require_int("chart_every", chart_every, 1)
         if run is not None:
             for method in ("log", "define_metric"):
                 if not callable(getattr(run, method, None)):

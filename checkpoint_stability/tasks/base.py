@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from checkpoint_stability.validation import is_real
+
 RESERVED_TASK_NAMES = ("mean",)
 MAX_TASK_NAME_BYTES = 200
 """The longest task name, in UTF-8 bytes: ``.<task>.meta.json.tmp-<pid>`` must stay under 255 bytes."""
@@ -46,7 +48,7 @@ class TaskResult:
         if n == 0:
             raise ValueError("TaskResult has no examples")
         for i, value in enumerate(self.correct):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            if not is_real(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"TaskResult.correct[{i}] = {value!r} is not a number in [0, 1]")
 
     @property

@@ -16,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import gather_in_order, rank_and_world, shard_examples
+from checkpoint_stability.validation import require_int
 
 
 class ClassificationTask:
@@ -83,12 +84,8 @@ class ClassificationTask:
         """
         self.name = validate_task_name(name)
         where = f"task {name!r}"
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{where}: batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_examples is not None and (
-            isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
-        ):
-            raise ValueError(f"{where}: max_examples must be None or an integer >= 1, got {max_examples!r}")
+        batch_size = require_int("batch_size", batch_size, 1, where=where)
+        max_examples = require_int("max_examples", max_examples, 1, optional=True, where=where)
         if input_transform is not None and not callable(input_transform):
             raise TypeError(
                 f"{where}: input_transform must be callable, got {type(input_transform).__name__}"

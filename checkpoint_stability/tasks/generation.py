@@ -13,6 +13,7 @@ from checkpoint_stability.tasks.language_model import causal_logits, encode
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
 from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import any_rank_true, gather_in_order, shard_examples
+from checkpoint_stability.validation import require_int
 
 METRICS: dict[str, Callable[[Any, Any], float]] = {"exact_match": exact_match, "char_f1": char_f1}
 
@@ -111,9 +112,8 @@ class GenerationTask:
         self.name = validate_task_name(name)
         if metric not in METRICS:
             raise ValueError(f"task {name!r}: metric must be one of {sorted(METRICS)}, got {metric!r}")
-        for setting, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"task {name!r}: {setting} must be an integer >= 1, got {value!r}")
+        max_new_tokens = require_int("max_new_tokens", max_new_tokens, 1, where=f"task {name!r}")
+        batch_size = require_int("batch_size", batch_size, 1, where=f"task {name!r}")
         if not all(callable(getattr(tokenizer, method, None)) for method in ("encode", "decode")):
             raise TypeError(
                 f"task {name!r}: the tokenizer must have encode(text) and decode(ids) (a Hugging Face "

@@ -51,6 +51,7 @@ from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode, right_pad
 from checkpoint_stability.tasks.sharding import any_rank_true, gather_in_order, rank_and_world, shard_examples
+from checkpoint_stability.validation import is_int, is_real, require_int
 
 INSTALL_HINT = "LmEvalTask needs lm-evaluation-harness: pip install checkpoint-stability[lm-eval]"
 
@@ -148,20 +149,12 @@ class LmEvalTask:
             raise ValueError(
                 f"task {name!r}: harness_task must be an lm-eval task name, got {harness_task!r}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"task {name!r}: batch_size must be an integer >= 1, got {batch_size!r}")
-        if num_fewshot is not None and (
-            isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0
-        ):
-            raise ValueError(
-                f"task {name!r}: num_fewshot must be None or an integer >= 0, got {num_fewshot!r}"
-            )
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
-        ):
+        where = f"task {name!r}"
+        batch_size = require_int("batch_size", batch_size, 1, where=where)
+        num_fewshot = require_int("num_fewshot", num_fewshot, 0, optional=True, where=where)
+        if limit is not None and (not is_real(limit) or limit <= 0):
             raise ValueError(f"task {name!r}: limit must be None or a number > 0, got {limit!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"task {name!r}: seed must be None or an integer, got {seed!r}")
+        seed = require_int("seed", seed, optional=True, where=where)
         lm_eval = _import_lm_eval()
         from lm_eval.defaults import DEFAULT_OTHER_SEED
         from lm_eval.evaluator_utils import get_sample_size
@@ -660,6 +653,6 @@ def _max_length(model: torch.nn.Module) -> int:
     for holder in (model, getattr(model, "config", None)):
         for attribute in MAX_LENGTH_ATTRIBUTES:
             value = getattr(holder, attribute, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-                return value
+            if is_int(value) and value > 1:
+                return int(value)
     return DEFAULT_MAX_LENGTH

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from checkpoint_stability.tasks.language_model import causal_logits, encode, rig
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
 from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import gather_in_order, max_over_ranks, shard_examples
+from checkpoint_stability.validation import is_int, require_int
 
 NORMALIZATIONS = ("none", "chars", "tokens")
 
@@ -104,12 +104,8 @@ class MultipleChoiceTask:
         for setting, value in (("few_shot_prefix", few_shot_prefix), ("target_delimiter", target_delimiter)):
             if not isinstance(value, str):
                 raise TypeError(f"{where}: {setting} must be a string, got {type(value).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{where}: batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
-        ):
-            raise ValueError(f"{where}: max_length must be None or an integer >= 1, got {max_length!r}")
+        batch_size = require_int("batch_size", batch_size, 1, where=where)
+        max_length = require_int("max_length", max_length, 1, optional=True, where=where)
         if not callable(getattr(tokenizer, "encode", None)):
             raise TypeError(
                 f"{where}: the tokenizer must have an encode(text) method (a Hugging Face tokenizer, for "
@@ -307,7 +303,7 @@ def _check_example(where: str, index: int, example: Any) -> tuple[str, list[str]
                 f"{where}: example {index}, choice {choice_index} must be a string, "
                 f"got {type(choice).__name__}"
             )
-    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+    if not is_int(label):
         raise TypeError(f"{where}: example {index}: label must be an integer, got {label!r}")
     if not 0 <= int(label) < len(choices):
         raise ValueError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, right_pad
 from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import gather_in_order, shard_examples
+from checkpoint_stability.validation import is_int, require_int
 
 # One row of token ids and, per position t, the target the model should predict there (None: no target).
 _Row = tuple[int, list[int], list[int | None]]
@@ -113,19 +113,11 @@ class NextTokenTask:
 
     def _configure(self, name, max_tokens, batch_size, pad_token_id, ignore_index) -> None:
         self.name = validate_task_name(name)
-        for setting, value, minimum in (
-            ("max_tokens", max_tokens, 1),
-            ("batch_size", batch_size, 1),
-            ("pad_token_id", pad_token_id, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-                raise ValueError(f"task {name!r}: {setting} must be an integer >= {minimum}, got {value!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise ValueError(f"task {name!r}: ignore_index must be an integer, got {ignore_index!r}")
-        self.max_tokens = int(max_tokens)
-        self.batch_size = int(batch_size)
-        self.pad_token_id = int(pad_token_id)
-        self.ignore_index = int(ignore_index)
+        where = f"task {name!r}"
+        self.max_tokens = require_int("max_tokens", max_tokens, 1, where=where)
+        self.batch_size = require_int("batch_size", batch_size, 1, where=where)
+        self.pad_token_id = require_int("pad_token_id", pad_token_id, 0, where=where)
+        self.ignore_index = require_int("ignore_index", ignore_index, where=where)
 
     # ------------------------------------------------------------------ building the examples
 
@@ -252,7 +244,7 @@ def _token_ids(name: str, value: Any, what: str, *, signed: bool = False) -> lis
         raise TypeError(f"task {name!r}: {what} must be a sequence of token ids, got {type(value).__name__}")
     ids = list(value)
     for t, token in enumerate(ids):
-        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+        if not is_int(token):
             raise TypeError(f"task {name!r}: {what} has {token!r} at position {t}; token ids are integers")
         if token < 0 and not signed:
             raise ValueError(f"task {name!r}: {what} has the negative id {token} at position {t}")

@@ -19,6 +19,7 @@ import sys
 from types import TracebackType
 
 from checkpoint_stability.tasks.sharding import rank_and_world
+from checkpoint_stability.validation import is_real, require_int
 
 DEFAULT_DELAY = 2.0
 """Seconds an evaluation runs before its bar appears."""
@@ -93,9 +94,8 @@ def progress(
     No bar is drawn (the returned object only counts) when ``enabled`` is false, on a rank other
     than 0, when ``total`` is below :data:`MIN_TOTAL`, or when ``tqdm`` is not installed.
     """
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"progress: total must be an integer >= 0, got {total!r}")
-    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+    total = require_int("total", total, 0, where="progress")
+    if not is_real(delay) or delay < 0:
         raise ValueError(f"progress: delay must be a number of seconds >= 0, got {delay!r}")
     if not enabled or total < MIN_TOTAL or rank_and_world()[0] != 0:
         return Progress()
