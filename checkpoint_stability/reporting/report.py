@@ -48,6 +48,8 @@ from checkpoint_stability.reporting.summary import (
     RunView,
     as_view,
     final_count,
+    format_number,
+    format_ratio,
     series_keys,
     series_records,
     summarize,
@@ -324,9 +326,9 @@ class _ReportWriter:
             self.md.append(
                 f"| {_cell(row['task'])} | {row['variant']} | {row['window']} "
                 f"| {row['evaluations']} / {row['total']} | {row['score_last']:.4f} "
-                f"| {row['mtv']:.4f} | {_number(row['is'])} "
-                f"| {_ratio(row['mtv'], base.get('mtv'))} | {_ratio(row['is'], base.get('is'))} "
-                f"| {run['score_last']:.4f} | {run['mtv']:.4f} | {_number(run['is'])} |"
+                f"| {row['mtv']:.4f} | {format_number(row['is'])} "
+                f"| {format_ratio(row['mtv'], base.get('mtv'))} | {format_ratio(row['is'], base.get('is'))} "
+                f"| {run['score_last']:.4f} | {run['mtv']:.4f} | {format_number(run['is'])} |"
             )
         self.md += [
             "",
@@ -613,14 +615,6 @@ def _key(row: dict) -> tuple:
 
 def _variant_label(variant: str, window: int) -> str:
     return "raw (live model)" if variant == "raw" else f"{variant}, window {window}"
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _ratio(value: float | None, base: float | None) -> str:
-    return "n/a" if value is None or not base else f"{value / base:.2f}"
 
 
 def _cell(value: object) -> str:

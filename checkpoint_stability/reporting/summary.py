@@ -350,8 +350,9 @@ def format_summary(rows: list[dict], title: str = "") -> str:
         lines.append(
             f"{row['task']:<{width}} {row['variant']:<7} {row['window']:>6} {evals:>9} "
             f"{row['score_first']:>12.3f} {row['score_last']:>11.3f} "
-            f"{row['mtv']:>7.4f} {_number(row['is'], '>7.4f')} "
-            f"{_ratio(row['mtv'], base and base['mtv'])} {_ratio(row['is'], base and base['is'], 7)}"
+            f"{row['mtv']:>7.4f} {format_number(row['is'], 7)} "
+            f"{format_ratio(row['mtv'], base and base['mtv'], 8)} "
+            f"{format_ratio(row['is'], base and base['is'], 7)}"
         )
     lines.append(
         "evals: the final evaluations that score, last, MTV and IS are computed over / all evaluations."
@@ -363,15 +364,16 @@ def format_summary(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _number(value: float | None, spec: str) -> str:
-    width = int(spec[1 : spec.index(".")])
-    return f"{'n/a':>{width}}" if value is None else format(value, spec)
+def format_number(value: float | None, width: int = 0) -> str:
+    """``value`` with 4 decimals, or ``n/a`` for None (an IS with no per-example outputs), right-aligned
+    to ``width``."""
+    return ("n/a" if value is None else f"{value:.4f}").rjust(width)
 
 
-def _ratio(value: float | None, base: float | None, width: int = 8) -> str:
-    if value is None or not base:
-        return f"{'n/a':>{width}}"
-    return f"{value / base:>{width}.2f}"
+def format_ratio(value: float | None, base: float | None, width: int = 0) -> str:
+    """``value / base`` with 2 decimals (a variant's MTV or IS relative to raw's), or ``n/a`` when either
+    is missing or ``base`` is 0, right-aligned to ``width``."""
+    return ("n/a" if value is None or not base else f"{value / base:.2f}").rjust(width)
 
 
 def print_summary(run_dir: str | os.PathLike, *, final_fraction: float = 0.2) -> None:
