@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability.best_export import BestExport
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.ensemble import ensemble_result
@@ -26,7 +27,6 @@ from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
-from checkpoint_stability.records import MEAN_TASK
 from checkpoint_stability.run_directory import RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
@@ -34,7 +34,6 @@ from checkpoint_stability.sinks import ConsoleSink, ReportSink, Sink, TensorBoar
 from checkpoint_stability.state_dicts import (
     CapturedState,
     capture_state,
-    gather_full_state,
     is_sharded,
     live_tensors,
     parameter_names,
@@ -117,6 +116,7 @@ class StabilityMonitor:
         # Weakly: the policy must not keep its monitor alive (a dropped monitor releases its lock).
         self.faults = FaultPolicy(config.on_error, _weakly(weakref.WeakMethod(self._current_runtime)))
         self.window = SnapshotWindow(config, self.faults)
+        self.export = BestExport(config, self.window, self.faults)
         self._last_step: int | None = None
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
@@ -382,7 +382,16 @@ class StabilityMonitor:
                 self._fault("metrics", error, step=step)
             self._persist(step, results, records)
             self._emit(step, records)
-        self._select(step, records, model, live)
+        self.export.consider(
+            self.selector,
+            self.runtime,
+            sharded=self._sharded,
+            step=step,
+            records=records,
+            model=model,
+            live=live,
+            ensemble_steps=self.series.ensemble_steps(self.tasks[0].name) if self.tasks else [],
+        )
         # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
         records = self.runtime.broadcast_object(records)
         self.faults.raise_held()
@@ -527,84 +536,6 @@ class StabilityMonitor:
             except Exception as error:
                 self._fault("sink", error, step=step, task=type(sink).__name__)
 
-    def _select(
-        self, step: int, records: list[dict], model: torch.nn.Module, live: dict[str, torch.Tensor]
-    ) -> None:
-        """Rank 0 decides; with sharded weights every rank then joins one gather of the full model."""
-        chosen = None
-        if self.runtime.is_main and self.selector is not None and self.config.select is not None and records:
-            self.window.wait()
-            chosen = self.selector.candidate(records, snapshots_in_window=len(self.buffer.steps))
-            if chosen is not None and step in self.window.non_finite_steps:
-                chosen = None  # raw weights with NaN/inf in them are not a model to ship
-        if self._sharded:
-            chosen = self.runtime.broadcast_object(chosen)
-        if chosen is None:
-            return
-        variant = chosen["variant"]
-        weights, ok = self._gather_weights(variant, model, live, step)
-        if not ok:
-            return
-        if not self.runtime.is_main:
-            return
-        if variant == "ens":
-            steps = self.series.ensemble_steps(self.tasks[0].name)
-        else:
-            steps = self.buffer.steps if variant == "avg" else [step]
-        scores = {
-            r["task"]: r["score"] for r in records if r["variant"] == variant and r["task"] != MEAN_TASK
-        }
-        try:
-            self.selector.commit(chosen, scores, steps, weights)
-        except Exception as caught:
-            self._fault("export", caught, step=step, variant=variant)
-
-    def _gather_weights(
-        self, variant: str, model: torch.nn.Module | None, live: dict[str, torch.Tensor] | None, step: int
-    ) -> tuple[CapturedState | None, bool]:
-        """The weights of ``variant`` to export, whole on rank 0 (an ensemble has none); collective with
-        sharded weights. ``(None, False)`` after a failure on any rank, reported as an export fault."""
-        weights, error = None, None
-        try:
-            if variant == "avg":
-                weights = self.window.averaged_state(model, live, self.runtime, self._sharded, step)
-            elif variant == "raw":
-                weights = (
-                    gather_full_state(model, self.runtime.is_main) if self._sharded else capture_state(live)
-                )
-        except Exception as caught:
-            error = caught
-        if self._sharded and self.runtime.any_rank(error is not None):
-            error = error or RuntimeError("gathering the model for export failed on another rank")
-        if error is not None:
-            self._fault("export", error, step=step, variant=variant)
-            return None, False
-        return weights, True
-
-    def _export_latest_average(self) -> None:
-        """With no tasks there is nothing to select on: the final window average is the run's model."""
-        if self.tasks or self.config.select is None or self.average.count == 0:
-            return
-        model = self._model() if self._model is not None else None
-        if self._sharded and model is None:
-            logger.warning("the sharded model is gone before close(); the final average is not exported")
-            return
-        live = live_tensors(model) if self._sharded else None
-        weights, ok = self._gather_weights("avg", model, live, self._last_step or 0)
-        if not ok:
-            return
-        if self.runtime.is_main and weights is not None and self.selector is not None:
-            try:
-                record = {
-                    "step": self._last_step,
-                    "variant": "avg",
-                    "window": self.config.window,
-                    "score": None,
-                }
-                self.selector.commit(record, {}, self.buffer.steps, weights)
-            except Exception as caught:
-                self._fault("export", caught, step=self._last_step)
-
     def _fault(self, phase: str, error: BaseException, *, step: int | None, **where) -> None:
         """:meth:`FaultPolicy.report`, at the last step when the fault belongs to none."""
         self.faults.report(phase, error, step=step if step is not None else (self._last_step or 0), **where)
@@ -649,7 +580,14 @@ class StabilityMonitor:
         if self._sharded:
             self.window.agree(self.runtime)
         if final:
-            self._export_latest_average()
+            if not self.tasks:  # nothing to select on: the final window average is the run's model
+                self.export.final_average(
+                    self.selector,
+                    self.runtime,
+                    sharded=self._sharded,
+                    model=self._trained_model(),
+                    step=self._last_step or 0,
+                )
             self._end_run()
         self._release()
         self._opened = False

@@ -25,6 +25,7 @@ CORE = {
     "faults",
     "run_directory",
     "live_series",
+    "best_export",
 }
 
 
