@@ -147,6 +147,10 @@ def char_f1(prediction: str, reference: str) -> float:
 
 SIMILARITIES: dict[str, Similarity] = {"exact": exact_match, "char_f1": char_f1}
 
+TASK_METRICS: dict[str, Similarity] = {"exact_match": exact_match, "char_f1": char_f1}
+"""A ``FunctionTask``'s or ``GenerationTask``'s ``metric`` name -> how it scores one output against its
+target (the report re-scores stored outputs by the same names; any other metric is exact equality)."""
+
 
 def resolve_similarity(similarity: str | Similarity) -> Similarity:
     """Return the similarity callable for a name in :data:`SIMILARITIES`, or a callable unchanged.

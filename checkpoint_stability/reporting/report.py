@@ -42,7 +42,7 @@ from typing import Any
 
 from checkpoint_stability.ensemble import vote
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
-from checkpoint_stability.metrics import char_f1, exact_match, instability_score, mean_total_variation
+from checkpoint_stability.metrics import TASK_METRICS, exact_match, instability_score, mean_total_variation
 from checkpoint_stability.records import MEAN_TASK, VARIANTS
 from checkpoint_stability.reporting.summary import (
     RunView,
@@ -140,7 +140,7 @@ def score_outputs(outputs: Sequence, targets: Sequence, metric: str) -> list[flo
     """
     if len(outputs) != len(targets):
         raise ValueError(f"{len(outputs)} outputs for {len(targets)} targets")
-    similarity = char_f1 if metric == "char_f1" else exact_match
+    similarity = TASK_METRICS.get(metric, exact_match)
     scores = []
     for output, target in zip(outputs, targets, strict=True):
         answers = target if isinstance(target, list) and not isinstance(output, list) else [target]

@@ -155,3 +155,21 @@ def validate_tasks(tasks: Sequence[Task]) -> list[Task]:
             raise ValueError(f"two tasks are named {task.name!r}; task names must be unique")
         seen.add(task.name)
     return list(tasks)
+
+
+def plain_value(value: Any) -> Any:
+    """An output or target as plain Python values, which compare by equality as JSON will store them:
+    lists and tuples become lists (walked), a one-element tensor or a numpy scalar its Python scalar, a
+    larger tensor a nested list; anything else is returned as it is.
+
+    >>> import numpy as np, torch
+    >>> plain_value((np.int64(3), torch.tensor([1, 2]), torch.tensor(0.5), "a"))
+    [3, [1, 2], 0.5, 'a']
+    """
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value

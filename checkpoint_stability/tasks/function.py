@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 
-from checkpoint_stability.metrics import char_f1, exact_match
-from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
-
-METRICS: dict[str, Callable[[Any, Any], float]] = {"exact_match": exact_match, "char_f1": char_f1}
+from checkpoint_stability.metrics import TASK_METRICS
+from checkpoint_stability.tasks.base import TaskResult, plain_value, validate_example_ids, validate_task_name
 
 
 class FunctionTask:
@@ -54,8 +51,8 @@ class FunctionTask:
         self.name = validate_task_name(name)
         if not callable(predict):
             raise TypeError(f"task {name!r}: predict must be callable, got {type(predict).__name__}")
-        if metric not in METRICS:
-            raise ValueError(f"task {name!r}: metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if metric not in TASK_METRICS:
+            raise ValueError(f"task {name!r}: metric must be one of {sorted(TASK_METRICS)}, got {metric!r}")
         targets = list(targets)
         if not targets:
             raise ValueError(f"task {name!r}: targets is empty; a task needs at least one example")
@@ -68,11 +65,12 @@ class FunctionTask:
                     f"task {name!r}: target of example {index} is not JSON-serialisable"
                 ) from error
         self.predict = predict
-        self.targets = targets
+        # Plain, as the outputs are: a tuple target still matches a tuple output (both become lists).
+        self.targets = [plain_value(value) for value in targets]
         self.example_ids = example_ids
         self.metric = metric
         self.kind = kind
-        self._similarity = METRICS[metric]
+        self._similarity = TASK_METRICS[metric]
 
     def evaluate(self, model: torch.nn.Module) -> TaskResult:
         produced = self.predict(model)
@@ -101,7 +99,7 @@ class FunctionTask:
                 f"task {self.name!r}: predict must return a sequence of outputs (one per example), "
                 f"got {type(outputs).__name__}"
             )
-        outputs = [_plain(value) for value in outputs]
+        outputs = [plain_value(value) for value in outputs]
         if len(outputs) != len(self.targets):
             raise ValueError(
                 f"task {self.name!r}: predict returned {len(outputs)} outputs "
@@ -125,15 +123,6 @@ class FunctionTask:
 
     def __repr__(self) -> str:
         return f"FunctionTask(name={self.name!r}, examples={len(self.targets)}, metric={self.metric!r})"
-
-
-def _plain(value):
-    """Outputs must be JSON values that compare by equality: unwrap tensors and numpy scalars."""
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-    elif hasattr(value, "item") and callable(value.item):
-        value = value.item()
-    return value
 
 
 def _as_logprob_rows(name: str, rows) -> list[list[float]] | None:

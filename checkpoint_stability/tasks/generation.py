@@ -7,15 +7,13 @@ from typing import Any
 
 import torch
 
-from checkpoint_stability.metrics import char_f1, exact_match
+from checkpoint_stability.metrics import TASK_METRICS
 from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
 from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import any_rank_true, gather_in_order, shard_examples
 from checkpoint_stability.validation import require_int
-
-METRICS: dict[str, Callable[[Any, Any], float]] = {"exact_match": exact_match, "char_f1": char_f1}
 
 
 def default_normalize(text: str) -> str:
@@ -110,8 +108,8 @@ class GenerationTask:
             show_progress: a progress bar on rank 0 for evaluations longer than a couple of seconds.
         """
         self.name = validate_task_name(name)
-        if metric not in METRICS:
-            raise ValueError(f"task {name!r}: metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if metric not in TASK_METRICS:
+            raise ValueError(f"task {name!r}: metric must be one of {sorted(TASK_METRICS)}, got {metric!r}")
         max_new_tokens = require_int("max_new_tokens", max_new_tokens, 1, where=f"task {name!r}")
         batch_size = require_int("batch_size", batch_size, 1, where=f"task {name!r}")
         if not all(callable(getattr(tokenizer, method, None)) for method in ("encode", "decode")):
@@ -134,7 +132,7 @@ class GenerationTask:
         self.pad_token_id = resolve_pad_token_id(tokenizer, name, pad_token_id)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = None if eos is None else int(eos)
-        self._similarity = METRICS[metric]
+        self._similarity = TASK_METRICS[metric]
 
         if isinstance(examples, Mapping) or not isinstance(examples, Sequence):
             raise TypeError(f"task {name!r}: examples must be a list of mappings, got {type(examples)}")

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from checkpoint_stability.isolation import isolated_evaluation
-from checkpoint_stability.tasks.base import TaskResult, validate_task_name
+from checkpoint_stability.tasks.base import TaskResult, plain_value, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode, right_pad
 from checkpoint_stability.tasks.sharding import any_rank_true, gather_in_order, rank_and_world, shard_examples
 from checkpoint_stability.validation import is_int, is_real, require_int
@@ -203,10 +203,10 @@ class LmEvalTask:
             raise ValueError(f"task {name!r}: lm-eval task {harness_task!r} has no documents")
         self.example_ids = [int(doc_id) for doc_id, _ in self._docs]
         if self.kind == "multiple_choice":
-            self.targets = [_plain(self._gold(doc)) for _, doc in self._docs]
+            self.targets = [plain_value(self._gold(doc)) for _, doc in self._docs]
             self._normalisers = [self._normaliser(doc) for _, doc in self._docs]
         else:
-            self.targets = [_plain(task.doc_to_target(doc)) for _, doc in self._docs]
+            self.targets = [plain_value(task.doc_to_target(doc)) for _, doc in self._docs]
         self._lm_eval_version = getattr(lm_eval, "__version__", "?")
 
     # ------------------------------------------------------------------ construction helpers
@@ -322,7 +322,7 @@ class LmEvalTask:
                 outputs.append(choice)
                 logprobs.append(row)
             else:
-                output = _plain(sample["filtered_resps"][0])
+                output = plain_value(sample["filtered_resps"][0])
                 if not isinstance(output, str):
                     raise ValueError(
                         f"task {self.name!r}: filter {self.filter!r} gives {type(output).__name__} outputs; "
@@ -440,15 +440,6 @@ def _as_paths(include_path) -> list[Path]:
 
 def _matches(output, target) -> bool:
     return output in target if isinstance(target, list) else output == target
-
-
-def _plain(value):
-    """JSON values that compare by equality: unwrap numpy scalars and tuples."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
 
 
 @contextlib.contextmanager
