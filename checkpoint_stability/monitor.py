@@ -22,7 +22,7 @@ from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.best_export import BestExport
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
-from checkpoint_stability.ensemble import ensemble_result
+from checkpoint_stability.evaluation import SnapshotEvaluation
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
@@ -32,8 +32,6 @@ from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
 from checkpoint_stability.sinks import ConsoleSink, ReportSink, Sink, TensorBoardSink
 from checkpoint_stability.state_dicts import (
-    CapturedState,
-    capture_state,
     is_sharded,
     live_tensors,
     parameter_names,
@@ -116,6 +114,7 @@ class StabilityMonitor:
         # Weakly: the policy must not keep its monitor alive (a dropped monitor releases its lock).
         self.faults = FaultPolicy(config.on_error, _weakly(weakref.WeakMethod(self._current_runtime)))
         self.window = SnapshotWindow(config, self.faults)
+        self.evaluation = SnapshotEvaluation(config, self.window, self.faults)
         self.export = BestExport(config, self.window, self.faults)
         self._last_step: int | None = None
         self._sharded = False
@@ -360,12 +359,19 @@ class StabilityMonitor:
         results: dict[tuple[str, str], TaskResult] = {}
         if self.tasks:
             with isolated_evaluation(model):
-                for task in self.tasks:
-                    result = self._evaluate(task, model, step, "raw")
-                    if result is not None:
-                        results[(task.name, "raw")] = result
+                results = self.evaluation.raw(self.tasks, model, self.runtime, step)
                 if self._average_due():
-                    results.update(self._evaluate_average(model, live, captured, step))
+                    averaged, self.series.avg_models = self.evaluation.average(
+                        self.tasks,
+                        model,
+                        live,
+                        captured,
+                        self.runtime,
+                        sharded=self._sharded,
+                        owns_window=self._owns_buffer,
+                        step=step,
+                    )
+                    results.update(averaged)
 
         records: list[dict] = []
         if self.runtime.is_main:
@@ -373,7 +379,7 @@ class StabilityMonitor:
                 if (task.name, "raw") in results:
                     self.series.add_raw(task.name, step, results[(task.name, "raw")])
                 if self.config.ensemble is not None:
-                    combined = self._ensemble(task, step)
+                    combined = self.evaluation.ensemble(task, self.series.ensemble_window(task.name), step)
                     if combined is not None:
                         results[(task.name, "ens")] = combined
             try:
@@ -424,91 +430,9 @@ class StabilityMonitor:
         """The model the monitor last snapshotted, if it still exists (exports look it up when due)."""
         return None if self._model is None else self._model()
 
-    def _evaluate(self, task: Task, model: torch.nn.Module, step: int, variant: str) -> TaskResult | None:
-        error, result = None, None
-        try:
-            result = task.evaluate(model)
-            if not isinstance(result, TaskResult):
-                raise TypeError(
-                    f"task {task.name!r}: evaluate returned {type(result).__name__}, not a TaskResult"
-                )
-        except Exception as caught:
-            error = caught
-        # Agree before reporting: every rank skips (or raises) together, or the collectives of the
-        # next task would hang on the ranks that carried on.
-        if self.runtime.any_rank(error is not None):
-            if error is None:
-                error = RuntimeError(f"task {task.name!r} failed on another rank")
-            self._fault("evaluate", error, step=step, task=task.name, variant=variant, agreed=True)
-            return None
-        return result
-
-    def _ensemble(self, task: Task, step: int) -> TaskResult | None:
-        window = self.series.ensemble_window(task.name)
-        if not window:
-            return None
-        try:
-            return ensemble_result(self.config.ensemble, task, window)
-        except Exception as error:
-            self._fault("ensemble", error, step=step, task=task.name, variant="ens")
-            return None
-
     def _average_due(self) -> bool:
         """Every ``average_every``-th snapshot of the run (the first one included)."""
         return (self.series.snapshots_taken - 1) % self.config.average_every == 0
-
-    def _evaluate_average(
-        self, model: torch.nn.Module, live: dict[str, torch.Tensor], captured: CapturedState | None, step: int
-    ) -> dict[tuple[str, str], TaskResult]:
-        holds = 0
-        if self._owns_buffer:
-            self.window.wait()
-            if self._sharded:
-                self.window.agree(self.runtime)
-            holds = self.average.count
-            self.series.avg_models = holds
-            if holds and step not in self.buffer.steps:
-                # The window lacks this very snapshot (its write failed, or its weights were not
-                # finite): an average of the older ones only would pass for this step's, silently.
-                self.faults.note(
-                    step,
-                    "average",
-                    f"no avg at step {step}: its snapshot is not in the window (see the snapshot error "
-                    f"above); the window holds steps {self.buffer.steps}",
-                )
-                holds = 0
-        if not self.runtime.broadcast_object(holds):
-            return {}
-        # The snapshot copy doubles as the backup when it holds the live values bit for bit.
-        backup = captured if captured is not None and self.config.storage_dtype is None else None
-        if backup is None:
-            backup = capture_state(live)
-        results = {}
-        try:
-            error = None
-            if self._owns_buffer:
-                try:
-                    self.average.copy_into(live)
-                except Exception as caught:
-                    error = caught
-            if self.runtime.any_rank(error is not None):
-                self._fault(
-                    "average",
-                    error or RuntimeError("swapping in the average failed on another rank"),
-                    step=step,
-                    agreed=True,
-                )
-                return {}
-            if not self._sharded:
-                # Full weights: rank 0 holds the average; sharded: every rank swapped in its own shards.
-                self.runtime.broadcast_tensors(live.values())
-            for task in self.tasks:
-                result = self._evaluate(task, model, step, "avg")
-                if result is not None:
-                    results[(task.name, "avg")] = result
-        finally:
-            self.window.restore(live, backup, step)
-        return results
 
     def _window_of(self, variant: str) -> int:
         return self.series.window_of(variant)

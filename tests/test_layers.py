@@ -26,6 +26,7 @@ CORE = {
     "run_directory",
     "live_series",
     "best_export",
+    "evaluation",
 }
 
 
