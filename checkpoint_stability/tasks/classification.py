@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from checkpoint_stability.isolation import preserved_rng
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.progress import progress
 from checkpoint_stability.tasks.sharding import gather_in_order, rank_and_world, shard_examples
@@ -227,27 +226,22 @@ def _materialise(where: str, data: Any, max_examples: int | None) -> tuple[torch
     count = 0
     # Iterating a DataLoader draws from torch's global generator (the shuffle seed) and datasets may
     # draw from python's or numpy's: put them back so training takes the same random path as without us.
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            for number, batch in enumerate(batches):
-                x, y = _check_batch(where, number, batch)
-                if max_examples is not None:
-                    x, y = x[: max_examples - count], y[: max_examples - count]
-                if inputs and x.shape[1:] != inputs[0].shape[1:]:
-                    raise ValueError(
-                        f"{where}: batch {number} has inputs of shape {tuple(x.shape)}, but earlier "
-                        f"batches have rows of shape {tuple(inputs[0].shape[1:])}; every example must "
-                        "have the same shape"
-                    )
-                inputs.append(x.detach().cpu())
-                labels.append(y.detach().cpu().long())
-                count += len(y)
-                if max_examples is not None and count >= max_examples:
-                    break  # the rest would be thrown away: do not read it
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+    with preserved_rng(cuda=False):
+        for number, batch in enumerate(batches):
+            x, y = _check_batch(where, number, batch)
+            if max_examples is not None:
+                x, y = x[: max_examples - count], y[: max_examples - count]
+            if inputs and x.shape[1:] != inputs[0].shape[1:]:
+                raise ValueError(
+                    f"{where}: batch {number} has inputs of shape {tuple(x.shape)}, but earlier "
+                    f"batches have rows of shape {tuple(inputs[0].shape[1:])}; every example must "
+                    "have the same shape"
+                )
+            inputs.append(x.detach().cpu())
+            labels.append(y.detach().cpu().long())
+            count += len(y)
+            if max_examples is not None and count >= max_examples:
+                break  # the rest would be thrown away: do not read it
     if count == 0:
         raise ValueError(f"{where}: data holds no examples; a task needs at least one")
     # torch.cat copies even a single batch, so later changes to the caller's tensors cannot reach us.

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from checkpoint_stability.isolation import preserved_rng
 from checkpoint_stability.tasks.base import Task
 from checkpoint_stability.tasks.classification import ClassificationTask
 from checkpoint_stability.tasks.next_token import NextTokenTask
@@ -65,7 +63,8 @@ def default_task_from_dataloader(
             f"the validation data is a {type(dataloader).__name__}, not an iterable of batches; the default "
             f"task needs {SUPPORTED_SHAPES}. Pass tasks=[...] to evaluate something else"
         )
-    with _preserved_rng():
+    # A DataLoader iterator draws its base seed from torch's generator; datasets may draw from any.
+    with preserved_rng(cuda=False):
         batches = iter(dataloader)
         try:
             first = next(batches)
@@ -113,16 +112,3 @@ def _batch_kind(batch: Any) -> str:
         f"the validation batches are a {described}; the default task needs {SUPPORTED_SHAPES}. "
         "Pass tasks=[...] to evaluate this model"
     )
-
-
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Put python's, numpy's and torch's CPU generators back as they were: a DataLoader iterator draws
-    its base seed from torch's, and datasets may draw from any of them."""
-    python, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-        torch.random.set_rng_state(torch_state)
