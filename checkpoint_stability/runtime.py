@@ -21,9 +21,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        """Wait for every rank."""
-
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank (used to agree on errors)."""
         return flag
@@ -49,9 +46,6 @@ class TorchDistributedRuntime(Runtime):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
 
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._device())

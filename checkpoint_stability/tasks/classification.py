@@ -7,14 +7,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from checkpoint_stability.isolation import preserved_rng
+from checkpoint_stability.runtime import default_runtime
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.progress import progress
-from checkpoint_stability.tasks.sharding import gather_in_order, rank_and_world, shard_examples
+from checkpoint_stability.tasks.sharding import gather_in_order, shard_examples
 from checkpoint_stability.validation import require_int
 
 
@@ -174,15 +174,13 @@ class ClassificationTask:
 
     def _check_same_data_on_every_rank(self) -> None:
         """Refuse different evaluation sets on different ranks: sharding would mix examples silently."""
-        _, world = rank_and_world()
-        if world > 1:
+        runtime = default_runtime()
+        if runtime.world_size > 1:
             digest = hashlib.sha256()
             for tensor in (self.inputs, self.labels):
                 digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
                 digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            everyone: list = [None] * world
-            dist.all_gather_object(everyone, digest.hexdigest())
-            if len(set(everyone)) > 1:
+            if len(set(runtime.all_gather_object(digest.hexdigest()))) > 1:
                 raise ValueError(
                     f"task {self.name!r}: the ranks hold different evaluation sets (a DistributedSampler, "
                     "or data that differs per process); every rank must read the same examples, which "

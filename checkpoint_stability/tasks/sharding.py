@@ -3,6 +3,10 @@
 Every rank gets the same number of items (the last shares are padded by repeating an example, whose
 results are then dropped), so every rank runs the same number of forward passes: with a sharded model
 (FSDP2), a rank that stops early leaves the others waiting in a collective forever.
+
+Collectives go through a :class:`~checkpoint_stability.runtime.Runtime`. A task's ``evaluate(model)``
+is given none, so by default it is :func:`~checkpoint_stability.runtime.default_runtime`: the
+``torch.distributed`` default group when one is up with more than one rank, else the single process.
 """
 
 from __future__ import annotations
@@ -11,14 +15,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch.distributed as dist
+from checkpoint_stability.runtime import Runtime, default_runtime
 
 
-def rank_and_world() -> tuple[int, int]:
+def rank_and_world(runtime: Runtime | None = None) -> tuple[int, int]:
     """This process's rank and the world size; (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    runtime = default_runtime() if runtime is None else runtime
+    return runtime.rank, runtime.world_size
 
 
 @dataclass(frozen=True)
@@ -49,29 +52,26 @@ def shard_examples(count: int, rank: int | None = None, world: int | None = None
     return Shard(own + [filler] * (per_rank - len(own)), len(own))
 
 
-def gather_in_order(local: Sequence, shard: Shard) -> list:
+def gather_in_order(local: Sequence, shard: Shard, runtime: Runtime | None = None) -> list:
     """Every rank's real results, concatenated in rank order: the task's original example order."""
     own = list(local[: shard.real])
     if len(local) != shard.size:
         raise ValueError(f"expected {shard.size} results for this rank's shard, got {len(local)}")
-    _, world = rank_and_world()
-    if world == 1:
+    runtime = default_runtime() if runtime is None else runtime
+    if runtime.world_size == 1:
         return own
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, own)
-    return [item for part in everyone for item in part]
+    return [item for part in runtime.all_gather_object(own) for item in part]
 
 
-def max_over_ranks(value: int) -> int:
+def max_over_ranks(value: int, runtime: Runtime | None = None) -> int:
     """The largest ``value`` over all ranks, on every rank (e.g. how many batches the busiest rank has)."""
-    _, world = rank_and_world()
-    if world == 1:
+    runtime = default_runtime() if runtime is None else runtime
+    if runtime.world_size == 1:
         return value
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, int(value))
-    return max(everyone)
+    return max(runtime.all_gather_object(int(value)))
 
 
-def any_rank_true(flag: bool) -> bool:
+def any_rank_true(flag: bool, runtime: Runtime | None = None) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. "some sequence is still generating")."""
-    return bool(max_over_ranks(1 if flag else 0))
+    runtime = default_runtime() if runtime is None else runtime
+    return runtime.any_rank(bool(flag))
