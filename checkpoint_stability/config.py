@@ -155,6 +155,11 @@ class StabilityConfig:
         return self.exact_sum_every if self.exact_sum_every is not None else self.window
 
     @property
+    def storage_torch_dtype(self) -> torch.dtype | None:
+        """``storage_dtype`` as parsed (a name given at construction is a ``torch.dtype`` from then on)."""
+        return self.storage_dtype if isinstance(self.storage_dtype, torch.dtype) else None
+
+    @property
     def accumulator_torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.accumulator_dtype == "float64" else torch.float32
 

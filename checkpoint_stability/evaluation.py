@@ -73,7 +73,7 @@ class SnapshotEvaluation:
 
     def ensemble(self, task: Task, window: list[TaskResult], step: int) -> TaskResult | None:
         """The window's raw results of ``task`` combined (rank 0; no forward pass)."""
-        if not window:
+        if not window or self.config.ensemble is None:
             return None
         try:
             return ensemble_result(self.config.ensemble, task, window)

@@ -58,16 +58,17 @@ class FaultPolicy:
         phase: str,
         error: BaseException,
         *,
-        step: int,
+        step: int | None,
         task: str | None = None,
         variant: str | None = None,
         agreed: bool = False,
     ) -> None:
-        """Report a fault and go on (or raise, if asked).
+        """Report a fault and go on (or raise, if asked). ``step`` None: a fault of no step (0).
 
         ``agreed``: every rank reached this fault together, so ``on_error="raise"`` may raise at once.
         Otherwise the error is held and raised on every rank by :meth:`raise_held`.
         """
+        step = step if step is not None else 0
         first = (phase, task) not in self.reported
         self.reported.add((phase, task))
         where = f" (task {task!r}, variant {variant})" if task else ""

@@ -196,6 +196,13 @@ class StabilityMonitor:
         self._opened = True
 
     @property
+    def _run(self) -> Path:
+        """The run directory (a ``RuntimeError`` before one is chosen)."""
+        if self.dirpath is None:
+            raise RuntimeError("the monitor has no run directory yet: call open() or take a snapshot")
+        return self.dirpath
+
+    @property
     def _owns_buffer(self) -> bool:
         """Rank 0 keeps the window of full weights; with sharded weights every rank keeps its shards'."""
         return self.runtime.is_main or self._sharded
@@ -317,7 +324,7 @@ class StabilityMonitor:
         ``model`` is the exported model, or the module that was trained (which holds it under ``prefix``,
         default ``export_prefix``); tied entries a ``save_pretrained`` export leaves out are re-tied.
         """
-        if self.best is None:
+        if self.best is None or self.selector is None:
             raise FileNotFoundError(
                 "no best model has been exported yet (see best.json in the run directory)"
             )
@@ -438,16 +445,19 @@ class StabilityMonitor:
         return self.series.window_of(variant)
 
     def _persist(self, step: int, results: dict[tuple[str, str], TaskResult], records: list[dict]) -> None:
+        history = self.history
+        if history is None:
+            return
         # Score lines first and each task on its own: one task's trouble must not cost the others.
         if records:
             try:
-                self.history.append_many(records)
+                history.append_many(records)
             except Exception as error:
                 self._fault("history", error, step=step)
         for (task_name, variant), result in results.items():
             task = self._task(task_name)
             try:
-                self.history.append_result(task, step, variant, self._window_of(variant), result)
+                history.append_result(task, step, variant, self._window_of(variant), result)
             except Exception as error:
                 self._fault("history", error, step=step, task=task.name, variant=variant)
 
@@ -475,7 +485,7 @@ class StabilityMonitor:
             tasks=tuple(self.tasks),
         )
         self._run_directory = RunDirectory(
-            self.dirpath,
+            self._run,
             self.config,
             world_size=self.runtime.world_size,
             sharded=self._sharded,
@@ -494,7 +504,7 @@ class StabilityMonitor:
 
     def _open_buffer(self, resume_step: int | None) -> None:
         """The window of this rank's weights (all of them on rank 0, or this rank's shards)."""
-        directory = self.dirpath / "buffer"
+        directory = self._run / "buffer"
         if self._sharded:
             directory = directory / f"rank-{self.runtime.rank}"
         self.window.open(directory, resume_step)
@@ -548,8 +558,10 @@ class StabilityMonitor:
 
     def _rebuild_series(self) -> None:
         """Rank 0: rebuild the live score and output series from the history after (re)open."""
+        if self.history is None:
+            raise RuntimeError("the run directory's history is not open")
         last = self.series.rebuild(self.history, self.average.count)
-        self._last_step = max([s for s in (last, *(self.buffer.steps[-1:])) if s is not None], default=None)
+        self._last_step = max([s for s in (last, *(self.window.steps[-1:])) if s is not None], default=None)
 
     def _build_sinks(self, resume_step: int | None) -> list[Sink]:
         sinks: list[Sink] = []
@@ -561,13 +573,11 @@ class StabilityMonitor:
                 purge = None if self._last_step is None else self._last_step + 1
                 if resume_step is not None:
                     purge = resume_step + 1
-                sinks.append(
-                    TensorBoardSink(self.dirpath / "tensorboard", task_names=names, purge_step=purge)
-                )
+                sinks.append(TensorBoardSink(self._run / "tensorboard", task_names=names, purge_step=purge))
         if self.config.console:
             sinks.append(ConsoleSink())
         if self.config.report:
-            sinks.append(ReportSink(self.dirpath))
+            sinks.append(ReportSink(self._run))
         return sinks
 
     def _task(self, name: str) -> Task:

@@ -153,16 +153,18 @@ class ScoreSeries:
         """The record of a result already added: MTV and IS over its series' trailing horizon."""
         scores, outputs = self._series((evaluation.task, evaluation.variant, evaluation.window))
         mtv, instability = series_metrics(list(scores), list(outputs), self.similarity)
-        return make_record(
-            step,
-            evaluation.task,
-            evaluation.variant,
-            evaluation.window,
-            evaluation.n_models,
-            scores[-1],
-            mtv,
-            instability,
-            time,
+        return dict(  # a plain dict: producers add to it (the mean record's IS) and pass it on
+            make_record(
+                step,
+                evaluation.task,
+                evaluation.variant,
+                evaluation.window,
+                evaluation.n_models,
+                scores[-1],
+                mtv,
+                instability,
+                time,
+            )
         )
 
     def step_records(
@@ -187,12 +189,12 @@ class ScoreSeries:
         for (variant, window), by_task in groups.items():
             per_task = []
             for name in task_names:
-                evaluation = by_task.get(name)
-                if evaluation is None:
+                found = by_task.get(name)
+                if found is None:
                     continue
                 stored = known.get((name, variant, window))
-                self.add(evaluation, score=None if stored is None else stored["score"])
-                record = dict(stored) if stored is not None else self.record(step, evaluation, time)
+                self.add(found, score=None if stored is None else stored["score"])
+                record = dict(stored) if stored is not None else self.record(step, found, time)
                 records.append(record)
                 per_task.append(record)
             if per_task and len(per_task) == len(task_names):

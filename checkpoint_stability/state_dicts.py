@@ -14,7 +14,7 @@ import torch
 
 
 @dataclass
-class CapturedState:
+class CapturedState(Mapping):
     """A detached copy of a state dict: each distinct tensor once, plus the names tied to it.
 
     ``tensors`` maps canonical names to contiguous CPU tensors that nothing else holds, so a writer

@@ -80,6 +80,13 @@ class SnapshotWindow:
         self._storage_range_checked = False
 
     @property
+    def files(self) -> SnapshotBuffer:
+        """The open buffer (a ``RuntimeError`` before :meth:`open`)."""
+        if self.buffer is None:
+            raise RuntimeError("the snapshot window is not open")
+        return self.buffer
+
+    @property
     def steps(self) -> list[int]:
         """The steps in the window, oldest first (a write still in flight is not among them)."""
         return [] if self.buffer is None else self.buffer.steps
@@ -90,13 +97,13 @@ class SnapshotWindow:
         self.buffer = SnapshotBuffer(
             directory,
             self.config.window,
-            storage_dtype=self.config.storage_dtype,
+            storage_dtype=self.config.storage_torch_dtype,
             # Weakly: the buffer's writer thread must not keep the window (and its monitor) alive.
             listener=_weak_listener(self),
         )
         self._admitted_non_finite = None  # judged afresh: the first snapshot admits how buffers are built
         if resume_step is not None:
-            dropped = self.buffer.truncate_after(resume_step)
+            dropped = self.files.truncate_after(resume_step)
             if dropped:
                 logger.info("resuming from step %d: dropped newer snapshots %s", resume_step, dropped)
         self.rebuild_average()
@@ -111,7 +118,7 @@ class SnapshotWindow:
             # one; keeping the old snapshots would jam every later push.
             logger.warning("%s: restarting the window from step %d", mismatch, step)
             try:
-                self.buffer.truncate_after(-1)
+                self.files.truncate_after(-1)
             except Exception as error:
                 self.faults.report("snapshot", error, step=step)
             self.average.reset([])
@@ -120,7 +127,7 @@ class SnapshotWindow:
             self._check_storage_range(step, live)
         self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
         try:
-            return self.buffer.push(step, live)
+            return self.files.push(step, live)
         except Exception as error:
             self.faults.report("snapshot", error, step=step)
             return None
@@ -128,7 +135,7 @@ class SnapshotWindow:
     def wait(self) -> None:
         """Wait for the write in flight; a failed write is reported and the average re-summed."""
         try:
-            self.buffer.wait()
+            self.files.wait()
         except SnapshotError as error:
             self.faults.report("snapshot", error, step=error.step)
             try:
@@ -139,18 +146,18 @@ class SnapshotWindow:
 
     def rebuild_average(self) -> None:
         """Rebuild the average exactly from the window's files."""
-        sources = self.buffer.window_sources()
-        aliases = self.buffer.entries[-1].aliases if self.buffer.entries else {}
+        sources = self.files.window_sources()
+        aliases = self.files.entries[-1].aliases if self.files.entries else {}
         self.average.reset(sources, aliases=aliases)
 
     def agree(self, runtime: Runtime) -> None:
         """Sharded runs: every rank keeps only the steps that every rank has (a write may fail on one).
         Collective."""
-        mine = self.buffer.steps
+        mine = self.files.steps
         common = set.intersection(*(set(steps) for steps in runtime.all_gather_object(mine)))
         extra = [step for step in mine if step not in common]
         for step in extra:
-            self.buffer.drop(step, "not buffered on every rank (a write failed on another rank)")
+            self.files.drop(step, "not buffered on every rank (a write failed on another rank)")
         if extra:
             self.rebuild_average()
 
@@ -185,6 +192,8 @@ class SnapshotWindow:
         """
         if not sharded:
             return self.average.captured(self.live_dtypes)
+        if model is None or live is None:
+            raise ValueError("averaging sharded weights for export needs the model and its live tensors")
         backup = capture_state(live)
         try:
             self.average.copy_into(live)
@@ -213,7 +222,7 @@ class SnapshotWindow:
     def _check_storage_range(self, step: int, live: dict[str, torch.Tensor]) -> None:
         """At the first snapshot: finite values that ``storage_dtype`` turns into infinities are a
         configuration error (e.g. a ``finfo(float32).min`` mask stored as float16), named once."""
-        dtype = self.config.storage_dtype
+        dtype = self.config.storage_torch_dtype
         if dtype is None:
             return
         largest = torch.finfo(dtype).max
@@ -250,9 +259,9 @@ class SnapshotWindow:
             if name in self.parameter_names or (before is not None and count > before.get(name, 0))
         )
         if made:
-            self.non_finite_steps.add(self._writing_step)
+            self.non_finite_steps.add(self._writing_step or 0)
             raise NonFiniteWeightsError(
-                f"the weights at step {self._writing_step} are not finite ({made[0]!r} holds NaN or "
+                f"the weights at step {self._writing_step or 0} are not finite ({made[0]!r} holds NaN or "
                 "infinity); the snapshot is kept out of the window average and of selection"
             )
         self.average.update(added, evicted, window, non_finite=set(non_finite))

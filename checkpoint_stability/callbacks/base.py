@@ -82,6 +82,13 @@ class StabilityCallbackBase:
 
     # ------------------------------------------------------------------ for the adapters
 
+    @property
+    def _monitor(self) -> StabilityMonitor:
+        """The monitor of the run in progress (a ``RuntimeError`` before the adapter built it)."""
+        if self.monitor is None:
+            raise RuntimeError(f"{CALLBACK_NAME}: no training run has started")
+        return self.monitor
+
     def _configured_dirpath(self, default_parent: str | os.PathLike) -> Path:
         """``dirpath=`` if given, else ``<default_parent>/stability``; absolute, so the path saved in a
         checkpoint still names it from another working directory."""
@@ -102,7 +109,7 @@ class StabilityCallbackBase:
         directory wins), open under the ``on_error`` policy, and give sinks with a ``preload(records)``
         method (W&B charts) the history the run continues. True if the run directory is open; with
         ``on_error="warn"`` an unusable one is warned about and each snapshot tries again. Collective."""
-        monitor = self.monitor
+        monitor = self._monitor
         self._last_snapshot_step = step
         self._running = True
         try:
@@ -125,10 +132,10 @@ class StabilityCallbackBase:
     def _snapshot(self, model: Any, step: int) -> None:
         """After an optimizer step: snapshot and evaluate when ``step`` is a snapshot step not taken yet
         (under gradient accumulation several hooks can see one step)."""
-        if not self._running or step == self._last_snapshot_step or not self.monitor.should_snapshot(step):
+        if not self._running or step == self._last_snapshot_step or not self._monitor.should_snapshot(step):
             return
         self._last_snapshot_step = step
-        self._latest_records = self.monitor.on_snapshot(model, step)
+        self._latest_records = self._monitor.on_snapshot(model, step)
 
     def _close(self) -> None:
         """The end of a training run: finish writes, export (``tasks=[]``), close the sinks. Collective."""
@@ -136,7 +143,7 @@ class StabilityCallbackBase:
             return
         self._running = False
         try:
-            self.monitor.close()
+            self._monitor.close()
         finally:
             self._close_sinks()
 
@@ -147,7 +154,7 @@ class StabilityCallbackBase:
             return
         self._running = False
         try:
-            self.monitor.abandon()
+            self._monitor.abandon()
         finally:
             self._close_sinks()
 

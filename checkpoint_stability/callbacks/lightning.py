@@ -132,7 +132,7 @@ class StabilityCallback(StabilityCallbackBase, Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            mine = [cb for cb in trainer.callbacks if isinstance(cb, StabilityCallback)]
+            mine = [cb for cb in trainer.callbacks if isinstance(cb, StabilityCallback)]  # type: ignore[attr-defined]
             if len(mine) > 1:
                 raise ValueError(
                     f"StabilityCallback was added {len(mine)} times to this Trainer; use one: each would "
@@ -229,7 +229,9 @@ class StabilityCallback(StabilityCallbackBase, Callback):
         """(the TensorBoard writer for the monitor, the other sinks): exactly one path per logger."""
         if not trainer.is_global_zero:
             return None, []  # the monitor runs sinks on rank 0 only; loggers are rank-0 objects
-        writer, sinks, others = None, [], []
+        writer = None
+        sinks: list[Sink] = []
+        others: list[Any] = []
         for framework_logger in trainer.loggers:
             if isinstance(framework_logger, TensorBoardLogger):
                 if not self.config.tensorboard:

@@ -212,10 +212,12 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         if "wandb" in report_to or "all" in report_to:
             try:
                 import wandb
+
+                run = wandb.run
             except ImportError:
-                wandb = None
-            if wandb is not None and wandb.run is not None:
-                sinks.append(WandbSink(wandb.run, step_metric=WANDB_STEP_METRIC, task_names=self._task_names))
+                run = None
+            if run is not None:
+                sinks.append(WandbSink(run, step_metric=WANDB_STEP_METRIC, task_names=self._task_names))
         return sinks
 
 
