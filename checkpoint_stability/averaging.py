@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 
+from checkpoint_stability.exact_sums import exact_sum, row_blocks
 from checkpoint_stability.state_dicts import (
     CapturedState,
     copy_into_tensor,
@@ -189,8 +190,7 @@ class WindowAverage:
         while covered < quota:
             name, first_row, last_row, start, stop = self._slices[self._cursor]
             self._cursor = (self._cursor + 1) % len(self._slices)
-            exact = _exact_sum(sources, name, first_row, last_row, stop - start)
-            self._sum[name].view(-1)[start:stop].copy_(exact)
+            self._sum[name].view(-1)[start:stop].copy_(_exact_sum(sources, name, first_row, last_row))
             covered += stop - start
 
     def reset(
@@ -228,7 +228,7 @@ class WindowAverage:
             if total is None or total.shape != shape or total.dtype != self.accumulator_dtype:
                 total = torch.empty(shape, dtype=self.accumulator_dtype)
             for _, first_row, last_row, start, stop in _row_slices({name: shape}):
-                total.view(-1)[start:stop].copy_(_exact_sum(sources, name, first_row, last_row, stop - start))
+                total.view(-1)[start:stop].copy_(_exact_sum(sources, name, first_row, last_row))
             if not bool(torch.isfinite(total).all()):
                 self._held.add(name)  # NaN/inf in some snapshot of the window: the newest one's values
                 self._newest[name] = newest[name].clone()
@@ -313,19 +313,21 @@ def _row_slices(shapes: Mapping[str, torch.Size]) -> list[tuple[str, int, int, i
             slices.append((name, 0, 0, 0, 1))
             continue
         row = shape[1:].numel()
-        rows_per_slice = max(1, _RESUM_CHUNK // max(row, 1))
-        for first in range(0, shape[0], rows_per_slice):
-            last = min(first + rows_per_slice, shape[0])
-            slices.append((name, first, last, first * row, last * row))
+        slices.extend(
+            (name, first, last, first * row, last * row) for first, last in row_blocks(shape, _RESUM_CHUNK)
+        )
     return slices
 
 
-def _exact_sum(sources: Sequence[Mapping], name: str, first: int, last: int, elements: int) -> torch.Tensor:
-    """Rows ``first:last`` of tensor ``name`` summed over ``sources`` in float64, flattened."""
-    exact = torch.zeros(elements, dtype=torch.float64)
-    for source in sources:
-        exact.add_(_read_rows(source, name, first, last))
-    return exact
+def _exact_sum(sources: Sequence[Mapping], name: str, first: int, last: int) -> torch.Tensor:
+    """Rows ``first:last`` of tensor ``name`` summed over ``sources`` in float64, flattened.
+
+    The same summation as ``checkpoint-stability average`` (``exact_sums.exact_sum``); only the reading
+    differs: a snapshot file is opened afresh for every piece (``LazySnapshot.read_rows``), because this
+    runs for the whole of training and a kept-open handle keeps every page it served resident
+    (benchmarks/RESULTS.md, item 7).
+    """
+    return exact_sum(_read_rows(source, name, first, last) for source in sources).total
 
 
 def _read_rows(source: Mapping, name: str, first: int, last: int) -> torch.Tensor:

@@ -36,6 +36,7 @@ import ctypes
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from checkpoint_stability.errors import CheckpointStabilityError
+from checkpoint_stability.exact_sums import exact_sum, row_blocks
 from checkpoint_stability.state_dicts import tied_groups
 from checkpoint_stability.storage.atomic_files import fsync_directory, fsync_tree
 from checkpoint_stability.storage.confinement import is_inside, open_confined, writable_file
@@ -386,57 +388,42 @@ def _average_tensor(
 ) -> torch.Tensor:
     """The uniform mean of one tensor over the series, in its stored dtype.
 
-    Summed in float64 (complex128 for complex tensors) in series order, divided once, then rounded to
-    the stored dtype: float64 costs no model-sized memory here (one chunk of one tensor at a time) and
-    makes the result the correctly rounded mean of float32/bf16/float8 inputs for any practical series
-    length, so it does not depend on how the series is split into files or chunks.
+    Summed in float64 (complex128 for complex tensors) in series order by ``exact_sums.exact_sum``, the
+    summation the live window average re-sums with, divided once, then rounded to the stored dtype:
+    float64 costs no model-sized memory here (one chunk of one tensor at a time) and makes the result
+    the correctly rounded mean of float32/bf16/float8 inputs for any practical series length, so it
+    does not depend on how the series is split into files or chunks. Only the reading differs from
+    the live re-sum, on purpose: that one opens a snapshot file afresh for every piece, since it runs
+    beside training for the whole run (benchmarks/RESULTS.md, item 7); this one-off command reads
+    through ``readers``, whose handles stay open for the current output file only (``_write_directory``
+    drops them after each shard).
 
     ``nan``: when given, ``name`` is added to it if the mean holds a NaN.
     """
     info = series[-1].tensors[name]
     if not info.is_averaged:
         return _read(readers, series[-1], name)
-    wide = torch.complex128 if info.is_complex else torch.float64
-    if not info.shape or info.shape[0] == 0 or _numel(info.shape) <= CHUNK_ELEMENTS:
-        total = None
-        for checkpoint in series:
-            value = _read(readers, checkpoint, name)
-            total = value.to(wide, copy=True) if total is None else _accumulate(total, value)
-        _note_nan(total, name, nan)
-        return total.div_(len(series)).to(value.dtype)
-    rows = info.shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(1, _numel(info.shape[1:])))
+    if not info.shape or info.shape[0] == 0 or math.prod(info.shape) <= CHUNK_ELEMENTS:
+        summed = exact_sum(_read(readers, checkpoint, name) for checkpoint in series)
+        _note_nan(summed.total, name, nan)
+        return summed.total.div_(summed.count).to(summed.dtype)
     out = None
-    for start in range(0, rows, step):
-        total = None
-        for checkpoint in series:
-            piece = readers.get(checkpoint.weight_map[name]).get_slice(name)[start : start + step]
-            total = piece.to(wide, copy=True) if total is None else _accumulate(total, piece)
-        _note_nan(total, name, nan)
+    for start, end in row_blocks(info.shape, CHUNK_ELEMENTS):
+        summed = exact_sum(_read_rows(readers, checkpoint, name, start, end) for checkpoint in series)
+        _note_nan(summed.total, name, nan)
         if out is None:
-            out = torch.empty(info.shape, dtype=piece.dtype)
-        out[start : start + step] = total.div_(len(series)).to(piece.dtype)
+            out = torch.empty(info.shape, dtype=summed.dtype)
+        out[start:end] = summed.total.div_(summed.count).to(summed.dtype)
     return out
 
 
-def _accumulate(total: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    # torch adds float16/bfloat16/float32 straight into a float64 sum, but has no type promotion for the
-    # one-byte float8 dtypes: those are widened first (one chunk of one tensor at a time).
-    if value.element_size() == 1:
-        value = value.to(total.dtype)
-    return total.add_(value)
+def _read_rows(readers: _Readers, checkpoint: Checkpoint, name: str, start: int, end: int) -> torch.Tensor:
+    return readers.get(checkpoint.weight_map[name]).get_slice(name)[start:end]
 
 
 def _note_nan(total: torch.Tensor, name: str, nan: dict[str, None] | None) -> None:
     if nan is not None and name not in nan and bool(torch.isnan(total).any()):
         nan[name] = None
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 def iter_average(
@@ -922,11 +909,10 @@ def _warn_nan(series: Sequence[Checkpoint], names: Sequence[str]) -> None:
 def _holds_nan(checkpoint: Checkpoint, name: str) -> bool:
     info = checkpoint.tensors[name]
     with safe_open(str(checkpoint.weight_map[name]), framework="pt") as handle:
-        if not info.shape or info.shape[0] == 0 or _numel(info.shape) <= CHUNK_ELEMENTS:
+        if not info.shape or info.shape[0] == 0 or math.prod(info.shape) <= CHUNK_ELEMENTS:
             return bool(torch.isnan(handle.get_tensor(name)).any())
-        step = max(1, CHUNK_ELEMENTS // max(1, _numel(info.shape[1:])))
         piece = handle.get_slice(name)
-        return any(bool(torch.isnan(piece[s : s + step]).any()) for s in range(0, info.shape[0], step))
+        return any(bool(torch.isnan(piece[s:e]).any()) for s, e in row_blocks(info.shape, CHUNK_ELEMENTS))
 
 
 def _bar(total: int, enabled: bool):
