@@ -77,8 +77,12 @@ def _name(value: object, name: str) -> str:
     return value
 
 
-def _plain(value: Any, where: str) -> Any:
-    """``value`` as plain JSON types; numpy/torch values are converted through their ``tolist()``."""
+def _json_value(value: Any, where: str) -> Any:
+    """``value`` as plain JSON types; numpy/torch values are converted through their ``tolist()``.
+
+    A validating encoder (non-finite floats, non-string keys and other types are errors), not
+    ``tasks.base.plain_value``, which only unwraps tensors and numpy scalars so outputs compare by equality.
+    """
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
@@ -92,13 +96,13 @@ def _plain(value: Any, where: str) -> Any:
             )
         return f
     if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
+        return [_json_value(v, where) for v in value]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise ValueError(f"{where} contains a dict with non-string keys; JSON objects need string keys")
-        return {k: _plain(v, where) for k, v in value.items()}
+        return {k: _json_value(v, where) for k, v in value.items()}
     if hasattr(value, "tolist"):
-        return _plain(value.tolist(), where)
+        return _json_value(value.tolist(), where)
     raise ValueError(f"{where} contains {type(value).__name__} {value!r}, which is not JSON-serializable")
 
 
@@ -641,8 +645,8 @@ class History:
             "task": task,
             "kind": kind,
             "metric": metric,
-            "example_ids": _plain(example_ids, "example_ids"),
-            "targets": _plain(targets, "targets"),
+            "example_ids": _json_value(example_ids, "example_ids"),
+            "targets": _json_value(targets, "targets"),
         }
         for name in ("example_ids", "targets"):
             if not isinstance(meta[name], list):
@@ -696,8 +700,8 @@ class History:
             "step": require_int("step", step, 0),
             "variant": _name(variant, "variant"),
             "window": require_int("window", window, 1),
-            "outputs": _plain(outputs, "outputs"),
-            "correct": _plain(correct, "correct"),
+            "outputs": _json_value(outputs, "outputs"),
+            "correct": _json_value(correct, "correct"),
         }
         if choice_logprobs is not None:
             line["choice_logprobs"] = _encode_logprobs(choice_logprobs, "choice_logprobs")
