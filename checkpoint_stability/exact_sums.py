@@ -20,7 +20,7 @@ import torch
 class ExactSum(NamedTuple):
     total: torch.Tensor
     """The sum, float64 (complex128 for complex pieces)."""
-    count: int
+    n: int
     """How many pieces were added."""
     dtype: torch.dtype
     """The pieces' own dtype, which a mean is rounded back to."""
@@ -35,14 +35,14 @@ def exact_sum(pieces: Iterable[torch.Tensor]) -> ExactSum:
     of float32, bfloat16 or float8 pieces for any practical count, whatever the blocks it was cut in.
 
     >>> summed = exact_sum([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])])
-    >>> summed.total, summed.count, summed.dtype
+    >>> summed.total, summed.n, summed.dtype
     (tensor([4., 8.], dtype=torch.float64), 2, torch.float32)
 
     Raises:
         ValueError: no pieces.
     """
     total: torch.Tensor | None = None
-    count, dtype = 0, None
+    n, dtype = 0, torch.float64
     for piece in pieces:
         if total is None:
             dtype = piece.dtype
@@ -51,11 +51,11 @@ def exact_sum(pieces: Iterable[torch.Tensor]) -> ExactSum:
             if piece.element_size() == 1:
                 piece = piece.to(total.dtype)
             total.add_(piece)
-        count += 1
+        n += 1
         del piece  # not kept alive while the iterable reads the next one
     if total is None:
         raise ValueError("exact_sum needs at least one tensor")
-    return ExactSum(total, count, dtype)
+    return ExactSum(total, n, dtype)
 
 
 def row_blocks(shape: Sequence[int], max_elements: int) -> list[tuple[int, int]]:

@@ -1,17 +1,18 @@
 """Argument checks every layer shares: integers (never a bool), real numbers, sequences of values.
 
 Python counts ``True`` as the integer 1; a bool where a count, a step or a score belongs is a caller
-bug, so these checks refuse it. numpy integers and floats are accepted and come back as Python ones.
+bug, so these checks refuse it. numpy integers and floats are accepted and come back as Python ones
+(``is_int`` and ``is_real`` tell a type checker ``int`` and ``float``, which is what they are used as).
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """An integer (Python or numpy), and not a bool.
 
     >>> is_int(3), is_int(True), is_int(3.0)
@@ -20,7 +21,7 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def is_real(value: Any) -> bool:
+def is_real(value: Any) -> TypeGuard[float]:
     """A real number (int or float, Python or numpy; NaN and infinities included), and not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

@@ -13,7 +13,7 @@ from checkpoint_stability.state_dicts import CapturedState
 def test_pieces_are_summed_wide_in_order_and_keep_their_dtype():
     bf16 = [torch.tensor([1.0, -2.5], dtype=torch.bfloat16), torch.tensor([3.0, 0.5], dtype=torch.bfloat16)]
     summed = exact_sum(iter(bf16))
-    assert summed.total.dtype == torch.float64 and summed.count == 2 and summed.dtype == torch.bfloat16
+    assert summed.total.dtype == torch.float64 and summed.n == 2 and summed.dtype == torch.bfloat16
     assert summed.total.tolist() == [4.0, -2.0]
     complex_sum = exact_sum([torch.tensor([1 + 2j], dtype=torch.complex64)] * 3)
     assert complex_sum.total.dtype == torch.complex128 and complex_sum.total.tolist() == [3 + 6j]

@@ -351,8 +351,8 @@ def format_summary(rows: list[dict], title: str = "") -> str:
             f"{row['task']:<{width}} {row['variant']:<7} {row['window']:>6} {evals:>9} "
             f"{row['score_first']:>12.3f} {row['score_last']:>11.3f} "
             f"{row['mtv']:>7.4f} {format_number(row['is'], 7)} "
-            f"{format_ratio(row['mtv'], base and base['mtv'], 8)} "
-            f"{format_ratio(row['is'], base and base['is'], 7)}"
+            f"{format_ratio(row['mtv'], base['mtv'] if base else None, 8)} "
+            f"{format_ratio(row['is'], base['is'] if base else None, 7)}"
         )
     lines.append(
         "evals: the final evaluations that score, last, MTV and IS are computed over / all evaluations."

@@ -406,14 +406,14 @@ def _average_tensor(
     if not info.shape or info.shape[0] == 0 or math.prod(info.shape) <= CHUNK_ELEMENTS:
         summed = exact_sum(_read(readers, checkpoint, name) for checkpoint in series)
         _note_nan(summed.total, name, nan)
-        return summed.total.div_(summed.count).to(summed.dtype)
+        return summed.total.div_(summed.n).to(summed.dtype)
     out = None
     for start, end in row_blocks(info.shape, CHUNK_ELEMENTS):
         summed = exact_sum(_read_rows(readers, checkpoint, name, start, end) for checkpoint in series)
         _note_nan(summed.total, name, nan)
         if out is None:
             out = torch.empty(info.shape, dtype=summed.dtype)
-        out[start:end] = summed.total.div_(summed.count).to(summed.dtype)
+        out[start:end] = summed.total.div_(summed.n).to(summed.dtype)
     return out
 
 
