@@ -105,7 +105,7 @@ class RunDirectory:
                 before = None
             # Full weights resume under any world size (rank 0 holds them); shards need the same split.
             involves_shards = isinstance(before, dict) and (before.get("sharded") or now["sharded"])
-            if involves_shards and before != now:
+            if before is not None and involves_shards and before != now:
                 raise ValueError(
                     f"{self.path} was written by {before.get('world_size')} ranks "
                     f"({'sharded' if before.get('sharded') else 'full'} weights); this run has "

@@ -180,7 +180,7 @@ class BestModelSelector:
             "scores": {k: float(v) for k, v in scores.items()},
         }
         if kept:
-            best["kept"] = kept
+            best["kept"] = kept  # type: ignore[assignment]  # JSON: the pointer holds mixed values
         atomic_write_text(self.root / BEST_FILE, json.dumps(best, indent=1) + "\n", inside=self.root)
         self.best, self._kept, self._foreign = best, kept, None
         if previous is not None and previous != self.best_path:

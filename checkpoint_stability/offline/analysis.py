@@ -110,7 +110,7 @@ def checkpoint_step(checkpoint: Checkpoint) -> int | None:
     ...     checkpoint_step(resolve_checkpoint(f"{d}/step-00000300.safetensors"))
     300
     """
-    if checkpoint.layout == "file":
+    if checkpoint.layout == "file" or checkpoint.directory is None:
         names = [checkpoint.path.stem, checkpoint.path.parent.name]
     else:
         names = [checkpoint.directory.name]
@@ -146,23 +146,24 @@ def order_series(checkpoints: Sequence[str | os.PathLike | Checkpoint]) -> Serie
         raise AnalysisError("no checkpoints given")
     steps = [checkpoint_step(c) for c in resolved]
     if any(step is None for step in steps):
-        known = [c.path for c, step in zip(resolved, steps, strict=True) if step is not None]
-        if known:
+        with_step = [c.path for c, step in zip(resolved, steps, strict=True) if step is not None]
+        if with_step:
             logger.warning(
                 "%d of %d checkpoints have no step in their name or trainer_state.json; using positions "
                 "1..%d in the order given for all of them",
-                len(resolved) - len(known),
+                len(resolved) - len(with_step),
                 len(resolved),
                 len(resolved),
             )
         return Series(resolved, list(range(1, len(resolved) + 1)), "positions")
-    order = sorted(range(len(resolved)), key=lambda i: steps[i])
+    known = [step for step in steps if step is not None]  # every checkpoint has one here
+    order = sorted(range(len(resolved)), key=lambda i: known[i])
     for a, b in itertools.pairwise(order):
-        if steps[a] == steps[b]:
+        if known[a] == known[b]:
             raise AnalysisError(
-                f"checkpoints {resolved[a].path} and {resolved[b].path} are both step {steps[a]}"
+                f"checkpoints {resolved[a].path} and {resolved[b].path} are both step {known[a]}"
             )
-    return Series([resolved[i] for i in order], [steps[i] for i in order], "names")
+    return Series([resolved[i] for i in order], [known[i] for i in order], "names")
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -260,7 +261,7 @@ def analyze(
     check_series(series.checkpoints)
     if model_factory is None:
         first = series.checkpoints[0]
-        if first.layout == "file":
+        if first.layout == "file" or first.directory is None:
             raise AnalysisError(
                 f"{first.path} is a bare safetensors file: say which model it belongs to "
                 "(model_factory=, or --model-config DIR on the command line)"
@@ -442,7 +443,8 @@ def _shown(value: object) -> str:
 
 
 def _display_name(checkpoint: Checkpoint) -> str:
-    return checkpoint.directory.name if checkpoint.layout != "file" else checkpoint.path.name
+    folder = checkpoint.directory
+    return folder.name if checkpoint.layout != "file" and folder is not None else checkpoint.path.name
 
 
 class _Run:
@@ -526,7 +528,9 @@ class _Run:
         by_position: dict[int, list] = {}
         for job in jobs:
             by_position.setdefault(job[0], []).append(job)
-        raw_window = {t.name: deque(maxlen=max([1, *self.windows])) for t in self.tasks}
+        raw_window: dict[str, deque[TaskResult]] = {
+            t.name: deque(maxlen=max([1, *self.windows])) for t in self.tasks
+        }
         try:
             for k, step in enumerate(self.series.steps):
                 evaluated: dict[tuple, TaskResult] = {}
@@ -556,7 +560,7 @@ class _Run:
             bar.close()
 
     def _load(self, k: int, kind: str, n: int) -> None:
-        if self.model is None:
+        if self.loader is None:
             self.model = self.model_factory()
             self.loader = ModelLoader(self.model, self.series.checkpoints[0])
         if kind == "raw":
@@ -565,6 +569,8 @@ class _Run:
             self.loader.load_average(self.series.checkpoints[k - n + 1 : k + 1])
 
     def _evaluate(self, task: Task) -> TaskResult:
+        if self.model is None:
+            raise RuntimeError("no checkpoint has been loaded yet")
         with isolated_evaluation(self.model):
             result = task.evaluate(self.model)
         if not isinstance(result, TaskResult):

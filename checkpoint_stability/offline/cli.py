@@ -248,7 +248,7 @@ def _analyze(args) -> int:
     first = series.checkpoints[0]
     if args.model_config:
         model_factory = huggingface_model_factory(args.model_config, from_config=True, device=args.device)
-    elif first.layout != "file":
+    elif first.layout != "file" and first.directory is not None:
         model_factory = huggingface_model_factory(first.directory, device=args.device)
     else:
         raise CliError(
@@ -335,6 +335,8 @@ def _import(module_name: str):
         if not path.is_file():
             raise CliError(f"--tasks: no file {path}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise CliError(f"--tasks: {path} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

@@ -231,6 +231,8 @@ def _unhashable(value: Any) -> Any:
 def _rescoring_mismatch(history: RunView, task: str) -> float:
     """Share of stored raw per-example scores that re-scoring from meta.json does not reproduce."""
     meta = history.meta(task)
+    if meta is None:
+        return 0.0
     differ = total = 0
     for line in history.outputs(task, "raw", 1):
         if len(line["outputs"]) != len(meta["targets"]):
@@ -424,8 +426,8 @@ class _ReportWriter:
     def _metric(self, task: str) -> str:
         if task == MEAN_TASK:
             metrics = {(self.history.meta(t) or {}).get("metric") for t in self.tasks}
-            return metrics.pop() if len(metrics) == 1 and None not in metrics else "mean over tasks"
-        return (self.history.meta(task) or {}).get("metric", "score")
+            return str(metrics.pop()) if len(metrics) == 1 and None not in metrics else "mean over tasks"
+        return str((self.history.meta(task) or {}).get("metric", "score"))
 
     def _flips(self) -> None:
         from checkpoint_stability.reporting.plots import FlipPanel, plot_flips

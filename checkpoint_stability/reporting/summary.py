@@ -81,7 +81,8 @@ class RunView:
                 self._tasks[task] = (None, [])
                 return self._tasks[task]
             meta = self._checked_meta(self._history, task)
-            lines, problems = [], {}
+            lines: list[dict] = []
+            problems: dict[str, int] = {}
             for line in self._history.outputs(task):
                 problem = _line_problem(line, meta)
                 if problem is None:

@@ -11,7 +11,7 @@ from checkpoint_stability.records import MEAN_TASK, VARIANTS
 _SECTIONS: tuple[tuple[str, str], ...] = (("score", "score"), ("IS", "is"), ("MTV", "mtv"))
 
 
-def _fmt(value: object) -> str:
+def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
 

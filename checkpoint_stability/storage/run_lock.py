@@ -86,9 +86,9 @@ class RunLock:
             os.close(fd)
             raise
         self._fd: int | None = fd
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
 
     def release(self) -> None:
         """Unlock (the file stays: the next run takes it over). Safe to call twice."""
