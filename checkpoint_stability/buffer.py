@@ -106,7 +106,7 @@ def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
         begin, end = entries[name][2]
         if end > begin:
             image[start + begin : start + end].copy_(tensors[name].contiguous().reshape(-1).view(torch.uint8))
-    return memoryview(image.numpy())
+    return memoryview(image.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
 class SnapshotImage:
@@ -152,17 +152,25 @@ class SnapshotImage:
         if len(encoded) > self._capacity:
             self._allocate(key, metadata)
             encoded = _header(self._entries, metadata)
-        _write_header(self._image, encoded, self._capacity)
+        image = self._image
+        if image is None:  # _allocate always makes one; a failure there has raised
+            return None
+        _write_header(image, encoded, self._capacity)
         for name, tensor in distinct.items():
             self._views[name].copy_(tensor.detach())
         return CapturedState(
             {name: self._views[name] for name in distinct},
             aliases,
-            file_image=memoryview(self._image.numpy()),
+            file_image=memoryview(image.numpy()),  # type: ignore[arg-type]  # the buffer protocol
         )
 
     def release(self) -> None:
-        self.__init__()
+        """Drop the image (the next capture allocates a new one)."""
+        self._key = None
+        self._image = None
+        self._views = {}
+        self._entries = {}
+        self._capacity = 0
 
     def _allocate(self, specs: tuple, metadata: Mapping[str, str]) -> None:
         self.release()
@@ -214,7 +222,7 @@ class SnapshotEntry:
 # (added snapshot, loaders of the evicted snapshots, loader of the whole new window). The window
 # average hangs here, so an evicted file is deleted only after the average has subtracted it.
 WindowListener = Callable[
-    [CapturedState, Sequence[Callable[[], CapturedState]], Callable[[], list[Mapping]]], None
+    [CapturedState, Sequence[Callable[[], Mapping[str, torch.Tensor]]], Callable[[], list[Mapping]]], None
 ]
 
 

@@ -114,7 +114,7 @@ def ensemble_result(method: str, task: Task, window: Sequence[TaskResult]) -> Ta
     """
     logprobs = None
     if all(r.choice_logprobs is not None for r in window):
-        logprobs = [r.choice_logprobs for r in window]
+        logprobs = [r.choice_logprobs for r in window if r.choice_logprobs is not None]
     outputs = combine(method, [r.outputs for r in window], logprobs)
     newest = window[-1]
     return TaskResult(

@@ -201,7 +201,7 @@ def _check_history_line(obj: dict) -> dict:
 
 
 def _is_score(value: object) -> bool:
-    return type(value) in (bool, int, float) and 0 <= value <= 1
+    return isinstance(value, (bool, int, float)) and type(value) in (bool, int, float) and 0 <= value <= 1
 
 
 def _check_outputs_line(obj: dict) -> dict:

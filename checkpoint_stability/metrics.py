@@ -89,9 +89,9 @@ def series_metrics(
     """(MTV, IS) of one (task, variant) series over its trailing horizon, None where fewer than two
     evaluations exist. IS only looks at the newest evaluations with as many examples as the newest one:
     a task that changed size restarts it."""
-    outputs = trailing_same_length(list(outputs))
+    rows = trailing_same_length([list(row) for row in outputs])
     mtv = mean_total_variation(scores) if len(scores) >= 2 else None
-    instability = instability_score(outputs, similarity) if len(outputs) >= 2 else None
+    instability = instability_score(rows, similarity) if len(rows) >= 2 else None
     return mtv, instability
 
 

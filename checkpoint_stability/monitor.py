@@ -38,6 +38,7 @@ from checkpoint_stability.state_dicts import (
 )
 from checkpoint_stability.storage.export import ModelExporter
 from checkpoint_stability.tasks.base import Task, TaskResult
+from checkpoint_stability.validation import require_int
 from checkpoint_stability.window import SnapshotWindow
 
 logger = logging.getLogger(__name__)
@@ -347,8 +348,7 @@ class StabilityMonitor:
 
         Collective under torch.distributed: every rank calls it at the same steps.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        step = require_int("step", step, 0)
         if self._opened and is_sharded(model) != self._sharded:
             raise ValueError(
                 "the model's weights are sharded but the monitor was opened for full weights (or the "

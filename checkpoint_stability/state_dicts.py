@@ -86,7 +86,7 @@ def gather_full_state(model: torch.nn.Module, is_main: bool) -> CapturedState | 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return capture_state(full) if is_main else None
+    return capture_state(full) if is_main else None  # type: ignore[arg-type]  # DTensor-free: full_state_dict
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:

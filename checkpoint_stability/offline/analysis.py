@@ -450,7 +450,16 @@ def _display_name(checkpoint: Checkpoint) -> str:
 class _Run:
     """One pass over the series in step order; everything already stored is reused, not recomputed."""
 
-    def __init__(self, series, tasks, history, windows, config, model_factory, show_progress):
+    def __init__(
+        self,
+        series: Series,
+        tasks: list[Task],
+        history: History,
+        windows: Sequence[int],
+        config: StabilityConfig,
+        model_factory: Callable[[], torch.nn.Module],
+        show_progress: bool,
+    ) -> None:
         self.series: Series = series
         self.tasks: list[Task] = tasks
         self.history: History = history
@@ -581,7 +590,8 @@ class _Run:
         return result
 
     def _ensemble(self, task: Task, window: list[TaskResult]) -> TaskResult:
-        return ensemble_result(self.config.ensemble, task, window)
+        # analyze() refuses ensemble=None before a run is made
+        return ensemble_result(self.config.ensemble or "vote", task, window)
 
     # ------------------------------------------------------------------ writing
 

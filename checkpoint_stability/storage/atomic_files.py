@@ -10,7 +10,7 @@ from checkpoint_stability.storage.confinement import writable_file
 
 
 def atomic_write_bytes(
-    path: str | os.PathLike, data: bytes, *, inside: str | os.PathLike | None = None
+    path: str | os.PathLike, data: bytes | memoryview, *, inside: str | os.PathLike | None = None
 ) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content.
 

@@ -54,7 +54,7 @@ from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.exact_sums import exact_sum, row_blocks
 from checkpoint_stability.state_dicts import tied_groups
 from checkpoint_stability.storage.atomic_files import fsync_directory, fsync_tree
-from checkpoint_stability.storage.confinement import is_inside, open_confined, writable_file
+from checkpoint_stability.storage.confinement import file_kind, is_inside, open_confined, writable_file
 from checkpoint_stability.storage.json_files import DamagedJSONError, parse_json_object, read_json_object
 
 logger = logging.getLogger(__name__)
@@ -414,6 +414,8 @@ def _average_tensor(
         if out is None:
             out = torch.empty(info.shape, dtype=summed.dtype)
         out[start:end] = summed.total.div_(summed.n).to(summed.dtype)
+    if out is None:  # a tensor with rows always yields at least one block
+        raise CheckpointError(f"{name}: no rows to average")
     return out
 
 
@@ -649,13 +651,14 @@ def _write_directory(
         )
         # Handles of finished shards are dropped so that only the current shards stay mapped.
         readers.close()
-    if last.index is not None:
+    if last.index is not None and last.index_name is not None:
         index = dict(last.index)
         index["weight_map"] = {name: last.weight_map[name].name for name in sorted(last.weight_map)}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
         with _writing(output):
             _write_new(staging, staging / last.index_name, text.encode(), file_mode)
-    _copy_side_files(last.directory, staging, file_mode, output)
+    if last.directory is not None:
+        _copy_side_files(last.directory, staging, file_mode, output)
     with _writing(output):
         _write_new(staging, staging / MARKER_FILE, (json.dumps(marker, indent=2) + "\n").encode(), file_mode)
 
@@ -742,21 +745,9 @@ def _open_side_file(source: Path, directory: Path, blobs: Path | None) -> int | 
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        return f"it is {_kind(mode)}, not a regular file"
+        return f"it is {file_kind(mode)}, not a regular file"
     os.set_blocking(fd, True)
     return fd
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 # ---------------------------------------------------------------------------------------------- the output

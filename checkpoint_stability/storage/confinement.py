@@ -27,7 +27,8 @@ class UnsafePathError(CheckpointStabilityError, ValueError):
     """A file to be written is a link, not a regular file, or lies outside its directory."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, in words ("a symlink", "a FIFO", ...), for messages."""
     if stat.S_ISLNK(mode):
         return "a symlink"
     if stat.S_ISDIR(mode):
@@ -77,7 +78,7 @@ def writable_file(root: str | os.PathLike, path: str | os.PathLike) -> Path:
         return path
     if not stat.S_ISREG(mode):
         raise UnsafePathError(
-            f"{path} is {_kind(mode)}; the library only writes regular files of its own there "
+            f"{path} is {file_kind(mode)}; the library only writes regular files of its own there "
             "(remove it, or use another directory)"
         )
     return path
@@ -99,7 +100,9 @@ def open_confined(root: str | os.PathLike, path: str | os.PathLike, flags: int, 
     try:
         found = os.fstat(fd).st_mode
         if not stat.S_ISREG(found):
-            raise UnsafePathError(f"{path} is {_kind(found)}; the library only writes regular files there")
+            raise UnsafePathError(
+                f"{path} is {file_kind(found)}; the library only writes regular files there"
+            )
         if hasattr(os, "O_NONBLOCK"):
             os.set_blocking(fd, True)
     except BaseException:

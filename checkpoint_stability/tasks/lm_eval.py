@@ -305,7 +305,9 @@ class LmEvalTask:
         missing = [i for i in self.example_ids if i not in samples]
         if missing:
             raise RuntimeError(f"task {self.name!r}: lm-eval returned no samples for documents {missing[:5]}")
-        outputs, correct, logprobs = [], [], []
+        outputs: list[Any] = []  # choice indices (multiple choice) or strings (generation)
+        correct: list[float] = []
+        logprobs: list[list[float]] = []
         for index, doc_id in enumerate(self.example_ids):
             sample = samples[doc_id]
             correct.append(float(sample[self.metric]))

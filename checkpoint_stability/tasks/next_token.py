@@ -144,7 +144,7 @@ class NextTokenTask:
             labels = _optional_rows(self.name, batch, "labels", where, inputs)
             masks = _optional_rows(self.name, batch, "attention_mask", where, inputs)
             for row, ids in enumerate(inputs):
-                keep = range(len(ids))
+                keep: list[int] | range = range(len(ids))
                 if masks is not None:
                     keep = [t for t, flag in enumerate(masks[row]) if flag]
                     if keep and keep != list(range(keep[0], keep[-1] + 1)):
@@ -181,7 +181,7 @@ class NextTokenTask:
             # The model only needs the tokens up to the last kept position.
             self._sequences.append(ids[: positions[-1] + 1])
             self._positions.append(positions)
-            self.targets.extend(targets[t] for t in positions)
+            self.targets.extend(target for target in (targets[t] for t in positions) if target is not None)
             self.example_ids.extend(f"s{number}:t{t}" for t in positions)
             if len(self.targets) >= self.max_tokens:
                 break
