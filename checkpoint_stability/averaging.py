@@ -21,15 +21,15 @@ logger = logging.getLogger(__name__)
 
 # Elements added, subtracted or re-summed at a time. A re-sum's float64 partial sum of this many elements
 # is 16 MB, small enough to come back from the heap; and adding a bfloat16 snapshot into the float32 sum
-# slice by slice was 4 times faster than in one call on these CPUs (benchmarks/RESULTS.md, item 2).
-_RESUM_CHUNK = 1 << 21
+# slice by slice is faster than in one call on these CPUs (benchmarks/RESULTS.md, item 2, measures it).
+_SLICE_ELEMENTS = 1 << 21
 
 
 def _in_slices(total: torch.Tensor, tensor: torch.Tensor, operation) -> None:
     """``operation(total, tensor)`` (an in-place add or subtract), applied slice by slice."""
     flat_total, flat = total.view(-1), tensor.reshape(-1)
-    for begin in range(0, flat_total.numel(), _RESUM_CHUNK):
-        end = begin + _RESUM_CHUNK
+    for begin in range(0, flat_total.numel(), _SLICE_ELEMENTS):
+        end = begin + _SLICE_ELEMENTS
         operation(flat_total[begin:end], flat[begin:end])
 
 
@@ -198,7 +198,7 @@ class WindowAverage:
     ) -> None:
         """Rebuild the sum exactly from ``sources`` (oldest first): float64, a slice of a tensor at a time.
 
-        The float64 partial sums cover about ``_RESUM_CHUNK`` elements (whole rows) at a time and land
+        The float64 partial sums cover about ``_SLICE_ELEMENTS`` elements (whole rows) at a time and land
         in the existing accumulator tensors, so a re-sum allocates almost nothing: rebuilding into fresh
         tensors, with a float64 copy of the largest tensor beside them, left about 1.5 snapshots' worth
         of freed memory resident in the writer thread's heap (benchmarks/RESULTS.md, item 7).
@@ -305,7 +305,7 @@ class WindowAverage:
 
 def _row_slices(shapes: Mapping[str, torch.Size]) -> list[tuple[str, int, int, int, int]]:
     """The rolling re-sum's units: ``(name, first row, last row, first element, last element)``, about
-    ``_RESUM_CHUNK`` elements each, cut along the first dimension so that a file can serve one with
+    ``_SLICE_ELEMENTS`` elements each, cut along the first dimension so that a file can serve one with
     ``get_slice``, reading those rows only. A 0-d tensor is one unit."""
     slices = []
     for name, shape in shapes.items():
@@ -314,7 +314,7 @@ def _row_slices(shapes: Mapping[str, torch.Size]) -> list[tuple[str, int, int, i
             continue
         row = shape[1:].numel()
         slices.extend(
-            (name, first, last, first * row, last * row) for first, last in row_blocks(shape, _RESUM_CHUNK)
+            (name, first, last, first * row, last * row) for first, last in row_blocks(shape, _SLICE_ELEMENTS)
         )
     return slices
 

@@ -89,9 +89,9 @@ def _write_header(image: torch.Tensor, encoded: bytes, capacity: int) -> None:
 def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> memoryview:
     """The bytes of a safetensors file holding ``tensors`` (CPU tensors), built in one buffer.
 
-    ``safetensors.torch.save`` goes through a Python ``bytes`` per tensor and then joins them: on a
-    124M-parameter model that took 2.5 s against 0.9 s for ``save_file``. Here each tensor is copied
-    once, by torch, into a preallocated buffer laid out as the format says. Files are read back only
+    ``safetensors.torch.save`` goes through a Python ``bytes`` per tensor and then joins them, several
+    times slower than ``save_file`` on large models (benchmarks/RESULTS.md, item 6). Here each tensor is
+    copied once, by torch, into a preallocated buffer laid out as the format says. Files are read back only
     with safetensors' own readers.
     """
     if any(t.dtype not in _SAFETENSORS_DTYPES or t.device.type != "cpu" for t in tensors.values()):
@@ -114,11 +114,11 @@ class SnapshotImage:
 
     The copy on the training thread is then also the serialisation: the writer thread writes these bytes
     as they are. The image is allocated once and reused by every later snapshot of the same tensors:
-    a fresh allocation of a model's size costs more in page faults than the copy itself (on a
-    124M-parameter GPT-2, a ``clone()`` took about 0.4 s, a copy into reused memory about 0.1 s; see
-    benchmarks/RESULTS.md). The price is that one snapshot's worth of memory stays allocated between
-    snapshots, and that a captured state is valid only until the next capture: ``SnapshotBuffer`` waits
-    for the previous write before capturing again, and the window average copies what it keeps.
+    a fresh allocation of a model's size costs more in page faults than the copy itself
+    (benchmarks/RESULTS.md, item 1, measures the push against a bare ``clone()``). The price is that one
+    snapshot's worth of memory stays allocated between snapshots, and that a captured state is valid
+    only until the next capture: ``SnapshotBuffer`` waits for the previous write before capturing again,
+    and the window average copies what it keeps.
     """
 
     def __init__(self) -> None:
@@ -410,7 +410,7 @@ class SnapshotBuffer:
                     captured.tensors, metadata={"step": str(step), "aliases": json.dumps(captured.aliases)}
                 )
             # The checksum is computed on another thread while this one writes and waits for fsync
-            # (hashlib releases the GIL): on 124M parameters that hid most of 0.4 s of hashing.
+            # (hashlib releases the GIL), so the hashing hides behind the disk (benchmarks/RESULTS.md).
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-hash") as hasher:
                 digest = hasher.submit(_sha256_hex, data)
                 atomic_write_bytes(path, data, inside=self.directory)
