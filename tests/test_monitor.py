@@ -433,7 +433,6 @@ def test_mean_prob_ensemble_through_the_monitor(tmp_path):
         )
 
 
-@pytest.mark.train_end_report
 def test_close_writes_the_report_whose_table_holds_the_history(tmp_path):
     x, y = make_data(5)
     monitor = StabilityMonitor(
@@ -450,7 +449,6 @@ def test_close_writes_the_report_whose_table_holds_the_history(tmp_path):
     assert f"{sum(raw) / len(raw):.4f}" in report
 
 
-@pytest.mark.train_end_report
 def test_report_setting_and_report_faults_never_stop_training(tmp_path, monkeypatch, caplog):
     x, y = make_data(5)
     quiet = StabilityMonitor(

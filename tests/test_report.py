@@ -61,7 +61,15 @@ def run_monitor(dirpath: Path, snapshots: int = SNAPSHOTS, **settings) -> None:
         scripted_task("mc", mc_raw, mc_avg, MC_TARGETS, "exact_match", live),
         scripted_task("qa", qa_raw, lambda k: list(QA_TARGETS), QA_TARGETS, "char_f1", live),
     ]
-    settings = {"window": 3, "every_n_steps": 10, "console": False, "tensorboard": False, **settings}
+    # report=False: these tests draw the report themselves, where and when they choose.
+    settings = {
+        "window": 3,
+        "every_n_steps": 10,
+        "console": False,
+        "tensorboard": False,
+        "report": False,
+        **settings,
+    }
     monitor = StabilityMonitor(tasks, dirpath=dirpath, **settings)
     model = torch.nn.Linear(1, 1, bias=False)
     for k in range(1, snapshots + 1):
