@@ -27,10 +27,11 @@ from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
+from checkpoint_stability.publishing import RecordPublisher
 from checkpoint_stability.run_directory import RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
-from checkpoint_stability.sinks import ConsoleSink, ReportSink, Sink, TensorBoardSink
+from checkpoint_stability.sinks import Sink
 from checkpoint_stability.state_dicts import (
     is_sharded,
     live_tensors,
@@ -110,8 +111,7 @@ class StabilityMonitor:
         self.dirpath: Path | None = None
         self.history: History | None = None
         self.selector: BestModelSelector | None = None
-        self.sinks: list[Sink] = []
-        self._own_sinks: list[Sink] = []
+        self._publisher: RecordPublisher | None = None
         # Weakly: the policy must not keep its monitor alive (a dropped monitor releases its lock).
         self.faults = FaultPolicy(config.on_error, _weakly(weakref.WeakMethod(self._current_runtime)))
         self.window = SnapshotWindow(config, self.faults)
@@ -127,6 +127,11 @@ class StabilityMonitor:
     def buffer(self) -> SnapshotBuffer | None:
         """The on-disk window of snapshots (None until the run directory opens)."""
         return self.window.buffer
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """Where each snapshot's records go (rank 0, while open): the caller's sinks, then the monitor's."""
+        return [] if self._publisher is None else list(self._publisher.sinks)
 
     @property
     def average(self) -> WindowAverage:
@@ -393,8 +398,8 @@ class StabilityMonitor:
                 records = self.series.records(step, results)
             except Exception as error:
                 self._fault("metrics", error, step=step)
-            self._persist(step, results, records)
-            self._emit(step, records)
+            if self._publisher is not None:
+                self._publisher.publish(step, results, records, self._window_of)
         self.export.consider(
             self.selector,
             self.runtime,
@@ -444,32 +449,6 @@ class StabilityMonitor:
     def _window_of(self, variant: str) -> int:
         return self.series.window_of(variant)
 
-    def _persist(self, step: int, results: dict[tuple[str, str], TaskResult], records: list[dict]) -> None:
-        history = self.history
-        if history is None:
-            return
-        # Score lines first and each task on its own: one task's trouble must not cost the others.
-        if records:
-            try:
-                history.append_many(records)
-            except Exception as error:
-                self._fault("history", error, step=step)
-        for (task_name, variant), result in results.items():
-            task = self._task(task_name)
-            try:
-                history.append_result(task, step, variant, self._window_of(variant), result)
-            except Exception as error:
-                self._fault("history", error, step=step, task=task.name, variant=variant)
-
-    def _emit(self, step: int, records: list[dict]) -> None:
-        if not records:
-            return
-        for sink in self.sinks:
-            try:
-                sink.write(step, records)
-            except Exception as error:
-                self._fault("sink", error, step=step, task=type(sink).__name__)
-
     def _fault(self, phase: str, error: BaseException, *, step: int | None, **where) -> None:
         """:meth:`FaultPolicy.report`, at the last step when the fault belongs to none."""
         self.faults.report(phase, error, step=step if step is not None else (self._last_step or 0), **where)
@@ -499,8 +478,24 @@ class StabilityMonitor:
     def _open_series(self, resume_step: int | None) -> None:
         """Rank 0: the live series rebuilt from the history, and the sinks."""
         self._rebuild_series()
-        self._own_sinks = self._build_sinks(resume_step)
-        self.sinks = [*self._extra_sinks, *self._own_sinks]
+        if self.history is None:
+            raise RuntimeError("the run directory's history is not open")
+        # A resumed run hides the abandoned trajectory's points; a rerun without one hides the last run's.
+        purge: int | None
+        if resume_step is not None:
+            purge = resume_step + 1
+        else:
+            purge = None if self._last_step is None else self._last_step + 1
+        self._publisher = RecordPublisher(
+            self.config,
+            self.faults,
+            self.history,
+            self._run,
+            self.tasks,
+            extra_sinks=self._extra_sinks,
+            tensorboard_writer=self._tensorboard_writer,
+            purge_step=purge,
+        )
 
     def _open_buffer(self, resume_step: int | None) -> None:
         """The window of this rank's weights (all of them on rank 0, or this rank's shards)."""
@@ -522,35 +517,17 @@ class StabilityMonitor:
                     model=self._trained_model(),
                     step=self._last_step or 0,
                 )
-            self._end_run()
+            if self.runtime.is_main and self._publisher is not None:
+                self._publisher.run_ended(self._last_step)
         self._release()
         self._opened = False
         self.faults.raise_held()
 
-    def _end_run(self) -> None:
-        """The sinks' end-of-run work (the report), once a run has finished; a failure is a fault like
-        any other, never fatal."""
-        if not (self.runtime.is_main and self.history is not None):
-            return
-        if not any(True for _ in self.history.records()):
-            return
-        for sink in self.sinks:
-            run_ended = getattr(sink, "run_ended", None)
-            if not callable(run_ended):
-                continue
-            try:
-                run_ended()
-            except Exception as error:
-                self._fault("report", error, step=self._last_step, task=type(sink).__name__)
-
     def _release(self) -> None:
         """Close what the monitor itself opened; the caller's sinks stay open (they are the caller's)."""
-        for sink in self._own_sinks:
-            try:
-                sink.close()
-            except Exception as error:
-                logger.warning("closing %s failed: %r", type(sink).__name__, error)
-        self._own_sinks, self.sinks = [], []
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
         self.window.release()  # a failed write was reported by _shutdown when it mattered
         if self._run_directory is not None:
             self._run_directory.release()
@@ -562,29 +539,6 @@ class StabilityMonitor:
             raise RuntimeError("the run directory's history is not open")
         last = self.series.rebuild(self.history, self.average.count)
         self._last_step = max([s for s in (last, *(self.window.steps[-1:])) if s is not None], default=None)
-
-    def _build_sinks(self, resume_step: int | None) -> list[Sink]:
-        sinks: list[Sink] = []
-        if self.config.tensorboard:
-            names = [t.name for t in self.tasks]
-            if self._tensorboard_writer is not None:
-                sinks.append(TensorBoardSink(None, task_names=names, writer=self._tensorboard_writer))
-            else:
-                purge = None if self._last_step is None else self._last_step + 1
-                if resume_step is not None:
-                    purge = resume_step + 1
-                sinks.append(TensorBoardSink(self._run / "tensorboard", task_names=names, purge_step=purge))
-        if self.config.console:
-            sinks.append(ConsoleSink())
-        if self.config.report:
-            sinks.append(ReportSink(self._run))
-        return sinks
-
-    def _task(self, name: str) -> Task:
-        for task in self.tasks:
-            if task.name == name:
-                return task
-        raise KeyError(name)
 
 
 def _weakly(method: weakref.WeakMethod, gone: str | None = None):

@@ -37,6 +37,7 @@ CORE = {
     "live_series",
     "best_export",
     "evaluation",
+    "publishing",
 }
 
 

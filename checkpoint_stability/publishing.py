@@ -1,0 +1,113 @@
+"""Step 7 of a snapshot: its records and per-example results go to the history and to every sink, each
+destination on its own, so one destination's trouble never costs the others; and the sinks' lifecycle
+(the monitor's own built from the settings, an end-of-run hook, closing)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.faults import FaultPolicy
+from checkpoint_stability.history import History
+from checkpoint_stability.sinks import ConsoleSink, ReportSink, Sink, TensorBoardSink
+from checkpoint_stability.tasks.base import Task, TaskResult
+
+logger = logging.getLogger(__name__)
+
+
+class RecordPublisher:
+    """Rank 0's outlets for one open run directory: the history and the sinks.
+
+    ``extra_sinks`` are the caller's (a framework logger): written to, never closed here. The monitor's
+    own sinks come from the settings: a TensorBoard run (into ``tensorboard_writer`` when one is given,
+    else ``<run>/tensorboard``, purged after ``purge_step`` so that an abandoned trajectory's points
+    disappear), the console line and the end-of-run report.
+
+    Example::
+
+        publisher = RecordPublisher(config, faults, history, run_dir, tasks, extra_sinks=[])
+        publisher.publish(step, results, records, window_of)
+        publisher.run_ended(step)   # once, when the run finished
+        publisher.close()
+    """
+
+    def __init__(
+        self,
+        config: StabilityConfig,
+        faults: FaultPolicy,
+        history: History,
+        run_dir: Path,
+        tasks: Sequence[Task],
+        *,
+        extra_sinks: Sequence[Sink] = (),
+        tensorboard_writer: Any = None,
+        purge_step: int | None = None,
+    ):
+        self.faults = faults
+        self.history = history
+        self.tasks = {task.name: task for task in tasks}
+        self._own: list[Sink] = []
+        names = list(self.tasks)
+        if config.tensorboard:
+            if tensorboard_writer is not None:
+                self._own.append(TensorBoardSink(None, task_names=names, writer=tensorboard_writer))
+            else:
+                self._own.append(
+                    TensorBoardSink(run_dir / "tensorboard", task_names=names, purge_step=purge_step)
+                )
+        if config.console:
+            self._own.append(ConsoleSink())
+        if config.report:
+            self._own.append(ReportSink(run_dir))
+        self.sinks: list[Sink] = [*extra_sinks, *self._own]
+
+    def publish(
+        self,
+        step: int,
+        results: dict[tuple[str, str], TaskResult],
+        records: list[dict],
+        window_of: Callable[[str], int],
+    ) -> None:
+        """Score lines first, then each result's examples line, then every sink; each on its own."""
+        if records:
+            try:
+                self.history.append_many(records)
+            except Exception as error:
+                self.faults.report("history", error, step=step)
+        for (task_name, variant), result in results.items():
+            try:
+                self.history.append_result(self.tasks[task_name], step, variant, window_of(variant), result)
+            except Exception as error:
+                self.faults.report("history", error, step=step, task=task_name, variant=variant)
+        if not records:
+            return
+        for sink in self.sinks:
+            try:
+                sink.write(step, records)
+            except Exception as error:
+                self.faults.report("sink", error, step=step, task=type(sink).__name__)
+
+    def run_ended(self, step: int | None) -> None:
+        """The sinks' end-of-run work (the report) once a run has finished with records; a failure is a
+        fault like any other, never fatal."""
+        if not any(True for _ in self.history.records()):
+            return
+        for sink in self.sinks:
+            run_ended = getattr(sink, "run_ended", None)
+            if callable(run_ended):
+                try:
+                    run_ended()
+                except Exception as error:
+                    self.faults.report("report", error, step=step, task=type(sink).__name__)
+
+    def close(self) -> None:
+        """Close the monitor's own sinks (the caller's stay open: they are the caller's)."""
+        for sink in self._own:
+            try:
+                sink.close()
+            except Exception as error:
+                logger.warning("closing %s failed: %r", type(sink).__name__, error)
+        self._own, self.sinks = [], []
