@@ -201,7 +201,8 @@ def _check_history_line(obj: dict) -> dict:
 
 
 def _is_score(value: object) -> bool:
-    return isinstance(value, (bool, int, float)) and type(value) in (bool, int, float) and 0 <= value <= 1
+    # JSON gives bool, int or float; anything else in a "correct" list is damage.
+    return isinstance(value, (int, float)) and 0 <= value <= 1
 
 
 def _check_outputs_line(obj: dict) -> dict:

@@ -362,8 +362,10 @@ class StabilityMonitor:
         live = live_tensors(model)
         if not self._ready(step, model):
             return []
+        if self._trained_model() is not model:
+            # Once per model, not per snapshot: a second state_dict walk on the training thread.
+            self.window.parameter_names = parameter_names(model)
         self._model = weakref.ref(model)
-        self.window.parameter_names = parameter_names(model)
         captured = self.window.push(step, live) if self._owns_buffer else None
         self._last_step = step
         self.series.snapshots_taken += 1
