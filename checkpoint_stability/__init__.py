@@ -13,7 +13,7 @@ from checkpoint_stability.buffer import SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.monitor import StabilityMonitor
-from checkpoint_stability.selection import load_best, read_best
+from checkpoint_stability.selection import best_model_path, load_best, read_best
 from checkpoint_stability.storage.export import load_export
 from checkpoint_stability.storage.run_lock import RunDirectoryLocked
 from checkpoint_stability.tasks import (
@@ -41,6 +41,7 @@ __all__ = [
     "StabilityMonitor",
     "Task",
     "TaskResult",
+    "best_model_path",
     "load_best",
     "load_export",
     "read_best",

@@ -321,6 +321,32 @@ def read_best(run_dir: str | os.PathLike) -> dict | None:
     return best
 
 
+def best_model_path(run_dir: str | os.PathLike) -> Path | None:
+    """The directory of the best model that ``<run_dir>/best.json`` names; None when there is none.
+
+    None before a run's first export, and when the best is an ensemble (not one set of weights:
+    ``best.json``'s ``path`` is null). Read-only, so it works from any process, on a finished run or on
+    one still training: a live run switches ``best.json`` atomically and only then deletes the export it
+    replaced, so a path read just before a switch can vanish soon after (read again, or copy it).
+    ``AutoModelForCausalLM.from_pretrained(path)`` loads a Hugging Face export; :func:`load_best` loads
+    any export into a model.
+
+    Raises :class:`~checkpoint_stability.storage.json_files.DamagedJSONError` (a ``ValueError``) when
+    ``best.json`` is unreadable or names no usable export.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     print(best_model_path(d))
+        None
+    """
+    best = read_best(run_dir)
+    if best is None or best.get("path") is None:
+        return None
+    return Path(run_dir) / best["path"]
+
+
 def load_best(
     run_dir: str | os.PathLike, model, *, strict: bool = True, prefix: str = "", best: Mapping | None = None
 ) -> dict:
@@ -401,4 +427,4 @@ def _remove_tree(path: Path) -> None:
         logger.warning("could not remove %s: %s", path, error)
 
 
-__all__ = ["BestModelSelector", "export_name", "load_best", "load_export", "read_best"]
+__all__ = ["BestModelSelector", "best_model_path", "export_name", "load_best", "load_export", "read_best"]
