@@ -51,7 +51,8 @@ from checkpoint_stability.storage.checkpoint_files import (
 from checkpoint_stability.storage.confinement import UnsafePathError, is_inside, writable_file
 from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
 from checkpoint_stability.storage.run_lock import LOCK_FILE, RunLock
-from checkpoint_stability.tasks.base import Task, TaskResult
+from checkpoint_stability.tasks.base import Task, TaskResult, validate_task_name
+from checkpoint_stability.tasks.next_token import NextTokenTask
 from checkpoint_stability.validation import is_int
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,120 @@ def huggingface_model_factory(
         return model.to(device).eval()
 
     return build
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+# Tokens read past the ones a text task keeps, then to the end of that line: the tokens kept never come
+# from near the end of the text read, where cutting the file could change how it is tokenized.
+TEXT_MARGIN_TOKENS = 64
+
+
+def text_task(
+    path: str | os.PathLike,
+    tokenizers: Sequence[tuple[str, object]],
+    *,
+    name: str | None = None,
+    block_size: int = 128,
+    max_tokens: int = 2048,
+    batch_size: int = 8,
+    vocab_size: int | None = None,
+) -> NextTokenTask:
+    """A :class:`NextTokenTask` on a held-out plain-text file: next-token accuracy on its first tokens.
+
+    The text (UTF-8, a byte-order mark ignored) is tokenized without special tokens, cut into
+    consecutive sequences of ``block_size`` tokens (the last one may be shorter), and the first
+    ``max_tokens`` predicted tokens are kept (each sequence predicts all its tokens but the first). The
+    file is read only as far as those tokens need, plus a margin of :data:`TEXT_MARGIN_TOKENS` tokens
+    and the rest of that line, so a large file costs no more than a small one.
+
+    Args:
+        path: the text file.
+        tokenizers: ``(where it comes from, tokenizer)`` pairs, Hugging Face tokenizers; every one must
+            turn the text into the same token ids (an ensemble compares outputs example by example, so
+            every checkpoint must see the same examples).
+        name: the task name (default: the file's stem).
+        vocab_size: the model's vocabulary size, if known: token ids at or above it are refused.
+
+    Raises:
+        AnalysisError: the file is missing, empty, not UTF-8 or too short, or the tokenizers disagree.
+    """
+    path = Path(path)
+    name = path.stem if name is None else name
+    try:
+        validate_task_name(name)
+    except ValueError as error:
+        raise AnalysisError(f"text file {path}: {error}") from None
+    if not tokenizers:
+        raise AnalysisError(f"text file {path}: no tokenizer to tokenize it with")
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 (one token to predict), got {block_size}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    full, rest = divmod(max_tokens, block_size - 1)
+    needed = full * block_size + (rest + 1 if rest else 0)
+    (first_source, first), others = tokenizers[0], tokenizers[1:]
+    text, ids = _read_tokens(path, first, needed + TEXT_MARGIN_TOKENS)
+    for source, tokenizer in others:
+        theirs = _encode(tokenizer, text)
+        if theirs != ids:
+            at = next((t for t, (a, b) in enumerate(zip(ids, theirs, strict=False)) if a != b), None)
+            where = (
+                f"first at token {at}: {ids[at]} vs {theirs[at]}"
+                if at is not None
+                else f"{len(ids)} vs {len(theirs)} tokens"
+            )
+            raise AnalysisError(
+                f"text file {path}: the tokenizers of {first_source} and {source} tokenize it differently "
+                f"({where}); every checkpoint must be evaluated on the same tokens, so pass --tokenizer DIR "
+                "to use one tokenizer for all"
+            )
+    ids = ids[:needed]
+    if len(ids) < 2:
+        raise AnalysisError(f"text file {path} holds {len(ids)} token(s); 2 are needed to predict one")
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise AnalysisError(
+            f"text file {path}: the tokenizer of {first_source} gives the id {max(ids)}, but the model has "
+            f"{vocab_size} tokens; the tokenizer does not belong to this model"
+        )
+    blocks = [ids[start : start + block_size] for start in range(0, len(ids), block_size)]
+    blocks = [block for block in blocks if len(block) >= 2]
+    return NextTokenTask(name, blocks, max_tokens=max_tokens, batch_size=batch_size)
+
+
+def _read_tokens(path: Path, tokenizer, wanted: int) -> tuple[str, list[int]]:
+    """The start of the text, ending at a line end, holding at least ``wanted`` tokens (or all of it),
+    and its tokens."""
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise AnalysisError(f"text file {path} {what}")
+    chars = max(4096, 8 * wanted)  # a few characters per token is typical; the loop reads on if not
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            text, ended = "", False
+            while True:
+                chunk = file.read(chars)
+                line = "" if len(chunk) < chars else file.readline()
+                ended = len(chunk) < chars or not line.endswith("\n")
+                text += chunk + line
+                ids = _encode(tokenizer, text)
+                if ended or len(ids) >= wanted:
+                    break
+                chars = len(text)  # double what is read
+    except UnicodeDecodeError as error:
+        raise AnalysisError(
+            f"text file {path} is not UTF-8 text ({error.reason}: byte 0x{error.object[error.start]:02x})"
+        ) from None
+    except OSError as error:
+        raise AnalysisError(f"text file {path} cannot be read: {error.strerror or error}") from None
+    if not text.strip():
+        raise AnalysisError(f"text file {path} is empty")
+    return text, ids
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: a text longer than the tokenizer's model_max_length is expected here (it is cut up).
+    return [int(token) for token in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 # ------------------------------------------------------------------------------------------------- analyze

@@ -1,8 +1,9 @@
-"""The ``checkpoint-stability`` command: ``report``, ``average`` and ``analyze``.
+"""The ``checkpoint-stability`` command: ``report``, ``average``, ``analyze`` and ``best``.
 
 Errors a user can fix (a missing or mismatched checkpoint, a bad option, a run directory that holds
 another analysis) are one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
-Anything else (a bug in a task, say) keeps its traceback.
+Anything else (a bug in a task, say) keeps its traceback. ``best`` exits 1 when the run has no best
+model yet, so a script can tell "not yet" from a mistake.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from pathlib import Path
 
 from checkpoint_stability.errors import CheckpointStabilityError
 
+logger = logging.getLogger("checkpoint_stability.offline.cli")
+
 PROG = "checkpoint-stability"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DEFAULT_TEXT_BLOCK_SIZE = 128
+DEFAULT_TEXT_MAX_TOKENS = 2048
+# The files of a run directory; one of them must be there for `best` to call a folder a run directory.
+RUN_DIRECTORY_FILES = ("run.json", "history.jsonl", "best.json", "analysis.json")
 
 STEPS_HELP = (
     "Steps: a checkpoint named checkpoint-<N> (as the Hugging Face Trainer saves them) or step-<N> is "
@@ -46,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"Examples:\n"
             f"  {PROG} average out/checkpoint-800 out/checkpoint-900 out/checkpoint-1000 -o out/avg-last3\n"
             f"  {PROG} analyze out/checkpoint-* -o runs/offline --windows 1,2,5 --tasks my_tasks:build\n"
+            f"  {PROG} analyze out/checkpoint-* -o runs/offline --windows 1,2,5 --text heldout.txt\n"
             f"  {PROG} report runs/offline\n"
+            f"  {PROG} best runs/exp/stability\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -122,6 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
         "current directory) or path/to/tasks.py:build; repeatable",
     )
     analyze.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a held-out plain-text file (UTF-8): next-token accuracy on it, tokenized with the "
+        "checkpoints' own tokenizer, is a task named after the file's stem; repeatable",
+    )
+    analyze.add_argument(
+        "--text-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the task name for a --text file instead of its stem; repeatable, one per --text, in order",
+    )
+    analyze.add_argument(
+        "--text-block-size",
+        type=int,
+        metavar="N",
+        help=f"--text: tokens per sequence the text is cut into (default: {DEFAULT_TEXT_BLOCK_SIZE}, or the "
+        "model's context length if shorter; at most the context length)",
+    )
+    analyze.add_argument(
+        "--text-max-tokens",
+        type=int,
+        default=DEFAULT_TEXT_MAX_TOKENS,
+        metavar="N",
+        help=f"--text: predicted tokens kept, the text's first (default: {DEFAULT_TEXT_MAX_TOKENS})",
+    )
+    analyze.add_argument(
         "--lm-eval", metavar="NAMES", help="comma-separated lm-evaluation-harness task names (needs lm-eval)"
     )
     analyze.add_argument(
@@ -129,11 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--limit", type=float, help="lm-eval: first N documents (N < 1: a fraction)")
     analyze.add_argument("--num-fewshot", type=int, help="lm-eval: number of few-shot examples")
-    analyze.add_argument("--batch-size", type=int, default=8, help="lm-eval: batch size (default: 8)")
+    analyze.add_argument(
+        "--batch-size", type=int, default=8, help="lm-eval and --text: sequences per batch (default: 8)"
+    )
     analyze.add_argument(
         "--tokenizer",
         metavar="DIR",
-        help="tokenizer directory for lm-eval tasks (default: the first checkpoint, or --model-config)",
+        help="tokenizer directory for lm-eval tasks (default: the first checkpoint, or --model-config) and "
+        "for --text (default: every checkpoint's own, which must agree; --model-config's for checkpoints "
+        "without one)",
     )
     analyze.add_argument(
         "--model-config",
@@ -152,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
     analyze.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    best = commands.add_parser(
+        "best",
+        help="show the best model a run exported (what best.json says)",
+        description=(
+            "Show what RUN_DIR/best.json says: the step and variant of the best model, the snapshot steps "
+            "it averages, its score(s), the metric it was selected on, and where its export is. Read-only: "
+            "works on a finished run or one still training. Exit code 0 when there is a best, 1 when the "
+            "run has none yet, 2 when RUN_DIR is not a run directory or best.json is damaged."
+        ),
+        epilog="For Lightning and Hugging Face runs RUN_DIR is the 'stability' folder the callback writes.",
+    )
+    best.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the monitor's dirpath)")
+    best.add_argument("--json", action="store_true", help="print best.json's content as JSON")
     return parser
 
 
@@ -179,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         RunDirectoryLocked,
     )
     try:
-        return {"report": _report, "average": _average, "analyze": _analyze}[args.command](args)
+        commands = {"report": _report, "average": _average, "analyze": _analyze, "best": _best}
+        return commands[args.command](args)
     except user_errors as error:
         if args.debug:
             raise
@@ -242,8 +299,8 @@ def _analyze(args) -> int:
     windows = parse_windows(args.windows)
     if args.horizon < 2:
         raise CliError(f"--horizon must be at least 2, got {args.horizon}")
-    if not args.tasks and not args.lm_eval:
-        raise CliError("no tasks: pass --tasks MODULE:FUNCTION and/or --lm-eval NAMES")
+    if not args.tasks and not args.lm_eval and not args.text:
+        raise CliError("no tasks: pass --tasks MODULE:FUNCTION, --lm-eval NAMES and/or --text FILE")
     series = order_series(args.checkpoints)
     first = series.checkpoints[0]
     if args.model_config:
@@ -258,6 +315,8 @@ def _analyze(args) -> int:
     tasks = []
     for spec in args.tasks:
         tasks.extend(load_tasks(spec))
+    if args.text:
+        tasks.extend(_text_tasks(args, series.checkpoints))
     if args.lm_eval:
         tokenizer = _tokenizer(args, first)
         tasks.extend(_lm_eval_tasks(args, tokenizer))
@@ -283,6 +342,91 @@ def _analyze(args) -> int:
         + (f"; report: {result.report}" if result.report is not None else "")
     )
     return 0
+
+
+def _best(args) -> int:
+    import json
+
+    from checkpoint_stability.selection import BEST_FILE, read_best
+
+    run_dir = Path(args.run_dir)
+    _check_run_directory(run_dir)
+    best = read_best(run_dir)  # DamagedJSONError (a ValueError) names the file: exit 2
+    if best is None:
+        if _is_analysis(run_dir):
+            why = f"no best model (no {BEST_FILE}): analyze evaluates a series and selects none"
+        else:
+            why = f"no best model yet (no {BEST_FILE})"
+        print(f"{PROG} best: {run_dir} has {why}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(best, indent=1))
+        return 0
+    print("\n".join(describe_best(best, run_dir)))
+    return 0
+
+
+def describe_best(best: dict, run_dir: Path) -> list[str]:
+    """The lines ``checkpoint-stability best`` prints for a ``best.json``."""
+    variant, n = best["variant"], len(best["steps"])
+    what = {
+        "avg": f"the average of the window's {n} snapshot(s)",
+        "raw": "the model as trained at that step",
+        "ens": f"the ensemble of the window's {n} snapshot(s)",
+    }.get(variant, "")
+    lines = [
+        f"step:     {best['step']}",
+        f"variant:  {variant}" + (f" ({what})" if what else ""),
+        f"steps:    {_steps(best['steps'])}",
+    ]
+    if best["score"] is None:
+        lines.append("score:    none (a run without tasks: the latest model, exported as it ended)")
+    else:
+        mode = best.get("mode") or "max"
+        lines.append(
+            f"score:    {best['score']:.6g} on {best.get('metric') or 'mean'!r} "
+            f"({'highest' if mode == 'max' else 'lowest'} wins, select={best.get('select')!r})"
+        )
+    scores = best.get("scores")
+    if isinstance(scores, dict) and scores:
+        lines.append("scores:   " + ", ".join(f"{task} {_number(score)}" for task, score in scores.items()))
+    if best.get("path") is None:
+        lines.append("export:   none (an ensemble is not one set of weights)")
+    else:
+        lines.append(f"export:   {run_dir / best['path']}")
+    for entry in best.get("kept") or []:
+        if isinstance(entry, dict):
+            where = run_dir / entry["path"] if isinstance(entry.get("path"), str) else "no export"
+            lines.append(
+                f"kept:     step {entry.get('step')} {entry.get('variant')}, selected under other "
+                f"settings: {where}"
+            )
+    return lines
+
+
+def _steps(steps: list) -> str:
+    shown = [str(s) for s in steps]
+    return ", ".join(shown if len(shown) <= 8 else [*shown[:3], "...", *shown[-3:]])
+
+
+def _number(value) -> str:
+    return f"{value:.6g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+
+
+def _check_run_directory(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise CliError(f"{run_dir} is not a directory" if run_dir.exists() else f"no directory {run_dir}")
+    if any((run_dir / name).exists() for name in RUN_DIRECTORY_FILES):
+        return
+    hint = ""
+    if any((run_dir / "stability" / name).exists() for name in RUN_DIRECTORY_FILES):
+        hint = f"; did you mean {run_dir / 'stability'}?"
+    files = ", ".join(RUN_DIRECTORY_FILES)
+    raise CliError(f"{run_dir} is not a run directory (it holds none of {files}){hint}")
+
+
+def _is_analysis(run_dir: Path) -> bool:
+    return (run_dir / "analysis.json").exists() and not (run_dir / "run.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -366,6 +510,114 @@ def _tokenizer(args, first):
     if args.tokenizer:
         raise CliError(f"--tokenizer {args.tokenizer} holds no tokenizer files")
     raise CliError("lm-eval tasks need a tokenizer: the first checkpoint has none; pass --tokenizer DIR")
+
+
+def _text_tasks(args, checkpoints) -> list:
+    """One next-token task per --text file, tokenized by every checkpoint's own tokenizer."""
+    from checkpoint_stability.offline.analysis import text_task
+
+    if args.text_name and len(args.text_name) != len(args.text):
+        raise CliError(
+            f"--text-name names {len(args.text_name)} task(s) for {len(args.text)} --text file(s); "
+            "give one name per file, in the same order, or none"
+        )
+    if args.text_max_tokens < 1:
+        raise CliError(f"--text-max-tokens must be at least 1, got {args.text_max_tokens}")
+    config_dir = Path(args.model_config) if args.model_config else checkpoints[0].directory
+    context, vocab_size = _model_limits(config_dir)
+    block_size = args.text_block_size
+    if block_size is None:
+        block_size = DEFAULT_TEXT_BLOCK_SIZE if context is None else min(DEFAULT_TEXT_BLOCK_SIZE, context)
+    elif block_size < 2:
+        raise CliError(f"--text-block-size must be at least 2 (one token to predict), got {block_size}")
+    elif context is not None and block_size > context:
+        raise CliError(
+            f"--text-block-size {block_size} is longer than the model's context ({context} tokens, from "
+            f"{config_dir / 'config.json'}); use at most {context}"
+        )
+    tokenizers = _text_tokenizers(args, checkpoints)
+    names = args.text_name or [None] * len(args.text)
+    tasks = []
+    for path, name in zip(args.text, names, strict=True):
+        task = text_task(
+            path,
+            tokenizers,
+            name=name,
+            block_size=block_size,
+            max_tokens=args.text_max_tokens,
+            batch_size=args.batch_size,
+            vocab_size=vocab_size,
+        )
+        agreed = f", the same with all {len(tokenizers)} tokenizers" if len(tokenizers) > 1 else ""
+        logger.info(
+            "task %r: next-token accuracy on the first %d predicted tokens of %s, in sequences of %d "
+            "tokens (tokenized by %s%s)",
+            task.name,
+            len(task.targets),
+            path,
+            block_size,
+            tokenizers[0][0],
+            agreed,
+        )
+        tasks.append(task)
+    return tasks
+
+
+def _text_tokenizers(args, checkpoints) -> list[tuple[str, object]]:
+    """(where from, tokenizer) for --text: --tokenizer alone if given; else the tokenizer of every
+    checkpoint directory that has one, and --model-config's for checkpoints that have none."""
+    if args.tokenizer:
+        if not _has_tokenizer(Path(args.tokenizer)):
+            raise CliError(f"--tokenizer {args.tokenizer} holds no tokenizer files")
+        return [(f"--tokenizer {args.tokenizer}", _load_tokenizer(Path(args.tokenizer)))]
+    sources: list[tuple[str, Path]] = []
+    without = []
+    for checkpoint in checkpoints:
+        folder = checkpoint.directory if checkpoint.layout != "file" else None
+        if folder is not None and _has_tokenizer(folder):
+            sources.append((str(folder), folder))
+        else:
+            without.append(checkpoint)
+    if without and args.model_config and _has_tokenizer(Path(args.model_config)):
+        sources.append((f"--model-config {args.model_config}", Path(args.model_config)))
+    elif without and sources:
+        logger.info(
+            "%d checkpoint(s) without a tokenizer (e.g. %s) are evaluated on the tokens of the others'",
+            len(without),
+            without[0].path,
+        )
+    if not sources:
+        raise CliError(
+            "--text needs a tokenizer: no checkpoint directory holds one (tokenizer.json, "
+            "tokenizer_config.json, ...) and --model-config names none; pass --tokenizer DIR"
+        )
+    return [(source, _load_tokenizer(folder)) for source, folder in sources]
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def _model_limits(config_dir: Path | None) -> tuple[int | None, int | None]:
+    """The model's context length and vocabulary size from its config.json, where it says them."""
+    from checkpoint_stability.storage.json_files import read_json_object
+
+    if config_dir is None:
+        return None, None
+    try:
+        config = read_json_object(config_dir / "config.json")
+    except FileNotFoundError:
+        return None, None
+    keys = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_sequence_length")
+    context = next((config[k] for k in keys if type(config.get(k)) is int and config[k] > 0), None)
+    vocab = config.get("vocab_size")
+    return context, vocab if type(vocab) is int and vocab > 0 else None
 
 
 def _lm_eval_tasks(args, tokenizer) -> list:
