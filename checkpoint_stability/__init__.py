@@ -13,6 +13,7 @@ from checkpoint_stability.buffer import SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.run_directory import ExistingRunError
 from checkpoint_stability.selection import best_model_path, load_best, read_best
 from checkpoint_stability.storage.export import load_export
 from checkpoint_stability.storage.run_lock import RunDirectoryLocked
@@ -30,6 +31,7 @@ from checkpoint_stability.tasks import (
 __all__ = [
     "CheckpointStabilityError",
     "ClassificationTask",
+    "ExistingRunError",
     "FunctionTask",
     "GenerationTask",
     "LmEvalTask",

@@ -111,6 +111,15 @@ class StabilityConfig:
     """Write TensorBoard scalars (to the framework's destination when there is one, else
     ``<dirpath>/tensorboard``)."""
 
+    overwrite: bool = False
+    """A run that is not resuming from a training checkpoint refuses a run directory holding another run's
+    results (history lines, ``best.json``, buffered snapshots), so nothing is deleted on a guess;
+    ``True`` replaces them. A resumed run continues in its directory whatever this says."""
+
+    default_task_size: int = 2048
+    """How many examples the default task (``tasks=None``, built from the trainer's validation data)
+    keeps, the first ones in order: predicted tokens for next-token accuracy, rows for classification."""
+
     report: bool = True
     """Write the stability report (``<dirpath>/report/report.md`` and its plots) when training ends
     (rank 0). Needs matplotlib (the ``report`` extra); without it the report is skipped with a note.
@@ -145,7 +154,8 @@ class StabilityConfig:
             if not isinstance(self.dirpath, (str, os.PathLike)) or not str(self.dirpath):
                 raise ValueError(f"dirpath must be a non-empty path or None, got {self.dirpath!r}")
             self.dirpath = Path(self.dirpath)
-        for name in ("console", "tensorboard", "report"):
+        self.default_task_size = require_int("default_task_size", self.default_task_size, 1)
+        for name in ("console", "tensorboard", "report", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -28,7 +28,7 @@ from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
 from checkpoint_stability.publishing import RecordPublisher
-from checkpoint_stability.run_directory import RunDirectory
+from checkpoint_stability.run_directory import ExistingRunError, RunDirectory
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
 from checkpoint_stability.sinks import Sink
@@ -164,6 +164,8 @@ class StabilityMonitor:
         than it belong to an abandoned trajectory and are dropped; the TensorBoard run purges them.
         ``model``: the trained module, to tell whether its weights are sharded (FSDP2 / DTensor), in
         which case every rank keeps the window of its own shards under ``buffer/rank-R/``.
+        Without ``resume_step``, a directory holding another run's results raises
+        :class:`~checkpoint_stability.run_directory.ExistingRunError` unless ``overwrite=True``.
         Collective: every rank calls it; rank 0 does the shared disk work and every rank raises if
         any rank fails.
         """
@@ -193,6 +195,11 @@ class StabilityMonitor:
                 # must not leave the directory locked by this very process.
                 self._release()
                 raise failure
+            if open_part == self._open_shared:
+                # Rank 0 may have turned a fresh run into a replacement (overwrite=True): every rank's
+                # buffer drops what that run left, as a resume from before the first step would.
+                decided = self._run_directory.resume_step if self._run_directory is not None else None
+                resume_step = self.runtime.broadcast_object(decided if self.runtime.is_main else None)
             if open_part == self._open_buffer and self._sharded:
                 self.window.agree(self.runtime)
         # Every rank decides the same way when an avg evaluation is due, so every rank needs the count.
@@ -218,10 +225,13 @@ class StabilityMonitor:
 
         A directory that cannot be used raises a ``RuntimeError`` with ``on_error="raise"``; with
         ``"warn"`` it is warned about once (rank 0), False is returned and each snapshot tries again.
+        Another run's results without ``overwrite=True`` always raise :class:`ExistingRunError`.
         Collective.
         """
         try:
             self.open(resume_step=resume_step, model=model)
+        except ExistingRunError:
+            raise  # the user's choice to make (overwrite= or another dirpath), not a fault to ride out
         except Exception as error:
             where = self.config.dirpath
             message = f"checkpoint-stability cannot use the run directory {where}: {describe_error(error)}"
@@ -435,6 +445,8 @@ class StabilityMonitor:
                     step - 1,
                 )
                 self.resume(step - 1)
+        except ExistingRunError:
+            raise
         except Exception as error:
             self._fault("open", error, step=step, agreed=True)
             return False

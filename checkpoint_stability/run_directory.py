@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.selection import BestModelSelector
@@ -24,6 +25,11 @@ _OWN_FOLDERS = ("buffer", "examples", "exports", "tensorboard")
 _OWN_FILES = ("history.jsonl", "best.json", RUN_FILE, LOCK_FILE)
 
 
+class ExistingRunError(CheckpointStabilityError, FileExistsError):
+    """A run that is not resuming found another run's results in its run directory (and no
+    ``overwrite=True``): nothing is deleted on a guess."""
+
+
 class RunDirectory:
     """A run directory held by one live run (rank 0 does this; other ranks only read what it broadcasts).
 
@@ -31,8 +37,11 @@ class RunDirectory:
     nothing that is not a regular file, nothing resolving outside); ``lock.json`` is locked so a second
     run is refused; ``run.json`` records the world size and whether weights are sharded (a sharded run
     resumes only with the same split); the history and the best-model selector open; and, when
-    resuming from ``resume_step``, newer history lines and a newer best are dropped. A failure at any
-    point releases what was taken.
+    resuming from ``resume_step``, newer history lines and a newer best are dropped. A run that is not
+    resuming (``resume_step=None``) and finds another run's results (history lines, ``best.json``, a
+    buffered window) raises :class:`ExistingRunError`, unless ``config.overwrite``: then they are all
+    dropped, as a resume from before the first step would, and :attr:`resume_step` says ``-1`` so the
+    buffer and the TensorBoard run do the same. A failure at any point releases what was taken.
 
     Example::
 
@@ -79,6 +88,10 @@ class RunDirectory:
                 min_snapshots=min(config.min_snapshots, config.window),
                 exporter=exporter,
             )
+            if resume_step is None and self._previous_results():
+                resume_step = self._replace_or_refuse(config)
+            self.resume_step = resume_step
+            """The step the run continues from: the caller's, ``-1`` when replacing an earlier run."""
             if resume_step is not None:
                 dropped = self.history.truncate_after(resume_step)
                 self.selector.truncate_after(resume_step)
@@ -93,6 +106,34 @@ class RunDirectory:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def _previous_results(self) -> list[str]:
+        """What an earlier run left here that a fresh run would replace, described for the user."""
+        found = []
+        records = self.history.records()
+        if records:
+            found.append(f"history.jsonl with {len(records)} records up to step {records[-1]['step']}")
+        elif self.history.errors():
+            found.append("history.jsonl with error lines")
+        if self.selector.best is not None:
+            best = self.selector.best
+            found.append(f"best.json naming the step-{best['step']} {best['variant']} model")
+        buffer = self.path / "buffer"
+        if (buffer / "manifest.json").exists() or any(buffer.glob("rank-*/manifest.json")):
+            found.append("a buffered window of snapshots (buffer/)")
+        return found
+
+    def _replace_or_refuse(self, config) -> int:
+        found = "; ".join(self._previous_results())
+        if not config.overwrite:
+            raise ExistingRunError(
+                f"the run directory {self.path} holds another run's results ({found}), and this run is not "
+                "resuming from a training checkpoint, so they would be replaced. Keep them: pass another "
+                "dirpath= (or output directory), or resume that run from its checkpoint. Replace them: pass "
+                "overwrite=True"
+            )
+        logger.warning("overwrite=True: replacing the earlier run's results in %s (%s)", self.path, found)
+        return -1
 
     def _check_run_record(self, now: dict) -> None:
         """A window of shards only makes sense with the same number of ranks: refuse anything else."""

@@ -208,7 +208,7 @@ def kill_at_random_moments(tmp_path, trials: int, seed: int) -> dict:
         assert not recorded or recorded[-1] <= (evaluated[-1] + 1 if evaluated else 1)
         # The reopened monitor's average is the float64 mean of the files that survived.
         monitor = StabilityMonitor([], dirpath=run_dir, window=3, every_n_steps=1, console=False)
-        monitor.open()
+        monitor.open(resume_step=max([*steps, *recorded], default=0))  # reopened as a resume: keeps all
         if steps:
             oracle = {}
             for step in steps:

@@ -117,7 +117,9 @@ def test_resuming_with_another_select_metric_keeps_the_previous_best(tmp_path):
     assert [(kept["path"], kept["metric"]) for kept in pointer["kept"]] == [(before["path"], "mean")]
     assert (export / "model.safetensors").read_bytes() == weights
     # Reopened once more: the kept export is named, so it is not cleaned away as an orphan.
-    StabilityMonitor(tasks, dirpath=run, window=3, every_n_steps=5, select_metric="b", **quiet()).open()
+    StabilityMonitor(tasks, dirpath=run, window=3, every_n_steps=5, select_metric="b", **quiet()).open(
+        resume_step=25
+    )
     assert (export / "model.safetensors").read_bytes() == weights
 
 

@@ -22,7 +22,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tiny_training import CLASSES, FEATURES, classify_task, make_data
 from torch.utils.data import DataLoader, TensorDataset
 
-from checkpoint_stability import ClassificationTask, NextTokenTask
+from checkpoint_stability import ClassificationTask, ExistingRunError, NextTokenTask, read_best
 from checkpoint_stability.callbacks.lightning import StabilityCallback
 from checkpoint_stability.sinks import custom_scalars_layout
 from checkpoint_stability.tasks.from_dataloader import default_task_from_dataloader
@@ -621,10 +621,27 @@ def test_unwritable_directory_warns_at_start_and_training_goes_on(tmp_path):
     assert model.after_steps == []
 
 
-def test_a_fresh_fit_into_a_used_directory_says_what_will_happen(tmp_path):
+def test_a_fresh_fit_into_a_used_directory_is_refused_and_the_old_files_stay_byte_identical(tmp_path):
     fit(tmp_path, [StabilityCallback([], every_n_steps=3, console=False)], max_steps=6)
-    with pytest.warns(UserWarning, match=r"already holds a run up to step 6.*ckpt_path= to resume it"):
-        fit(tmp_path, [StabilityCallback([], every_n_steps=3, console=False)], max_steps=6)
+    run = tmp_path / "stability"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lock.json"}
+    assert any(p.parent.name == "exports" or "exports" in p.parts for p in before)
+    steps = []
+
+    class Steps(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    with pytest.raises(ExistingRunError, match=r"holds another run's results .*overwrite=True"):
+        fit(tmp_path, [StabilityCallback([], every_n_steps=3, console=False), Steps()], max_steps=6)
+    assert steps == []  # stopped before the first training step
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lock.json"}
+    assert after == before
+
+    # overwrite=True replaces the earlier run: one export, of the new run's final window.
+    fit(tmp_path, [StabilityCallback([], every_n_steps=3, console=False, overwrite=True)], max_steps=9)
+    assert read_best(run)["step"] == 9
+    assert [p.name for p in (run / "exports").iterdir()] == ["step-00000009-avg"]
 
 
 def test_checkpoint_state_is_checked():

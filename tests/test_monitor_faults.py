@@ -97,6 +97,7 @@ def test_one_tasks_changed_targets_do_not_cost_the_others_their_history(tmp_path
         every_n_steps=5,
         **quiet(),
     )
+    second.open(resume_step=10)
     model = train(10)
     second.on_snapshot(model, 15)
     second.close()

@@ -481,10 +481,10 @@ def test_one_task_per_eval_dataset_and_best_model_on_their_mean(tmp_path):
 
 
 def test_a_run_starting_over_in_the_same_directory_hides_the_earlier_runs_points(tmp_path):
-    # No checkpoint to resume from: the second run replaces the history, and its TensorBoard run must
-    # not show the first run's points beside its own.
+    # No checkpoint to resume from: with overwrite=True the second run replaces the history, and its
+    # TensorBoard run must not show the first run's points beside its own.
     train(tmp_path, [stability()], report_to=["tensorboard"], max_steps=4)
-    second = stability()
+    second = stability(overwrite=True)
     train(tmp_path, [second], report_to=["tensorboard"], max_steps=4, learning_rate=0.05)
     rows = history_file(tmp_path / "stability")
     assert sorted({r["step"] for r in rows}) == [2, 4]

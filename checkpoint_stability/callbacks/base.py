@@ -116,7 +116,7 @@ class StabilityCallbackBase:
             if restored_state:
                 monitor.load_state_dict(restored_state)
             opened = monitor.try_open(resume_step=resume_step, model=model)
-        except RuntimeError:
+        except BaseException:
             self._running = False
             raise
         if opened and monitor.runtime.is_main and monitor.history is not None:

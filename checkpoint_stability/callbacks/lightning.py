@@ -264,20 +264,9 @@ class StabilityCallback(StabilityCallbackBase, Callback):
             rank_zero_warn(message)
 
     def _open(self, trainer: Trainer, pl_module: LightningModule, resume_step: int | None) -> None:
-        monitor = self._require_monitor()
+        self._require_monitor()
         restored, self._restored_state = self._restored_state, None
-        if not self._start(
-            trainer.global_step, resume_step=resume_step, model=pl_module, restored_state=restored
-        ):
-            return
-        last_step = monitor.state_dict()["last_step"]
-        if resume_step is None and last_step is not None and last_step > trainer.global_step:
-            rank_zero_warn(
-                f"StabilityCallback: the run directory {monitor.dirpath} already holds a run up to step "
-                f"{last_step}, and this fit starts at step {trainer.global_step} without a checkpoint: its "
-                "first snapshot drops the records after it. Pass dirpath= (or another default_root_dir) "
-                "to keep that run, or ckpt_path= to resume it"
-            )
+        self._start(trainer.global_step, resume_step=resume_step, model=pl_module, restored_state=restored)
 
 
 def _validation_dataloader(trainer: Trainer):
