@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import TASK_METRICS
 from checkpoint_stability.tasks.base import TaskResult, plain_value, validate_example_ids, validate_task_name
 
@@ -23,6 +24,10 @@ class FunctionTask:
 
     Under ``torch.distributed`` every rank calls ``predict`` on the whole task (it must return the same
     outputs everywhere); splitting examples across ranks is left to ``predict``.
+
+    ``predict`` runs with the model in eval mode (dropout off) and gradients off, as every task's
+    evaluation does; afterwards every submodule's train/eval flag, the grad mode and the random
+    generators are as they were, so ``predict`` need not do that itself.
 
     Example::
 
@@ -73,7 +78,8 @@ class FunctionTask:
         self._similarity = TASK_METRICS[metric]
 
     def evaluate(self, model: torch.nn.Module) -> TaskResult:
-        produced = self.predict(model)
+        with isolated_evaluation(model):
+            produced = self.predict(model)
         choice_logprobs = None
         if isinstance(produced, Mapping):
             unknown = set(produced) - {"outputs", "choice_logprobs"}

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.metrics import TASK_METRICS
 from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode
@@ -50,7 +51,9 @@ class GenerationTask:
     ``model.generate``. Prompts are right-padded in batches of ``batch_size``; rows that finish leave
     the batch. There is no key-value cache: every step runs the model over the whole sequence, which
     is cheap for the short answers this is meant for. Under ``torch.distributed`` the prompts are split
-    across ranks and every rank steps the model in lock-step until all ranks are done.
+    across ranks and every rank steps the model in lock-step until all ranks are done. The model is
+    evaluated in eval mode without gradients; every submodule's train/eval flag, the grad mode and the
+    random generators are restored after.
 
     Example::
 
@@ -157,7 +160,7 @@ class GenerationTask:
         own = set(range(shard.real))
         outputs: list[str] = []
         batches = range(0, shard.size, self.batch_size)
-        with torch.no_grad(), progress(len(batches), self.name, enabled=self.show_progress) as bar:
+        with isolated_evaluation(model), progress(len(batches), self.name, enabled=self.show_progress) as bar:
             for start in batches:
                 bar.update()
                 rows = range(start, min(start + self.batch_size, shard.size))

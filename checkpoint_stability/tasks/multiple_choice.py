@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.tasks.base import TaskResult, validate_example_ids, validate_task_name
 from checkpoint_stability.tasks.language_model import causal_logits, encode, right_pad
 from checkpoint_stability.tasks.language_model import pad_token_id as resolve_pad_token_id
@@ -42,6 +43,9 @@ class MultipleChoiceTask:
 
     Under ``torch.distributed`` the examples are split across ranks and the results gathered back in
     order; every rank must call :meth:`evaluate` (it runs collectives).
+
+    The model is evaluated in eval mode without gradients; every submodule's train/eval flag, the grad
+    mode and the random generators are restored after.
 
     Example::
 
@@ -224,7 +228,10 @@ class MultipleChoiceTask:
         # outputs are dropped: cheaper than padding with full batches of dummy requests.
         total_batches = max_over_ranks(len(batches))
         scores: list[list[float]] = [[0.0] * len(self.choices[index]) for index in shard.indices]
-        with torch.no_grad(), progress(total_batches, self.name, enabled=self.show_progress) as bar:
+        with (
+            isolated_evaluation(model),
+            progress(total_batches, self.name, enabled=self.show_progress) as bar,
+        ):
             for number in range(total_batches):
                 bar.update()
                 if number < len(batches):
