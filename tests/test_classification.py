@@ -352,3 +352,28 @@ def test_two_ranks_split_the_examples_and_gather_them_in_order(tmp_path):
 def make_data_like_script() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(11, 5, generator=generator), torch.randint(0, 3, (11,), generator=generator)
+
+
+class KeywordOnly(torch.nn.Module):
+    """A model whose forward takes its inputs by keyword and returns a dict: it needs ``forward=``."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *, features, scale=1.0):
+        return {"scores": self.inner(features) * scale}
+
+
+def test_forward_says_how_to_call_the_model():
+    x, y = make_data()
+    inner = make_model()
+    task = ClassificationTask(
+        "kw", (x, y), batch_size=8, forward=lambda model, inputs: model(features=inputs)["scores"]
+    )
+    outputs, logprobs = oracle(inner, x)
+    result = task.evaluate(KeywordOnly(inner))
+    assert result.outputs == outputs
+    assert np.allclose(result.choice_logprobs, logprobs, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match=r"'kw'.*forward must be callable"):
+        ClassificationTask("kw", (x, y), forward="model")  # type: ignore[arg-type]

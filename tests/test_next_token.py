@@ -347,3 +347,71 @@ def test_two_ranks_split_the_sequences_and_gather_in_order(tmp_path):
         assert rank["outputs"] == single.outputs and rank["ids"] == single.example_ids
     # 5 sequences: 3 per rank (rank 1's third is a filler), 2 batches of 2 on each rank.
     assert ranks[0]["calls"] == ranks[1]["calls"] == 2
+
+
+# ------------------------------------------------------------------------------- (inputs, targets) pairs
+
+
+class SumOfBoth(torch.nn.Module):
+    """Needs the targets: predicts (input + target) at every position, flattened like Lightning's demo."""
+
+    def __init__(self, vocab: int = 64):
+        super().__init__()
+        self.vocab = vocab
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, inputs, targets):
+        self.seen.append(targets.clone())
+        logits = torch.nn.functional.one_hot((inputs + targets) % self.vocab, self.vocab).float()
+        return logits.view(-1, self.vocab)
+
+
+def test_from_pairs_reads_targets_as_given_and_pads_them_like_the_inputs():
+    pairs = [
+        (
+            torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]),
+            torch.tensor([[2, 4, 3, -100, 10], [12, 1, 2, 3, 20]]),
+        ),
+        (torch.tensor([[0, 31, 32]]), torch.tensor([[5, 6, 7]])),
+    ]
+    task = NextTokenTask.from_pairs("pairs", pairs, batch_size=3, pad_token_id=7)
+    # By hand: the output at t is inputs[t] + targets[t]; the target is targets[t] (no shift); -100 is
+    # no example.
+    expected_outputs = [3, 6, 6, 15, 18, 8, 10, 12, 30, 5, 37, 39]
+    expected_targets = [2, 4, 3, 10, 12, 1, 2, 3, 20, 5, 6, 7]
+    model = SumOfBoth()
+    result = task.evaluate(model)
+    assert result.outputs == expected_outputs
+    assert result.targets == expected_targets
+    assert result.example_ids == [
+        *("s0:t0", "s0:t1", "s0:t2", "s0:t4"),
+        *(f"s1:t{t}" for t in range(5)),
+        *(f"s2:t{t}" for t in range(3)),
+    ]
+    assert result.correct == [0.0] * 9 + [1.0, 0.0, 0.0]
+    # One forward for the three rows: the short row's targets right-padded with pad_token_id.
+    (seen,) = model.seen
+    assert seen.tolist() == [[2, 4, 3, -100, 10], [12, 1, 2, 3, 20], [5, 6, 7, 7, 7]]
+
+
+def test_a_model_taking_only_the_inputs_is_called_with_them():
+    pairs = [(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 5]]))]
+    result = NextTokenTask.from_pairs("pairs", pairs).evaluate(Increment())
+    assert result.outputs == [2, 3, 4] and result.correct == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("batches", "match"),
+    [
+        (
+            [(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))],
+            "batch 0 targets.*shape",
+        ),
+        ([(torch.ones(1, 3, dtype=torch.long),)], "batch 0 must be an \\(inputs, targets\\) pair"),
+        ([(torch.ones(1, 2, dtype=torch.long), torch.tensor([[1, -5]]))], "row 0 has the target -5"),
+        ([(torch.ones(1, 2, dtype=torch.long), torch.full((1, 2), -100))], "no sequences"),
+    ],
+)
+def test_bad_pairs(batches, match):
+    with pytest.raises(ValueError, match=match):
+        NextTokenTask.from_pairs("bad", batches)

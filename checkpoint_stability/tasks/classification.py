@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from checkpoint_stability.isolation import preserved_rng
+from checkpoint_stability.isolation import isolated_evaluation, preserved_rng
 from checkpoint_stability.runtime import default_runtime
 from checkpoint_stability.tasks.base import TaskResult, validate_task_name
 from checkpoint_stability.tasks.progress import progress
@@ -39,7 +39,10 @@ class ClassificationTask:
     ``DistributedSampler``; the first evaluation checks it): the examples are split across ranks in
     equal padded shares and gathered back in order. Every rank must call :meth:`evaluate`.
 
-    The model is put in eval mode and run without gradients; its train/eval flags are restored after.
+    The model is called as ``model(inputs)``, or as ``forward(model, inputs)`` when a ``forward`` is
+    given (a model whose ``forward`` needs more than the inputs). It is put in eval mode and run without
+    gradients; every submodule's train/eval flag, the grad mode and the random generators are restored
+    after.
 
     Example::
 
@@ -59,6 +62,12 @@ class ClassificationTask:
 
     kind = "classification"
     metric = "accuracy"
+    origin: str | None = None
+    """Who built the task from what, e.g. ``"built by tasks=None from the validation data"`` (set by
+    :func:`~checkpoint_stability.tasks.task_from_dataloader`; ``None`` for a task built directly)."""
+    description: str | None = None
+    """What the task measures on how much of which data, e.g. ``"next-token accuracy on the first 2,048
+    of 10,240 tokens of the validation data"`` (set with ``origin``)."""
 
     def __init__(
         self,
@@ -69,6 +78,7 @@ class ClassificationTask:
         max_examples: int | None = None,
         input_transform: Callable[[torch.Tensor], Any] | None = None,
         show_progress: bool = True,
+        forward: Callable[[torch.nn.Module, Any], Any] | None = None,
     ):
         """
         Args:
@@ -80,6 +90,8 @@ class ClassificationTask:
             input_transform: called on each batch of inputs (already on the model's device) before the
                 forward pass; the model is called with what it returns (e.g. a dtype cast, normalisation).
             show_progress: a progress bar on rank 0 for evaluations longer than a couple of seconds.
+            forward: ``forward(model, inputs) -> logits`` called instead of ``model(inputs)`` (after
+                ``input_transform``), e.g. ``lambda model, inputs: model(pixel_values=inputs).logits``.
         """
         self.name = validate_task_name(name)
         where = f"task {name!r}"
@@ -89,6 +101,9 @@ class ClassificationTask:
             raise TypeError(
                 f"{where}: input_transform must be callable, got {type(input_transform).__name__}"
             )
+        if forward is not None and not callable(forward):
+            raise TypeError(f"{where}: forward must be callable, got {type(forward).__name__}")
+        self.forward = forward
         self.batch_size = batch_size
         self.max_examples = max_examples
         self.input_transform = input_transform
@@ -108,18 +123,12 @@ class ClassificationTask:
         device = _model_device(model)
         indices = torch.tensor(shard.indices, dtype=torch.long)
         local: list[tuple[int, list[float]]] = []
-        modes = [(module, module.training) for module in model.modules()]
-        try:
-            model.eval()
-            starts = range(0, shard.size, self.batch_size)
-            with torch.no_grad(), progress(len(starts), self.name, enabled=self.show_progress) as bar:
-                for start in starts:
-                    rows = indices[start : start + self.batch_size]
-                    local.extend(self._predict(model, self.inputs[rows].to(device), shard.indices, start))
-                    bar.update(1)
-        finally:
-            for module, training in modes:
-                module.training = training
+        starts = range(0, shard.size, self.batch_size)
+        with isolated_evaluation(model), progress(len(starts), self.name, enabled=self.show_progress) as bar:
+            for start in starts:
+                rows = indices[start : start + self.batch_size]
+                local.extend(self._predict(model, self.inputs[rows].to(device), shard.indices, start))
+                bar.update(1)
         gathered = gather_in_order(local, shard)
         outputs = [output for output, _ in gathered]
         for index, (_, row) in enumerate(gathered):
@@ -141,7 +150,7 @@ class ClassificationTask:
     ) -> list[tuple[int, list[float]]]:
         """(predicted class, log-probability row) of each example of one batch."""
         batch = self.input_transform(inputs) if self.input_transform is not None else inputs
-        output = model(batch)
+        output = self.forward(model, batch) if self.forward is not None else model(batch)
         logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
         if logits is None and isinstance(output, (tuple, list)) and output:
             logits = output[0]
