@@ -5,6 +5,7 @@
 
 from checkpoint_stability.tasks.base import Task, TaskResult, validate_task_name, validate_tasks
 from checkpoint_stability.tasks.classification import ClassificationTask
+from checkpoint_stability.tasks.from_dataloader import task_from_dataloader
 from checkpoint_stability.tasks.function import FunctionTask
 from checkpoint_stability.tasks.generation import GenerationTask, default_normalize
 from checkpoint_stability.tasks.lm_eval import LmEvalTask
@@ -21,6 +22,7 @@ __all__ = [
     "Task",
     "TaskResult",
     "default_normalize",
+    "task_from_dataloader",
     "validate_task_name",
     "validate_tasks",
 ]
