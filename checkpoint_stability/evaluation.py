@@ -3,20 +3,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.ensemble import ensemble_result
-from checkpoint_stability.faults import FaultPolicy
+from checkpoint_stability.errors import CheckpointStabilityError
+from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.runtime import Runtime
 from checkpoint_stability.state_dicts import CapturedState, capture_state
 from checkpoint_stability.tasks.base import Task, TaskResult
+from checkpoint_stability.tasks.from_dataloader import default_task_fix
 from checkpoint_stability.window import SnapshotWindow
 
 Results = dict[tuple[str, str], TaskResult]
 """Results of one snapshot by (task name, variant)."""
+
+
+class DefaultTaskError(CheckpointStabilityError, ValueError):
+    """A task the caller built by default (``tasks=None``) failed at its first evaluation on every rank:
+    a configuration error, raised whatever ``on_error`` says, with the cause and a fix."""
 
 
 class SnapshotEvaluation:
@@ -35,10 +42,20 @@ class SnapshotEvaluation:
         results |= evaluation.average(tasks, model, live, captured, runtime, sharded=False, step=500)
     """
 
-    def __init__(self, config: StabilityConfig, window: SnapshotWindow, faults: FaultPolicy):
+    def __init__(
+        self,
+        config: StabilityConfig,
+        window: SnapshotWindow,
+        faults: FaultPolicy,
+        *,
+        default_tasks: Collection[str] = (),
+    ):
+        """``default_tasks``: names of tasks built by default (``tasks=None``) rather than given: one
+        that fails at its first evaluation on every rank raises :class:`DefaultTaskError`."""
         self.config = config
         self.window = window
         self.faults = faults
+        self._untried_defaults = set(default_tasks)
 
     def task(
         self, task: Task, model: torch.nn.Module, runtime: Runtime, step: int, variant: str
@@ -53,9 +70,13 @@ class SnapshotEvaluation:
                 )
         except Exception as caught:
             error = caught
+        first_of_default = task.name in self._untried_defaults
+        self._untried_defaults.discard(task.name)
         # Agree before reporting: every rank skips (or raises) together, or the collectives of the
         # next task would hang on the ranks that carried on.
         if runtime.any_rank(error is not None):
+            if first_of_default and not runtime.any_rank(error is None):
+                raise DefaultTaskError(_default_task_failure(task, error)) from error
             if error is None:
                 error = RuntimeError(f"task {task.name!r} failed on another rank")
             self.faults.report("evaluate", error, step=step, task=task.name, variant=variant, agreed=True)
@@ -142,3 +163,16 @@ class SnapshotEvaluation:
         finally:
             self.window.restore(live, backup, step)
         return results, holds
+
+
+def _default_task_failure(task: Task, error: BaseException | None) -> str:
+    """What went wrong with a default task, where it came from, and a snippet that fixes it."""
+    description = getattr(task, "description", None)
+    origin = getattr(task, "origin", "built by tasks=None from the trainer's validation data")
+    what = f"{description}; {origin}" if description else origin
+    cause = describe_error(error) if error is not None else "unknown error"
+    return (
+        f"the default task {task.name!r} ({what}) failed at its first evaluation: {cause}. A default task "
+        "that cannot evaluate this model is a configuration error, so training stops here (on_error "
+        f"does not apply). Pass tasks=[...] yourself, for example:\n{default_task_fix(task, error)}"
+    )

@@ -7,11 +7,40 @@ import logging
 import pickle
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from checkpoint_stability.history import History
 from checkpoint_stability.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FaultKind:
+    """One kind of fault (phase, task, variant, exception type) and how often it happened."""
+
+    phase: str
+    task: str | None
+    variant: str | None
+    first_error: str
+    first_step: int
+    count: int = 1
+    last_step: int | None = None
+
+    def describe(self) -> str:
+        if self.task is None:
+            where = self.phase
+        elif self.phase in ("sink", "report"):  # the "task" of a sink's fault is the sink's class
+            where = f"{self.phase} {self.task}"
+        else:
+            where = f"{self.phase} of task {self.task!r}"
+        if self.variant is not None:
+            where += f" ({self.variant})"
+        times = "once" if self.count == 1 else f"{self.count} times"
+        steps = f"at step {self.first_step}"
+        if self.count > 1:
+            steps = f"first at step {self.first_step}, last at {self.last_step}"
+        return f"{where}: {times} {self.first_error} ({steps})"
 
 
 def describe_error(error: BaseException) -> str:
@@ -24,8 +53,13 @@ def describe_error(error: BaseException) -> str:
 
 
 class FaultPolicy:
-    """How the monitor meets a fault: log it (with its traceback the first time per phase and task),
-    write an error line to the history, and go on; or raise, when ``on_error="raise"``.
+    """How the monitor meets a fault: warn about it once, record it, and go on; or raise, when
+    ``on_error="raise"``.
+
+    The same fault again (same phase, task, variant and exception type) is not warned about again: it
+    is counted, each occurrence still gets its error line in the history, and :meth:`summary` gives one
+    line per kind with its count for the end-of-run summary. So a task that fails at every snapshot
+    makes one warning (with its traceback) and one line "failed 16 times", not 16 warnings.
 
     Under ``torch.distributed`` a fault that only rank 0 met (writing, logging, exporting) is held and
     raised on every rank at the end of the snapshot (:meth:`raise_held`); one that every rank reached
@@ -35,9 +69,10 @@ class FaultPolicy:
 
         >>> from checkpoint_stability.runtime import Runtime
         >>> faults = FaultPolicy("warn", lambda: Runtime())
-        >>> faults.report("history", OSError(28, "No space left on device"), step=500)
-        >>> faults.reported
-        {('history', None)}
+        >>> for step in (500, 1000):
+        ...     faults.report("history", OSError(28, "No space left on device"), step=step)
+        >>> faults.summary()
+        ['history: 2 times OSError: [Errno 28] No space left on device (first at step 500, last at 1000)']
     """
 
     def __init__(self, on_error: str, runtime: Callable[[], Runtime]):
@@ -45,8 +80,8 @@ class FaultPolicy:
         self._runtime = runtime
         self.history: History | None = None
         """Where error lines go once the run directory is open."""
-        self.reported: set[tuple[str, str | None]] = set()
-        """(phase, task) pairs already logged with their traceback."""
+        self.kinds: dict[tuple[str, str | None, str | None, str], FaultKind] = {}
+        """Every kind of fault met, by (phase, task, variant, exception type), in the order first met."""
         self._held: BaseException | None = None
 
     @property
@@ -69,17 +104,21 @@ class FaultPolicy:
         Otherwise the error is held and raised on every rank by :meth:`raise_held`.
         """
         step = step if step is not None else 0
-        first = (phase, task) not in self.reported
-        self.reported.add((phase, task))
+        key = (phase, task, variant, type(error).__name__)
+        kind = self.kinds.get(key)
         where = f" (task {task!r}, variant {variant})" if task else ""
         action = "stopping (on_error='raise')" if self.on_error == "raise" else "skipped"
         message = (
             f"checkpoint-stability: {phase} failed at step {step}{where}: {describe_error(error)}; {action}"
         )
-        if first:
-            logger.warning("%s\n%s", message, "".join(traceback.format_exception(error)).rstrip())
+        if kind is None:
+            self.kinds[key] = FaultKind(phase, task, variant, describe_error(error), step)
+            repeat = "" if self.on_error == "raise" else " (the same fault again is counted, not repeated)"
+            logger.warning("%s%s\n%s", message, repeat, "".join(traceback.format_exception(error)).rstrip())
         else:
-            logger.warning(message)
+            kind.count += 1
+            kind.last_step = step
+            logger.debug(message)
         self._record(step, phase, describe_error(error), task, variant)
         if self.on_error == "raise":
             if agreed or self.runtime.world_size == 1:
@@ -90,6 +129,10 @@ class FaultPolicy:
         """Something skipped for a reason already reported: a warning and a history line, never fatal."""
         logger.warning("checkpoint-stability: %s", message)
         self._record(step, phase, message, None, None)
+
+    def summary(self) -> list[str]:
+        """One line per kind of fault met: where, how many times, the first error, and its steps."""
+        return [kind.describe() for kind in self.kinds.values()]
 
     def _record(self, step: int, phase: str, text: str, task: str | None, variant: str | None) -> None:
         if self.history is None:

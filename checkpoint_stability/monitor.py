@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
 from checkpoint_stability.publishing import RecordPublisher
 from checkpoint_stability.run_directory import ExistingRunError, RunDirectory
+from checkpoint_stability.run_summary import run_summary_lines
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
 from checkpoint_stability.sinks import Sink
@@ -87,6 +88,8 @@ class StabilityMonitor:
         tensorboard_writer=None,
         export_prefix: str = "",
         processing_class: Any = None,
+        printer: Callable[[str], None] | None = None,
+        default_tasks: Sequence[str] = (),
         **settings,
     ):
         """``sinks``: extra destinations for the records (e.g. a framework logger); the caller owns them
@@ -95,7 +98,11 @@ class StabilityMonitor:
         when a process group with more than one rank is up). ``export_prefix``: the state-dict prefix of
         the model to export inside the snapshotted module (``"model."`` for a wrapper holding it as
         ``self.model``; ``""``: all of it). ``processing_class``: a tokenizer saved beside Hugging Face
-        exports (default: a task's). Other keywords are ``StabilityConfig`` settings."""
+        exports (default: a task's). ``printer``: how the console lines and the end-of-run summary reach
+        the user (default: ``print``; a framework callback passes its progress bar's). ``default_tasks``:
+        names of tasks the caller built by default (``tasks=None``); one that fails at its first
+        evaluation raises :class:`~checkpoint_stability.evaluation.DefaultTaskError` whatever
+        ``on_error`` says. Other keywords are ``StabilityConfig`` settings."""
         if config is None:
             config = StabilityConfig(**settings)
         elif settings:
@@ -107,6 +114,7 @@ class StabilityMonitor:
         self._tensorboard_writer = tensorboard_writer
         self.export_prefix = export_prefix
         self.processing_class = processing_class
+        self.printer = printer
         self._opened = False
         self.dirpath: Path | None = None
         self.history: History | None = None
@@ -115,7 +123,7 @@ class StabilityMonitor:
         # Weakly: the policy must not keep its monitor alive (a dropped monitor releases its lock).
         self.faults = FaultPolicy(config.on_error, _weakly(weakref.WeakMethod(self._current_runtime)))
         self.window = SnapshotWindow(config, self.faults)
-        self.evaluation = SnapshotEvaluation(config, self.window, self.faults)
+        self.evaluation = SnapshotEvaluation(config, self.window, self.faults, default_tasks=default_tasks)
         self.export = BestExport(config, self.window, self.faults)
         self._last_step: int | None = None
         self._sharded = False
@@ -509,6 +517,7 @@ class StabilityMonitor:
             extra_sinks=self._extra_sinks,
             tensorboard_writer=self._tensorboard_writer,
             purge_step=purge,
+            printer=self.printer,
         )
 
     def _open_buffer(self, resume_step: int | None) -> None:
@@ -532,10 +541,35 @@ class StabilityMonitor:
                     step=self._last_step or 0,
                 )
             if self.runtime.is_main and self._publisher is not None:
-                self._publisher.run_ended(self._last_step)
+                report = self._publisher.run_ended(self._last_step)
+                if self.config.console:
+                    self._print_summary(report)
         self._release()
         self._opened = False
         self.faults.raise_held()
+
+    def _print_summary(self, report: Path | None) -> None:
+        """Rank 0, at the end of a run: where everything is, the chosen model, and what failed."""
+        publisher = self._publisher
+        lines = run_summary_lines(
+            self._run,
+            last_step=self._last_step,
+            snapshots=self.series.snapshots_taken,
+            window=self.config.window,
+            evaluated=bool(self.tasks),
+            best=self.best,
+            select=self.config.select,
+            report=report,
+            tensorboard=publisher.tensorboard_dirs() if publisher is not None else [],
+            faults=self.faults.summary(),
+        )
+        show = self.printer or (lambda line: print(line, flush=True))
+        for line in lines:
+            try:
+                show(line)
+            except Exception as error:  # a closed stream must not turn a finished run into a failure
+                logger.warning("could not print the run summary: %s", describe_error(error))
+                return
 
     def _release(self) -> None:
         """Close what the monitor itself opened; the caller's sinks stay open (they are the caller's)."""

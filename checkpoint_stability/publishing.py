@@ -45,6 +45,7 @@ class RecordPublisher:
         extra_sinks: Sequence[Sink] = (),
         tensorboard_writer: Any = None,
         purge_step: int | None = None,
+        printer: Callable[[str], None] | None = None,
     ):
         self.faults = faults
         self.history = history
@@ -59,7 +60,7 @@ class RecordPublisher:
                     TensorBoardSink(run_dir / "tensorboard", task_names=names, purge_step=purge_step)
                 )
         if config.console:
-            self._own.append(ConsoleSink())
+            self._own.append(ConsoleSink(printer=printer))
         if config.report:
             self._own.append(ReportSink(run_dir))
         self.sinks: list[Sink] = [*extra_sinks, *self._own]
@@ -90,18 +91,33 @@ class RecordPublisher:
             except Exception as error:
                 self.faults.report("sink", error, step=step, task=type(sink).__name__)
 
-    def run_ended(self, step: int | None) -> None:
+    def run_ended(self, step: int | None) -> Path | None:
         """The sinks' end-of-run work (the report) once a run has finished with records; a failure is a
-        fault like any other, never fatal."""
+        fault like any other, never fatal. Returns the report's path, if one was written."""
         if not any(True for _ in self.history.records()):
-            return
+            return None
+        report = None
         for sink in self.sinks:
             run_ended = getattr(sink, "run_ended", None)
             if callable(run_ended):
                 try:
-                    run_ended()
+                    written = run_ended()
                 except Exception as error:
                     self.faults.report("report", error, step=step, task=type(sink).__name__)
+                    continue
+                if isinstance(written, Path) and report is None:
+                    report = written
+        return report
+
+    def tensorboard_dirs(self) -> list[str]:
+        """The directories the TensorBoard sinks write to (the summary tells the user where to look)."""
+        found = []
+        for sink in self.sinks:
+            if isinstance(sink, TensorBoardSink):
+                directory = sink.log_dir or getattr(sink.writer, "log_dir", None)
+                if directory is not None and str(directory) not in found:
+                    found.append(str(directory))
+        return found
 
     def close(self) -> None:
         """Close the monitor's own sinks (the caller's stay open: they are the caller's)."""

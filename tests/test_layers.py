@@ -38,6 +38,7 @@ CORE = {
     "best_export",
     "evaluation",
     "publishing",
+    "run_summary",
 }
 
 

@@ -230,7 +230,15 @@ def test_a_failing_task_is_recorded_and_skipped(tmp_path, caplog):
         ("evaluate", "broken", "avg"),
     }
     assert all("tokenizer exploded" in e["error"] for e in errors)
-    assert sum("Traceback" in r.getMessage() for r in caplog.records) == 1  # the cause once, in full
+    assert len(errors) == 4  # every occurrence in the history: raw and avg at steps 5 and 10
+    # One warning per kind (task, variant, exception type), with its cause in full; repeats are counted.
+    warned = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(warned) == 2 and all("Traceback" in message for message in warned)
+    times = "2 times RuntimeError: tokenizer exploded (first at step 5, last at 10)"
+    assert monitor.faults.summary() == [
+        f"evaluate of task 'broken' (raw): {times}",
+        f"evaluate of task 'broken' (avg): {times}",
+    ]
 
     strict = StabilityMonitor(
         tasks, dirpath=tmp_path / "strict", on_error="raise", every_n_steps=5, console=False
@@ -352,7 +360,7 @@ def test_console_line(tmp_path, capsys):
     )
     train(10, monitor)
     monitor.close()
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[stability]")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[stability] step")]
     assert len(lines) == 2 and "step 10" in lines[1] and "avg" in lines[1]
 
 

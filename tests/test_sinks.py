@@ -257,13 +257,15 @@ def test_console_line_from_mean_records(capsys):
          "mtv": 0.02, "is": 0.05, "time": 1.0},
         {"step": 500, "task": "hellaswag", "variant": "raw", "window": 1, "n_models": 1, "score": 0.9,
          "mtv": None, "is": None, "time": 1.0},
+        {"step": 500, "task": "arc", "variant": "raw", "window": 1, "n_models": 1, "score": 0.1,
+         "mtv": None, "is": None, "time": 1.0},
     ]  # fmt: skip
     sink = ConsoleSink()
     sink.write(500, records)
     sink.close()
     assert capsys.readouterr().out == (
-        "[stability] step 500 | score raw 0.412 avg 0.430 ens 0.425 | IS raw 0.210 avg 0.080 ens 0.050"
-        " | MTV raw 0.031 avg 0.012 ens 0.020 (window 20, 5 models)\n"
+        "[stability] step 500 (mean of 2 tasks) | score raw 0.412 avg 0.430 ens 0.425"
+        " | IS raw 0.210 avg 0.080 ens 0.050 | MTV raw 0.031 avg 0.012 ens 0.020 (window 20, 5 models)\n"
     )
 
 

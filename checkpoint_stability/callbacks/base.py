@@ -17,6 +17,7 @@ import torch
 
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.selection import best_model_path, load_best, read_best
 from checkpoint_stability.sinks import Sink
 from checkpoint_stability.tasks.base import Task
 
@@ -58,27 +59,47 @@ class StabilityCallbackBase:
 
     @property
     def best(self) -> dict | None:
-        """What ``best.json`` says: the best model so far under the ``select`` policy, or None."""
-        return None if self.monitor is None else self.monitor.best
+        """What ``best.json`` says: the best model so far under the ``select`` policy, or None.
+
+        Before this callback has run, read from ``dirpath=`` when it was given (a run made by another
+        process), else None."""
+        if self.monitor is None:
+            return read_best(self.config.dirpath) if self.config.dirpath is not None else None
+        return self.monitor.best
 
     @property
     def best_model_path(self) -> Path | None:
-        """The directory of the exported best model, or None.
+        """The directory of the exported best model, or None (read from ``dirpath=`` before a run, as
+        :attr:`best` is).
 
         With the default ``select="avg"`` this is a window average, which none of the framework's own
         checkpoints holds: ``best.json``'s ``steps`` names the snapshots it averages.
         """
-        return None if self.monitor is None else self.monitor.best_model_path
+        if self.monitor is None:
+            return best_model_path(self.config.dirpath) if self.config.dirpath is not None else None
+        return self.monitor.best_model_path
 
     def load_best(self, model: torch.nn.Module, *, strict: bool = True) -> dict:
         """Load the exported best model (the one ``best.json`` names) into ``model``; returns ``best``.
 
         ``model`` is a module like the trained one, or the exported model inside it (Lightning's
-        ``model_attribute``, e.g. the wrapped Hugging Face model).
+        ``model_attribute``, e.g. the wrapped Hugging Face model). Works before this callback has run
+        when ``dirpath=`` names a run directory (a finished run, or one another process is writing):
+        ``StabilityCallback(dirpath="runs/exp/stability").load_best(model)``, the same as
+        ``checkpoint_stability.load_best("runs/exp/stability", model)``.
         """
-        if self.monitor is None:
-            raise FileNotFoundError("no best model has been exported yet: the callback has not run")
-        return self.monitor.load_best(model, strict=strict)
+        if self.monitor is not None:
+            return self.monitor.load_best(model, strict=strict)
+        if self.config.dirpath is None:
+            raise FileNotFoundError(
+                "this callback has not run and has no dirpath=: pass dirpath= naming the run directory, "
+                "or call checkpoint_stability.load_best(run_dir, model)"
+            )
+        return load_best(self.config.dirpath, model, strict=strict, prefix=self._load_prefix(model))
+
+    def _load_prefix(self, model: torch.nn.Module) -> str:
+        """The state-dict prefix of the exported model inside ``model`` (Lightning's wrapped model)."""
+        return ""
 
     # ------------------------------------------------------------------ for the adapters
 
@@ -164,3 +185,8 @@ class StabilityCallbackBase:
                 sink.close()
             except Exception as error:
                 logger.warning("%s: closing %s failed: %r", CALLBACK_NAME, type(sink).__name__, error)
+
+
+def default_task_line(task: Task) -> str:
+    """The console line saying what a default task (``tasks=None``) measures, on how much data."""
+    return f"[stability] default task {task.name!r}: {getattr(task, 'description', type(task).__name__)}"

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from checkpoint_stability.callbacks.base import StabilityCallbackBase
+from checkpoint_stability.callbacks.base import StabilityCallbackBase, default_task_line
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
@@ -144,9 +144,26 @@ class StabilityCallback(StabilityCallbackBase, Callback):
         self._export_prefix = self._resolve_model_attribute(pl_module)
         writer, self._sinks = self._destinations(trainer, [t.name for t in tasks])
         config = self.config.replace(dirpath=self._configured_dirpath(trainer.default_root_dir))
+
+        def print_beside_the_bar(line: str) -> None:
+            # Lightning's progress bar prints above itself; without one, a plain print.
+            bar = trainer.progress_bar_callback
+            if bar is not None and callable(getattr(bar, "print", None)):
+                bar.print(line)
+            else:
+                print(line, flush=True)
+
         self.monitor = StabilityMonitor(
-            tasks, config, sinks=self._sinks, tensorboard_writer=writer, export_prefix=self._export_prefix
+            tasks,
+            config,
+            sinks=self._sinks,
+            tensorboard_writer=writer,
+            export_prefix=self._export_prefix,
+            printer=print_beside_the_bar,
+            default_tasks=[] if self.tasks is not None else [t.name for t in tasks],
         )
+        if self.tasks is None and trainer.is_global_zero and self.config.console:
+            print_beside_the_bar(default_task_line(tasks[0]))
         self._latest_records = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -202,9 +219,17 @@ class StabilityCallback(StabilityCallbackBase, Callback):
 
     def _default_task(self, trainer: Trainer) -> Task:
         try:
-            return default_task_from_dataloader(_validation_dataloader(trainer))
+            return default_task_from_dataloader(
+                _validation_dataloader(trainer),
+                max_examples=self.config.default_task_size,
+                source="the Trainer's validation data",
+            )
         except ValueError as error:
             raise ValueError(f"StabilityCallback(tasks=None): {error}") from error
+
+    def _load_prefix(self, model: torch.nn.Module) -> str:
+        """Loading without a run in this process: the wrapped model's prefix inside a LightningModule."""
+        return self._resolve_model_attribute(model) if isinstance(model, LightningModule) else ""
 
     def _resolve_model_attribute(self, pl_module: LightningModule) -> str:
         """The state-dict prefix of the exported model's entries inside the LightningModule ('' = all)."""

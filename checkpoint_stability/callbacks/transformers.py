@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import math
@@ -15,8 +16,9 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from checkpoint_stability.callbacks.base import StabilityCallbackBase
+from checkpoint_stability.callbacks.base import StabilityCallbackBase, default_task_line
 from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.records import MEAN_TASK, METRICS, scalar_name
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.base import scalar_items
 from checkpoint_stability.sinks.wandb import WandbSink
@@ -110,16 +112,29 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
             # open. Close it (flushing the snapshot being written) before this run opens the directory.
             logger.warning("StabilityCallback: the previous train() did not finish; closing its run first")
             self._close()
-        self._check_best_metric(args)
         self._warn_if_no_snapshot(state)
-        tasks = self.tasks if self.tasks is not None else self._default_tasks(args)
+        trainer = _running_trainer(self)
+        if trainer is not None:
+            _log_before_the_progress_bar(self, trainer)
+        tasks = self.tasks if self.tasks is not None else self._default_tasks(args, trainer)
         self._task_names = [t.name for t in tasks]
+        self._check_best_metric(args)
         resume_step = state.global_step if state.global_step > 0 else None
         self._sinks = self._destinations(args, resume_step) if state.is_world_process_zero else []
         config = self.config.replace(dirpath=self._configured_dirpath(args.output_dir), tensorboard=False)
         # The tokenizer the Trainer was given is saved beside each export (a save_pretrained directory).
         processing_class = kwargs.get("processing_class")
-        self.monitor = StabilityMonitor(tasks, config, sinks=self._sinks, processing_class=processing_class)
+        self.monitor = StabilityMonitor(
+            tasks,
+            config,
+            sinks=self._sinks,
+            processing_class=processing_class,
+            printer=_write_beside_the_bar,
+            default_tasks=[] if self.tasks is not None else self._task_names,
+        )
+        if self.tasks is None and state.is_world_process_zero and self.config.console:
+            for task in tasks:
+                _write_beside_the_bar(default_task_line(task))
         self._latest_records = []
         opened = self._start(
             state.global_step, resume_step=resume_step, model=model, restored_state=_restored_state(state)
@@ -130,25 +145,50 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._snapshot(model, state.global_step)
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics is None:
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer logs an evaluation's metrics (appending them to state.log_history and printing
+        # them) before it calls on_evaluate: the stability values join them here, in the dict the
+        # printer and evaluate()'s caller see, and in the log_history entry made from it.
+        if not logs or not any(str(key).startswith("eval_") for key in logs):
             return
-        items = scalar_items(self._latest_records) if self._latest_records else {}
-        wanted = _stability_key(args.metric_for_best_model)
-        if wanted is not None and wanted not in items:
-            worst = -math.inf if args.greater_is_better in (None, True) else math.inf
-            items[wanted] = worst
-        for name, value in items.items():
-            metrics[f"eval_{name}"] = value
+        added = self._evaluation_items(args)
+        logs.update(added)
+        entry = state.log_history[-1] if state.log_history else None
+        if isinstance(entry, dict) and entry.get("step") == state.global_step:
+            entry.update(added)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is not None:
+            metrics.update(self._evaluation_items(args))  # when on_log did not see them
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
 
     # ------------------------------------------------------------------ internals
 
+    def _evaluation_items(self, args) -> dict[str, float]:
+        """The latest snapshot's values as evaluation metrics (``eval_stability/...``); the key
+        ``metric_for_best_model`` names holds the worst value until a snapshot has one."""
+        items = scalar_items(self._latest_records) if self._latest_records else {}
+        wanted = _stability_key(args.metric_for_best_model)
+        if wanted is not None and wanted not in items:
+            items[wanted] = -math.inf if args.greater_is_better in (None, True) else math.inf
+        return {f"eval_{name}": value for name, value in items.items()}
+
     def _check_best_metric(self, args) -> None:
-        if _stability_key(args.metric_for_best_model) is None:
+        wanted = _stability_key(args.metric_for_best_model)
+        if wanted is None:
             return
+        valid = self._stability_names()
+        if wanted not in valid:
+            close = difflib.get_close_matches(wanted, valid, n=3, cutoff=0.0)
+            raise ValueError(
+                f"StabilityCallback: metric_for_best_model={args.metric_for_best_model!r} names no value "
+                f"this callback logs; the closest are {', '.join(close)}. The names are "
+                "stability/<task>/<variant>/<metric> with task one of "
+                f"{', '.join([*self._task_names, MEAN_TASK])}, variant one of {', '.join(self._variants())} "
+                f"and metric one of {', '.join(METRICS)}"
+            )
         every = self.config.every_n_steps
         eval_steps = args.eval_steps
         strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
@@ -167,8 +207,23 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         if message is not None:
             warnings.warn(message, stacklevel=2)
 
-    def _default_tasks(self, args) -> list[Task]:
-        eval_dataset, data_collator = _trainer_eval_data(self)
+    def _variants(self) -> list[str]:
+        variants = ["raw", "avg"]
+        return variants if self.config.ensemble is None else [*variants, "ens"]
+
+    def _stability_names(self) -> list[str]:
+        """Every ``stability/...`` name an evaluation can carry (mtv and is once the series allows)."""
+        return [
+            scalar_name(task, variant, metric)
+            for task in [*self._task_names, MEAN_TASK]
+            for variant in self._variants()
+            for metric in METRICS
+        ]
+
+    def _default_tasks(self, args, trainer) -> list[Task]:
+        eval_dataset, data_collator = (
+            (trainer.eval_dataset, trainer.data_collator) if trainer is not None else (None, None)
+        )
         if eval_dataset is None:
             raise ValueError(
                 "StabilityCallback(tasks=None) builds its task from the Trainer's eval_dataset, and this "
@@ -187,8 +242,13 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
                 batch_size=args.per_device_eval_batch_size,
                 collate_fn=_collate_model_inputs(data_collator),
             )
+            source = "the Trainer's eval_dataset" + ("" if name == DEFAULT_TASK_NAME else f"[{name!r}]")
             try:
-                tasks.append(default_task_from_dataloader(loader, name=str(name)))
+                tasks.append(
+                    default_task_from_dataloader(
+                        loader, name=str(name), max_examples=self.config.default_task_size, source=source
+                    )
+                )
             except ValueError as error:
                 raise ValueError(f"StabilityCallback(tasks=None), eval_dataset {name!r}: {error}") from error
         return tasks
@@ -247,19 +307,18 @@ def _records_at_last_step(records: list[dict], step: int) -> list[dict]:
     return [r for r in records if r["step"] == last]
 
 
-def _trainer_eval_data(callback: StabilityCallback) -> tuple[Any, Any]:
-    """``(eval_dataset, data_collator)`` of the running ``transformers.Trainer`` whose callbacks include
-    ``callback`` (``(None, None)`` if there is none): all that the default tasks need from the Trainer.
+def _running_trainer(callback: StabilityCallback) -> Any:
+    """The running ``transformers.Trainer`` whose callbacks include ``callback``, or None.
 
-    Found by walking the call stack, because no public way hands either over (read in transformers
-    4.40, 4.41, 4.46 and 5.25): an event gets ``args``, ``state``, ``control`` and the ``CallbackHandler``'s
+    Found by walking the call stack, because no public way hands it over (read in transformers 4.40,
+    4.41, 4.46 and 5.25): an event gets ``args``, ``state``, ``control`` and the ``CallbackHandler``'s
     ``model``, ``processing_class`` (``tokenizer`` before 4.46), ``optimizer``, ``lr_scheduler``,
     ``train_dataloader`` and ``eval_dataloader``, and neither those objects nor the handler refer to the
-    Trainer or its ``eval_dataset``. ``eval_dataloader`` is None at ``on_train_begin`` unless an
-    evaluation ran before, and then it holds the last evaluated set only, split across ranks by
-    accelerate, where a default task needs every set, whole, on every rank. ``on_train_begin`` is called
-    from a Trainer method, so the Trainer is the ``self`` of a frame below it. Only ``tasks=None`` needs
-    this; a callback given ``tasks`` never walks the stack."""
+    Trainer. Two things need it: the default tasks (its ``eval_dataset`` and ``data_collator``, whole, on
+    every rank — ``eval_dataloader`` is None at ``on_train_begin`` unless an evaluation ran before, and
+    then holds the last evaluated set only, split across ranks), and the order of the callbacks (see
+    :func:`_log_before_the_progress_bar`). ``on_train_begin`` is called from a Trainer method, so the
+    Trainer is the ``self`` of a frame below it."""
     from transformers import Trainer
 
     frame = inspect.currentframe()
@@ -267,11 +326,35 @@ def _trainer_eval_data(callback: StabilityCallback) -> tuple[Any, Any]:
         while frame is not None:
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
-                return candidate.eval_dataset, candidate.data_collator
+                return candidate
             frame = frame.f_back
     finally:
         del frame
-    return None, None
+    return None
+
+
+def _log_before_the_progress_bar(callback: StabilityCallback, trainer: Any) -> None:
+    """Move ``callback`` just before the Trainer's progress printer in its callback list.
+
+    ``trainer.add_callback`` appends, after the ``ProgressCallback`` (or ``PrinterCallback``) the Trainer
+    added itself; that one prints an evaluation's metrics in its ``on_log``, so a callback after it adds
+    the stability values too late for the printed line. The reporting integrations (TensorBoard, W&B)
+    stay before it, as with ``Trainer(callbacks=[...])``: they keep not seeing these keys, which the
+    stability runs hold already."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    printers = [i for i, c in enumerate(callbacks) if isinstance(c, (ProgressCallback, PrinterCallback))]
+    mine = callbacks.index(callback)
+    if printers and printers[0] < mine:
+        callbacks.insert(printers[0], callbacks.pop(mine))
+
+
+def _write_beside_the_bar(line: str) -> None:
+    """Print ``line`` on its own line above the Trainer's tqdm progress bar (never glued onto it)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
 
 
 def _collate_model_inputs(collate: Any):
