@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_training import EXAMPLES, classify_task, make_data, train
 
-from checkpoint_stability import FunctionTask, StabilityConfig, StabilityMonitor
+from checkpoint_stability import ExistingRunError, FunctionTask, StabilityConfig, StabilityMonitor
 from checkpoint_stability import buffer as buffer_module
 from checkpoint_stability.buffer import SnapshotError
 
@@ -512,3 +512,26 @@ def test_the_monitor_as_a_context_manager_closes_or_abandons(tmp_path):
     assert failed.buffer.steps == [5, 10]  # the write in flight finished
     assert not (tmp_path / "failed" / "exports").exists()  # abandon() exports nothing
     RunLock(tmp_path / "failed").release()
+
+
+def test_a_fresh_monitor_refuses_another_runs_directory_until_told_to_overwrite(tmp_path):
+    x, y = make_data(11)
+    first = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path, window=2, every_n_steps=5, console=False
+    )
+    train(10, first)
+    first.close()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "lock.json"}
+    fresh = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path, window=2, every_n_steps=5, console=False
+    )
+    with pytest.raises(ExistingRunError, match=r"history\.jsonl with 12 records up to step 10"):
+        fresh.step(train(5), 5)  # the lazy open at the first snapshot refuses, whatever on_error says
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "lock.json"} == before
+    replacing = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path, window=2, every_n_steps=5, console=False, overwrite=True
+    )
+    train(5, replacing)
+    replacing.close()
+    assert sorted({r["step"] for r in replacing.history.records()}) == [5]
+    assert [p.name for p in (tmp_path / "buffer").glob("*.safetensors")] == ["step-00000005.safetensors"]

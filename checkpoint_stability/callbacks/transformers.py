@@ -182,9 +182,10 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         valid = self._stability_names()
         if wanted not in valid:
             close = difflib.get_close_matches(wanted, valid, n=3, cutoff=0.0)
+            off = " (ens is off: ensemble=None)" if self.config.ensemble is None and "/ens/" in wanted else ""
             raise ValueError(
                 f"StabilityCallback: metric_for_best_model={args.metric_for_best_model!r} names no value "
-                f"this callback logs; the closest are {', '.join(close)}. The names are "
+                f"this callback logs{off}; the closest are {', '.join(close)}. The names are "
                 "stability/<task>/<variant>/<metric> with task one of "
                 f"{', '.join([*self._task_names, MEAN_TASK])}, variant one of {', '.join(self._variants())} "
                 f"and metric one of {', '.join(METRICS)}"
