@@ -329,3 +329,15 @@ def test_the_fixes_run():
     (task,) = built
     expected = default_task_from_dataloader(loader).evaluate(model).outputs
     assert task.evaluate(model).outputs == expected
+
+
+def test_a_tensor_dataset_of_input_ids_is_a_next_token_task():
+    # TensorDataset(ids) yields [ids] batches: the one tensor is the batch of input_ids.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from checkpoint_stability.tasks.from_dataloader import default_task_from_dataloader
+
+    ids = torch.randint(0, 20, (5, 7))
+    task = default_task_from_dataloader(DataLoader(TensorDataset(ids), batch_size=2))
+    assert task.targets == ids[:, 1:].reshape(-1).tolist()
+    assert task.description == "next-token accuracy on the first 30 of 30 tokens of the validation data"

@@ -25,7 +25,8 @@ SUPPORTED_SHAPES = (
     "(inputs, targets) batches of integer token ids of one shape (batch, seq), the targets already "
     "shifted (a NextTokenTask); (inputs, labels) batches with one integer class id per input row (a "
     "ClassificationTask); dict batches with 'input_ids' and optional 'labels' / 'attention_mask' of the "
-    "same shape, or bare (batch, seq) input_ids tensors (a causal LM: a NextTokenTask)"
+    "same shape, or bare (batch, seq) input_ids tensors, alone or in a one-item list as a TensorDataset "
+    "yields them (a causal LM: a NextTokenTask)"
 )
 
 IMPORT_LINE = "from checkpoint_stability.tasks import task_from_dataloader"
@@ -180,8 +181,12 @@ def _build(
                 "the validation data holds no batches, so there is nothing to build the default task from: "
                 "pass tasks=[...]"
             ) from None
+        stream: Iterator = itertools.chain([first], batches)
+        if isinstance(first, (tuple, list)) and len(first) == 1 and isinstance(first[0], torch.Tensor):
+            # A TensorDataset of one tensor yields [input_ids]: the tensor is the batch.
+            first, stream = first[0], (batch[0] for batch in stream)
         kind = _batch_kind(first)
-        counted = _CountedBatches(itertools.chain([first], batches), kind)
+        counted = _CountedBatches(stream, kind)
         everything = iter(counted)
         try:
             task: ClassificationTask | NextTokenTask
