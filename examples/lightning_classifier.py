@@ -137,9 +137,9 @@ def parse_args() -> argparse.Namespace:
         "--fresh",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="delete the output directory first (default); with --no-fresh a rerun goes to a new "
-        "TensorBoard version and, as it starts over from step 0 without a checkpoint, replaces the "
-        "stability history",
+        help="delete the output directory first (default); with --no-fresh a rerun, which starts over from "
+        "step 0 without a checkpoint, is refused with ExistingRunError: the callback never replaces "
+        "another run's results unless told overwrite=True",
     )
     parser.add_argument("--quiet", action="store_true", help="no per-snapshot lines")
     return parser.parse_args()

@@ -208,8 +208,8 @@ def parse_args() -> argparse.Namespace:
         "--fresh",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="delete the run directory first (default); with --no-fresh the monitor treats the run as a "
-        "resume and drops the old results of the steps it redoes",
+        help="delete the run directory first (default); with --no-fresh a rerun is refused with "
+        "ExistingRunError, as the monitor never replaces another run's results unless told overwrite=True",
     )
     parser.add_argument("--max-chars", type=int, default=600_000, help="characters of the plays to load")
     parser.add_argument("--quiet", action="store_true", help="no per-snapshot and loss lines")

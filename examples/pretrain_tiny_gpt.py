@@ -223,8 +223,8 @@ def parse_args() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="delete the output directory first (default); with --no-fresh a rerun, which starts over from "
-        "step 0 (there is no checkpoint to resume from), replaces the stability history and adds a Trainer "
-        "TensorBoard run beside the earlier one",
+        "step 0 (there is no checkpoint to resume from), is refused with ExistingRunError: the callback "
+        "never replaces another run's results unless told overwrite=True",
     )
     parser.add_argument("--quiet", action="store_true", help="no per-snapshot, per-log or progress lines")
     return parser.parse_args()

@@ -225,3 +225,21 @@ def test_the_summary_reaches_stdout_beside_lightnings_progress_bar(tmp_path, cap
     # Never glued onto a bar: every "[stability]" starts its own line.
     assert all(line.startswith("[stability]") for line in lines if "[stability]" in line)
     assert math.isfinite(best["score"])
+
+
+def test_the_lightning_demo_example_runs_with_tasks_none(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "lightning_demo_transformer.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "20", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "demo" / "stability"
+    assert "[stability] default task 'validation': next-token accuracy on the first 2,048 of" in done.stdout
+    assert f"[stability] run ended at step 20 after 2 snapshots (window 4); results in {run}" in done.stdout
+    assert "loaded the best model (step 20, avg of steps [10, 20])" in done.stdout
