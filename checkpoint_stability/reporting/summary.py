@@ -356,6 +356,10 @@ def format_summary(rows: list[dict], title: str = "") -> str:
             f"{format_ratio(row['is'], base['is'] if base else None, 7)}"
         )
     lines.append(
+        "score, first / score, last: the mean score over the first / the final evaluations of the series "
+        "(as many as evals counts)."
+    )
+    lines.append(
         "evals: the final evaluations that score, last, MTV and IS are computed over / all evaluations."
     )
     lines.append(
