@@ -48,7 +48,8 @@ MIN_EXTRAS := lightning,transformers,wandb
 MIN_TESTS := tests/test_lightning_callback.py tests/test_transformers_callback.py \
 	tests/test_transformers_logging.py tests/test_wandb_sink.py tests/test_tasks_base.py \
 	tests/test_multiple_choice.py tests/test_generation.py tests/test_next_token.py \
-	tests/test_classification.py \
+	tests/test_classification.py tests/test_default_tasks.py tests/test_task_modes.py \
+	tests/test_first_contact_transformers.py tests/test_first_contact_lightning.py \
 	--deselect tests/test_generation.py::test_batched_decoding_equals_an_unbatched_greedy_loop
 
 $(BIN_MIN)/python:

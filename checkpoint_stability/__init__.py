@@ -12,6 +12,7 @@ from checkpoint_stability._version import __version__ as __version__
 from checkpoint_stability.buffer import SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.errors import CheckpointStabilityError
+from checkpoint_stability.evaluation import DefaultTaskError
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.run_directory import ExistingRunError
 from checkpoint_stability.selection import best_model_path, load_best, read_best
@@ -31,6 +32,7 @@ from checkpoint_stability.tasks import (
 __all__ = [
     "CheckpointStabilityError",
     "ClassificationTask",
+    "DefaultTaskError",
     "ExistingRunError",
     "FunctionTask",
     "GenerationTask",

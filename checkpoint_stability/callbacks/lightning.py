@@ -57,10 +57,16 @@ class StabilityCallback(StabilityCallbackBase, Callback):
     single steps. Load it with :meth:`load_best`, or read ``best_model_path``.
 
     ``tasks=None`` evaluates a default task built from the Trainer's own validation data at
-    ``on_fit_start``: ``(inputs, labels)`` batches give a classification task, ``input_ids`` /
-    ``labels`` dict batches a next-token accuracy task (see
-    :func:`checkpoint_stability.tasks.from_dataloader.default_task_from_dataloader`); any other shape, or no
-    validation data, stops ``fit`` with a ``ValueError`` saying to pass ``tasks``. ``tasks=[]``
+    ``on_fit_start``, on its first ``default_task_size`` examples, described on the console:
+    ``(inputs, targets)`` token tensors of one shape (Lightning's demo ``WikiText2``) and bare
+    ``input_ids`` tensors give next-token accuracy, ``input_ids`` / ``labels`` dict batches too,
+    ``(inputs, labels)`` with one class per row a classification task (see
+    :func:`checkpoint_stability.tasks.task_from_dataloader`); any other shape, or no validation data,
+    stops ``fit`` with a ``ValueError`` holding a snippet that fixes it. A default task that fails at
+    its first evaluation stops training with
+    :class:`~checkpoint_stability.evaluation.DefaultTaskError`, whatever ``on_error`` says. A fit that
+    does not resume from a checkpoint refuses a run directory holding another run's results
+    (:class:`~checkpoint_stability.ExistingRunError`) unless ``overwrite=True``. ``tasks=[]``
     evaluates nothing: the window is buffered and averaged, and its final average is exported when
     training ends.
 

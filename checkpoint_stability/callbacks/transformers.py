@@ -59,18 +59,30 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
     - ``report_to`` containing ``"wandb"`` with an active ``wandb.run``: a
       :class:`~checkpoint_stability.sinks.wandb.WandbSink` on the step axis ``train/global_step``.
 
-    Best-model interplay: ``on_evaluate`` adds the latest snapshot's values to the evaluation metrics as
-    ``eval_stability/<task>/<variant>/<metric>``, so ``metric_for_best_model="stability/mean/avg/score"``
-    with ``load_best_model_at_end=True`` works. ``eval_steps`` must then be a multiple of
-    ``every_n_steps`` (checked at ``on_train_begin``), so every evaluation follows a snapshot of its
+    Evaluation metrics: the latest snapshot's values join every evaluation's metrics as
+    ``eval_stability/<task>/<variant>/<metric>`` in ``on_log`` (the Trainer logs before it calls
+    ``on_evaluate``), so they are in the printed line, in ``trainer.state.log_history`` and in what
+    ``evaluate()`` returns; the callback moves itself before the Trainer's progress printer in the
+    callback list (``trainer.add_callback`` appends after it), the Trainer being found as for the
+    default tasks.
+
+    Best-model interplay: ``metric_for_best_model="stability/mean/avg/score"`` with
+    ``load_best_model_at_end=True`` works. A stability name the callback does not log raises a
+    ``ValueError`` at ``on_train_begin`` listing the closest valid names. ``eval_steps`` must be a
+    multiple of ``every_n_steps`` (checked there too), so every evaluation follows a snapshot of its
     own step. Before the first snapshot (``eval_on_start``) the keys hold the worst value
     (``-inf``, or ``+inf`` when ``greater_is_better=False``), so such a checkpoint never beats a real one.
     The Trainer's best checkpoint holds raw weights; the window average is exported by the monitor:
     :attr:`best_model_path`, :meth:`load_best`.
 
     ``tasks=None`` builds a default task from the Trainer's evaluation data (``input_ids``/``labels``
-    batches give a :class:`~checkpoint_stability.tasks.NextTokenTask`); without ``eval_dataset`` a
-    ``ValueError`` says to pass ``tasks``.
+    batches give a :class:`~checkpoint_stability.tasks.NextTokenTask` on the first ``default_task_size``
+    predicted tokens, described on the console when built); without ``eval_dataset`` a ``ValueError``
+    says to pass ``tasks``. If that task fails at its first evaluation, training stops with
+    :class:`~checkpoint_stability.evaluation.DefaultTaskError` and a snippet that fixes it.
+
+    A run that does not resume from a checkpoint refuses a run directory holding another run's results
+    (:class:`~checkpoint_stability.ExistingRunError`) unless ``overwrite=True``.
 
     Args:
         tasks: what to evaluate; ``None`` for a default task from ``eval_dataset``; ``[]`` for none.
