@@ -174,5 +174,6 @@ def _default_task_failure(task: Task, error: BaseException | None) -> str:
     return (
         f"the default task {task.name!r} ({what}) failed at its first evaluation: {cause}. A default task "
         "that cannot evaluate this model is a configuration error, so training stops here (on_error "
-        f"does not apply). Pass tasks=[...] yourself, for example:\n{default_task_fix(task, error)}"
+        "does not apply). Pass tasks=[...] yourself, with a forward= that returns the model's logits, "
+        f"for example:\n{default_task_fix(task, error)}"
     )

