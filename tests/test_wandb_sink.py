@@ -29,12 +29,16 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 @dataclass
 class OfflineRun:
-    """What an offline run recorded: history rows (dicts), define_metric records, the final summary."""
+    """What an offline run recorded: history rows (dicts), define_metric records, the final summary,
+    the config (nested as W&B nests it: chart specs sit under ``_wandb.visualize``) and the logged
+    artifacts (their ``ArtifactRecord`` messages)."""
 
     directory: Path
     history: list[dict] = field(default_factory=list)
     metrics: dict[str, dict] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    artifacts: list = field(default_factory=list)
 
     def rows_with(self, key: str) -> list[dict]:
         return [row for row in self.history if key in row]
@@ -139,14 +143,21 @@ def read_offline_run(root: Path) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 _set_nested(run.summary, list(item.nested_key) or [item.key], json.loads(item.value_json))
+        elif kind == "config":
+            for item in record.config.update:
+                _set_nested(run.config, list(item.nested_key) or [item.key], json.loads(item.value_json))
+        elif kind == "artifact":
+            run.artifacts.append(record.artifact)
     run.summary = _flatten(run.summary)
     return run
 
 
-def offline_run(tmp_path: Path, monkeypatch):
+def offline_run(tmp_path: Path, monkeypatch, **init):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    return wandb.init(mode="offline", dir=str(tmp_path), project="stability-tests")
+    # Logged artifacts are staged (copied) under the data directory until a sync: keep them in the test's.
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    return wandb.init(mode="offline", dir=str(tmp_path), project="stability-tests", **init)
 
 
 def records_at(step: int, tasks=("mean", "a"), with_mtv_is=True) -> list[dict]:
@@ -225,6 +236,34 @@ def test_one_line_series_chart_per_task_with_raw_avg_ens(tmp_path, monkeypatch):
         ]
         assert final["data"] == expected
         assert [row[0] for row in tables[0]["data"]] == [5, 5, 5]
+
+
+def test_each_chart_is_a_lineseries_spec_coloured_by_variant(tmp_path, monkeypatch):
+    run = offline_run(tmp_path, monkeypatch)
+    sink = WandbSink(run, step_metric="custom/step", task_names=["a", "b"])
+    for step in (5, 10):
+        sink.write(step, records_at(step, tasks=("mean", "a", "b")))
+    sink.close()
+    run.finish()
+    back = read_offline_run(tmp_path)
+
+    # W&B keeps a logged chart's spec in the config, under _wandb.visualize.<key>: the preset's id and
+    # which table column feeds each of its fields. The lineseries preset draws one line, in its own
+    # colour and legend entry, per distinct value of its lineKey field.
+    specs = back.config["_wandb"]["visualize"]
+    assert set(specs) == {chart_key(task) for task in ("mean", "a", "b")}
+    for task in ("mean", "a", "b"):
+        key = chart_key(task)
+        config = specs[key]["panel_config"]
+        assert specs[key]["panel_type"] == "Vega2"
+        assert config["panelDefId"] == "wandb/lineseries/v0"
+        assert config["fieldSettings"] == {"step": "step", "lineKey": "lineKey", "lineVal": "lineVal"}
+        assert config["stringSettings"]["xname"] == "custom/step"
+        query = config["userQuery"]["queryFields"][0]["fields"][-1]
+        assert query["args"] == [{"name": "tableKey", "value": f"{key}_table"}]
+        table = back.tables(key)[-1]
+        assert table["columns"] == ["step", "lineKey", "lineVal"]
+        assert list(dict.fromkeys(row[1] for row in table["data"])) == list(VARIANTS)
 
 
 def test_preloaded_history_continues_and_a_resumed_step_replaces_the_abandoned_point(tmp_path, monkeypatch):
