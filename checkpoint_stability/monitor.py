@@ -92,17 +92,19 @@ class StabilityMonitor:
         default_tasks: Sequence[str] = (),
         **settings,
     ):
-        """``sinks``: extra destinations for the records (e.g. a framework logger); the caller owns them
-        and closes them. ``tensorboard_writer``: an existing ``SummaryWriter`` to log into instead of
-        ``<dirpath>/tensorboard``. ``runtime``: how to reach the other ranks (default: torch.distributed
-        when a process group with more than one rank is up). ``export_prefix``: the state-dict prefix of
-        the model to export inside the snapshotted module (``"model."`` for a wrapper holding it as
-        ``self.model``; ``""``: all of it). ``processing_class``: a tokenizer saved beside Hugging Face
-        exports (default: a task's). ``printer``: how the console lines and the end-of-run summary reach
-        the user (default: ``print``; a framework callback passes its progress bar's). ``default_tasks``:
-        names of tasks the caller built by default (``tasks=None``); one that fails at its first
-        evaluation raises :class:`~checkpoint_stability.evaluation.DefaultTaskError` whatever
-        ``on_error`` says. Other keywords are ``StabilityConfig`` settings."""
+        """``sinks``: extra destinations for the records (e.g. a framework logger); the caller owns them and
+        closes them. ``tensorboard_writer``: a framework logger's ``SummaryWriter``; the variant runs
+        then go to ``<its log_dir>/stability/{raw,avg,ens,best}`` and the Custom Scalars layout to it,
+        instead of ``<dirpath>/tensorboard/{raw,avg,ens,best}``. ``runtime``: how to reach the other
+        ranks (default: torch.distributed when a process group with more than one rank is up).
+        ``export_prefix``: the state-dict prefix of the model to export inside the snapshotted module
+        (``"model."`` for a wrapper holding it as ``self.model``; ``""``: all of it).
+        ``processing_class``: a tokenizer saved beside Hugging Face exports (default: a task's).
+        ``printer``: how the console lines and the end-of-run summary reach the user (default:
+        ``print``; a framework callback passes its progress bar's). ``default_tasks``: names of tasks
+        the caller built by default (``tasks=None``); one that fails at its first evaluation raises
+        :class:`~checkpoint_stability.evaluation.DefaultTaskError` whatever ``on_error`` says. Other
+        keywords are ``StabilityConfig`` settings."""
         if config is None:
             config = StabilityConfig(**settings)
         elif settings:
@@ -420,6 +422,7 @@ class StabilityMonitor:
                 self._fault("metrics", error, step=step)
             if self._publisher is not None:
                 self._publisher.publish(step, results, records, self._window_of)
+        before = self._best_snapshot()
         self.export.consider(
             self.selector,
             self.runtime,
@@ -430,6 +433,7 @@ class StabilityMonitor:
             live=live,
             ensemble_steps=self.series.ensemble_steps(self.tasks[0].name) if self.tasks else [],
         )
+        self._announce_best(step, before)
         # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
         records = self.runtime.broadcast_object(records)
         self.faults.raise_held()
@@ -533,6 +537,7 @@ class StabilityMonitor:
             self.window.agree(self.runtime)
         if final:
             if not self.tasks:  # nothing to select on: the final window average is the run's model
+                before = self._best_snapshot()
                 self.export.final_average(
                     self.selector,
                     self.runtime,
@@ -540,6 +545,7 @@ class StabilityMonitor:
                     model=self._trained_model(),
                     step=self._last_step or 0,
                 )
+                self._announce_best(self._last_step or 0, before)
             if self.runtime.is_main and self._publisher is not None:
                 report = self._publisher.run_ended(self._last_step)
                 if self.config.console:
@@ -547,6 +553,17 @@ class StabilityMonitor:
         self._release()
         self._opened = False
         self.faults.raise_held()
+
+    def _best_snapshot(self) -> dict | None:
+        """A copy of what ``best.json`` says now (rank 0; None elsewhere), to tell when it changes."""
+        return dict(self.best) if self.runtime.is_main and self.best is not None else None
+
+    def _announce_best(self, step: int, before: dict | None) -> None:
+        """Rank 0: tell the sinks (TensorBoard's best run, W&B's summary) when the best model changed."""
+        best = self.best
+        if not self.runtime.is_main or self._publisher is None or best is None or best == before:
+            return
+        self._publisher.best_changed(step, dict(best), self.best_model_path)
 
     def _print_summary(self, report: Path | None) -> None:
         """Rank 0, at the end of a run: where everything is, the chosen model, and what failed."""

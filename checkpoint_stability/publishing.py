@@ -22,9 +22,10 @@ class RecordPublisher:
     """Rank 0's outlets for one open run directory: the history and the sinks.
 
     ``extra_sinks`` are the caller's (a framework logger): written to, never closed here. The monitor's
-    own sinks come from the settings: a TensorBoard run (into ``tensorboard_writer`` when one is given,
-    else ``<run>/tensorboard``, purged after ``purge_step`` so that an abandoned trajectory's points
-    disappear), the console line and the end-of-run report.
+    own sinks come from the settings: the TensorBoard runs ``raw``, ``avg``, ``ens`` and ``best`` (under
+    ``<tensorboard_writer's log_dir>/stability`` when a framework logger's writer is given, with the
+    Custom Scalars layout in that writer, else under ``<run>/tensorboard``; purged after ``purge_step``
+    so that an abandoned trajectory's points disappear), the console line and the end-of-run report.
 
     Example::
 
@@ -53,12 +54,17 @@ class RecordPublisher:
         self._own: list[Sink] = []
         names = list(self.tasks)
         if config.tensorboard:
+            # The variant runs go beside the framework logger's own run when there is one
+            # (<its log_dir>/stability/{raw,avg,ens,best}), with the layout in its writer; else
+            # under the run directory.
+            log_dir = run_dir / "tensorboard"
             if tensorboard_writer is not None:
-                self._own.append(TensorBoardSink(None, task_names=names, writer=tensorboard_writer))
-            else:
-                self._own.append(
-                    TensorBoardSink(run_dir / "tensorboard", task_names=names, purge_step=purge_step)
+                log_dir = Path(tensorboard_writer.get_logdir()) / "stability"
+            self._own.append(
+                TensorBoardSink(
+                    log_dir, task_names=names, purge_step=purge_step, layout_writer=tensorboard_writer
                 )
+            )
         if config.console:
             self._own.append(ConsoleSink(printer=printer))
         if config.report:
@@ -91,6 +97,17 @@ class RecordPublisher:
             except Exception as error:
                 self.faults.report("sink", error, step=step, task=type(sink).__name__)
 
+    def best_changed(self, step: int, best: dict, export: Path | None) -> None:
+        """The selected best model changed at ``step``: every sink with a ``best_changed`` hook hears
+        it (TensorBoard's ``best`` run, W&B's summary), each on its own."""
+        for sink in self.sinks:
+            hook = getattr(sink, "best_changed", None)
+            if callable(hook):
+                try:
+                    hook(step, best, export)
+                except Exception as error:
+                    self.faults.report("sink", error, step=step, task=type(sink).__name__)
+
     def run_ended(self, step: int | None) -> Path | None:
         """The sinks' end-of-run work (the report) once a run has finished with records; a failure is a
         fault like any other, never fatal. Returns the report's path, if one was written."""
@@ -113,10 +130,8 @@ class RecordPublisher:
         """The directories the TensorBoard sinks write to (the summary tells the user where to look)."""
         found = []
         for sink in self.sinks:
-            if isinstance(sink, TensorBoardSink):
-                directory = sink.log_dir or getattr(sink.writer, "log_dir", None)
-                if directory is not None and str(directory) not in found:
-                    found.append(str(directory))
+            if isinstance(sink, TensorBoardSink) and sink.log_dir not in found:
+                found.append(sink.log_dir)
         return found
 
     def close(self) -> None:

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import torch
 from safetensors import safe_open
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_training import EXAMPLES, classify_task, make_data, train
+from tensorboard_runs import assert_runs_match, expected_runs, read_runs
+from tiny_training import EXAMPLES, Net, classify_task, make_data, train
 
 from checkpoint_stability import ExistingRunError, FunctionTask, StabilityConfig, StabilityMonitor
 from checkpoint_stability import buffer as buffer_module
@@ -166,7 +166,9 @@ def test_no_tasks_keeps_buffer_and_average_only(tmp_path):
     assert monitor.buffer.steps == [15, 20]
     assert monitor.average.count == 2
     assert not (tmp_path / "history.jsonl").exists() or (tmp_path / "history.jsonl").read_text() == ""
-    assert not (tmp_path / "tensorboard").exists()
+    # No scores: TensorBoard has only the best run, whose one point is the final average's step.
+    runs = read_runs(tmp_path / "tensorboard")
+    assert runs == {"best": {"stability/best/step": [(20, 20.0)]}}
     # Nothing to select on: the final window average is exported as the run's model.
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["path"] == "exports/step-00000020-avg" and best["score"] is None and best["steps"] == [15, 20]
@@ -185,30 +187,31 @@ def test_no_tasks_keeps_buffer_and_average_only(tmp_path):
             )
 
 
-def test_tensorboard_scalars_read_back_with_event_accumulator(tmp_path):
+def test_tensorboard_runs_per_variant_and_best_read_back_with_the_event_multiplexer(tmp_path):
     x, y = make_data(5)
     tasks = [classify_task(x, y, "a"), classify_task(x, y[torch.randperm(EXAMPLES)], "b")]
     monitor = StabilityMonitor(tasks, dirpath=tmp_path, window=2, every_n_steps=5, console=False)
-    train(15, monitor)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pointers = {}  # best.json after each snapshot, read from disk
+    for step in range(1, 41):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor.step(model, step) is not None and (tmp_path / "best.json").exists():
+            pointers[step] = json.loads((tmp_path / "best.json").read_text())
     monitor.close()
-    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    tags = set(accumulator.Tags()["scalars"])
-    for task in ("a", "b", "mean"):
-        for variant in ("raw", "avg", "ens"):
-            assert f"stability/{task}/{variant}/score" in tags
-            assert f"stability/{task}/{variant}/is" in tags
-    history = monitor.history.records()
-    for record in history:
-        events = accumulator.Scalars(f"stability/{record['task']}/{record['variant']}/score")
-        value = {e.step: e.value for e in events}[record["step"]]
-        assert value == pytest.approx(record["score"], abs=1e-6)
-    means = {r["step"]: r["score"] for r in history if r["task"] == "mean" and r["variant"] == "raw"}
-    for step, score in means.items():
-        parts = [
-            r["score"] for r in history if r["step"] == step and r["variant"] == "raw" and r["task"] != "mean"
-        ]
-        assert score == pytest.approx(sum(parts) / 2)
+    runs = read_runs(tmp_path / "tensorboard")
+    assert sorted(runs) == ["avg", "best", "ens", "raw"]
+    assert_runs_match(runs, expected_runs(monitor.history.records(), window=2))
+    # The best run: a point exactly at the snapshots where best.json changed, with its step and score.
+    changes = [s for s in sorted(pointers) if pointers[s] != pointers.get(s - 5)]
+    assert len(changes) >= 2
+    assert runs["best"]["stability/best/step"] == [(s, pytest.approx(pointers[s]["step"])) for s in changes]
+    assert runs["best"]["stability/best/score"] == [
+        (s, pytest.approx(pointers[s]["score"], rel=1e-6)) for s in changes
+    ]
 
 
 def test_a_failing_task_is_recorded_and_skipped(tmp_path, caplog):
@@ -333,10 +336,10 @@ def test_resume_drops_the_abandoned_trajectory(tmp_path):
     assert [r["n_models"] for r in ens] == [1, 2, 3, 3, 3, 3, 3]
     lines = [json.loads(line) for line in (tmp_path / "examples" / "cls.jsonl").read_text().splitlines()]
     assert sorted(line["step"] for line in lines if line["variant"] == "raw") == [5, 10, 15, 20, 25, 30, 35]
-    # TensorBoard shows one point per step: the abandoned 25 and 30 were purged.
-    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    assert [e.step for e in accumulator.Scalars("stability/cls/raw/score")] == [5, 10, 15, 20, 25, 30, 35]
+    # TensorBoard shows one point per step in every run: the abandoned 25 and 30 were purged.
+    runs = read_runs(tmp_path / "tensorboard")
+    assert [step for step, _ in runs["raw"]["stability/cls/score"]] == [5, 10, 15, 20, 25, 30, 35]
+    assert_runs_match(runs, expected_runs(resumed.history.records(), window=3))
 
 
 def test_an_earlier_step_is_treated_as_a_resume(tmp_path, caplog):

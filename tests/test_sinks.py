@@ -94,17 +94,24 @@ def test_scalar_items_rejects_bad_variant_and_duplicates():
         scalar_items([dup, dict(dup)])
 
 
-def test_custom_scalars_layout_one_chart_per_task():
+def test_custom_scalars_layout_one_chart_per_task_and_metric_over_the_variant_runs():
     layout = custom_scalars_layout(TASKS)
-    assert list(layout) == ["stability score", "stability IS", "stability MTV"]
-    assert list(layout["stability score"]) == ["mean", *TASKS]
-    assert layout["stability IS"]["arc_easy"] == [
-        "Multiline",
-        ["stability/arc_easy/raw/is", "stability/arc_easy/avg/is", "stability/arc_easy/ens/is"],
+    assert list(layout) == ["stability: mean", "stability: hellaswag", "stability: arc_easy"]
+    assert list(layout["stability: arc_easy"]) == [
+        "score (raw, avg, ens)",
+        "MTV (raw, avg, ens)",
+        "IS (raw, avg, ens)",
+        "MTV / raw's (avg, ens)",
+        "IS / raw's (avg, ens)",
     ]
-    assert layout["stability MTV"]["mean"][1] == [f"stability/mean/{v}/mtv" for v in VARIANTS]
-    # "mean" is not repeated when listed explicitly.
-    assert list(custom_scalars_layout(["mean", "x"])["stability score"]) == ["mean", "x"]
+    # A tag regex: the chart draws one line per run holding it (raw, avg, ens).
+    assert layout["stability: arc_easy"]["IS (raw, avg, ens)"] == ["Multiline", ["^stability/arc_easy/is$"]]
+    # One task: the mean equals it, so it gets no charts of its own.
+    assert list(custom_scalars_layout(["hellaswag"])) == ["stability: hellaswag"]
+    assert list(custom_scalars_layout(["mean", "x"])) == ["stability: x"]
+    assert custom_scalars_layout(["a.b"])["stability: a.b"]["score (raw, avg, ens)"][1] == [
+        "^stability/a\\.b/score$"
+    ]
     with pytest.raises(ValueError, match="task_names"):
         custom_scalars_layout("hellaswag")
 
@@ -117,52 +124,81 @@ def test_sinks_satisfy_protocol():
 # --- TensorBoardSink ------------------------------------------------------------------------
 
 
-def test_tensorboard_roundtrip_with_event_accumulator(tmp_path):
+def oracle_runs(records: list[dict]) -> dict[str, dict[str, float]]:
+    """The per-variant-run scalars, written out here from the record fields."""
+    runs: dict[str, dict[str, float]] = {}
+    for r in records:
+        tags = runs.setdefault(r["variant"], {})
+        for metric in ("score", "mtv", "is"):
+            if r[metric] is not None:
+                tags[f"stability/{r['task']}/{metric}"] = r[metric]
+        if r["variant"] != "raw":
+            raw = next(x for x in records if (x["task"], x["variant"]) == (r["task"], "raw"))
+            for metric in ("mtv", "is"):
+                if r[metric] is not None and raw[metric]:
+                    tags[f"stability/{r['task']}/{metric}_ratio"] = r[metric] / raw[metric]
+    return runs
+
+
+def test_tensorboard_one_run_per_variant_read_back_with_event_accumulators(tmp_path):
     log_dir = tmp_path / "tb"
     sink = TensorBoardSink(log_dir, task_names=TASKS)
     assert not log_dir.exists()  # lazy: constructing creates no files
 
     steps = [100, 200, 300]
-    expected: dict[str, list[tuple[int, float]]] = {}
+    expected: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for step in steps:
         records = make_records(step)
         sink.write(step, records)
-        for name, value in scalar_items(records).items():
-            expected.setdefault(name, []).append((step, value))
+        for run, tags in oracle_runs(records).items():
+            for tag, value in tags.items():
+                expected.setdefault(run, {}).setdefault(tag, []).append((step, value))
     sink.close()
 
-    acc = read_back(log_dir)
-    names = {
-        f"stability/{t}/{v}/{m}" for t in ["mean", *TASKS] for v in VARIANTS for m in ["score", "mtv", "is"]
-    }
-    assert set(acc.Tags()["scalars"]) == names == set(expected)
-    for tag, points in expected.items():
-        got = acc.Scalars(tag)
-        assert [ev.step for ev in got] == [step for step, _ in points]
-        for ev, (_, value) in zip(got, points, strict=True):
-            assert ev.value == pytest.approx(value, rel=1e-6, abs=1e-7)  # stored as float32
+    assert sorted(p.name for p in log_dir.iterdir()) == ["avg", "ens", "raw"]
+    for run in VARIANTS:
+        acc = read_back(log_dir / run)
+        assert set(acc.Tags()["scalars"]) == set(expected[run])
+        for tag, points in expected[run].items():
+            got = acc.Scalars(tag)
+            assert [ev.step for ev in got] == [step for step, _ in points]
+            for ev, (_, value) in zip(got, points, strict=True):
+                assert ev.value == pytest.approx(value, rel=1e-6, abs=1e-7)  # stored as float32
+    assert len(expected["raw"]) == 9 and len(expected["avg"]) == 15  # 3 tasks x (3 metrics + 2 ratios)
 
-    (layout,) = read_layouts(acc)  # written exactly once
-    by_category = {c.title: c for c in layout.category}
-    assert list(by_category) == ["stability score", "stability IS", "stability MTV"]
-    for title, metric in [("stability score", "score"), ("stability IS", "is"), ("stability MTV", "mtv")]:
-        charts = by_category[title].chart
-        assert [c.title for c in charts] == ["mean", *TASKS]
-        for chart in charts:
-            assert list(chart.multiline.tag) == [f"stability/{chart.title}/{v}/{metric}" for v in VARIANTS]
+    (layout,) = read_layouts(read_back(log_dir / "raw"))  # written exactly once, into the raw run
+    assert [c.title for c in layout.category] == list(custom_scalars_layout(TASKS))
+    assert custom_scalar_metadata.CONFIG_SUMMARY_TAG not in read_back(log_dir / "avg").Tags()["tensors"]
 
 
 def test_tensorboard_none_metrics_are_not_logged(tmp_path):
     sink = TensorBoardSink(tmp_path, task_names=[])
     sink.write(7, make_records(7, tasks=("mean",), with_mtv_is=False))
     sink.close()
-    assert sorted(read_back(tmp_path).Tags()["scalars"]) == [
-        f"stability/mean/{v}/score" for v in sorted(VARIANTS)
-    ]
+    for run in VARIANTS:
+        assert read_back(tmp_path / run).Tags()["scalars"] == ["stability/mean/score"]
 
 
-def test_tensorboard_purge_step_hides_abandoned_trajectory(tmp_path):
-    tag = "stability/mean/raw/score"
+def test_tensorboard_best_run_holds_the_best_at_each_change_and_best_json_as_text(tmp_path):
+    sink = TensorBoardSink(tmp_path, task_names=TASKS)
+    sink.write(10, make_records(10))
+    first = {"step": 10, "variant": "avg", "steps": [5, 10], "score": 0.5, "scores": {"a": 0.5},
+             "metric": "mean", "mode": "max", "path": "exports/step-00000010-avg"}  # fmt: skip
+    sink.best_changed(10, first, tmp_path / "exports" / "step-00000010-avg")
+    sink.write(20, make_records(20))
+    second = dict(first, step=20, steps=[15, 20], score=0.625, path="exports/step-00000020-avg")
+    sink.best_changed(20, second, tmp_path / "exports" / "step-00000020-avg")
+    sink.close()
+    acc = read_back(tmp_path / "best")
+    assert [(ev.step, ev.value) for ev in acc.Scalars("stability/best/step")] == [(10, 10.0), (20, 20.0)]
+    assert [(ev.step, ev.value) for ev in acc.Scalars("stability/best/score")] == [(10, 0.5), (20, 0.625)]
+    texts = [ev.tensor_proto.string_val[0].decode() for ev in acc.Tensors("stability/best/text_summary")]
+    assert len(texts) == 2
+    assert "| steps averaged | 15, 20 |" in texts[1] and "| score (mean, max) | 0.625 |" in texts[1]
+    assert f"| export | {tmp_path / 'exports' / 'step-00000020-avg'} |" in texts[1]
+
+
+def test_tensorboard_purge_step_hides_abandoned_trajectory_in_every_run(tmp_path):
     sink = TensorBoardSink(tmp_path, task_names=TASKS)
     for step in (10, 20, 30):
         sink.write(step, make_records(step))
@@ -178,68 +214,49 @@ def test_tensorboard_purge_step_hides_abandoned_trajectory(tmp_path):
     resumed.close()
 
     # EventAccumulator purges on the SessionLog.START event only with purge_orphaned_data=True
-    # (its default): every tag loses the points with step >= 21 read before that event.
-    acc = read_back(tmp_path)
-    got = [(ev.step, ev.value) for ev in acc.Scalars(tag)]
-    old = scalar_items(make_records(10))[tag], scalar_items(make_records(20))[tag]
-    assert [s for s, _ in got] == [10, 20, 30]
-    assert got[0][1] == pytest.approx(old[0]) and got[1][1] == pytest.approx(old[1])
-    assert got[2][1] == pytest.approx(scalar_items(new_records)[tag])
-    # Tags only written before the resume lose their points past the purge step as well.
-    assert [ev.step for ev in acc.Scalars("stability/hellaswag/ens/is")] == [10, 20, 30]
+    # (its default): every tag of the run loses the points with step >= 21 read before that event.
+    for run in VARIANTS:
+        tag = "stability/mean/score"
+        acc = read_back(tmp_path / run)
+        got = [(ev.step, ev.value) for ev in acc.Scalars(tag)]
+        old = [oracle_runs(make_records(s))[run][tag] for s in (10, 20)]
+        assert [s for s, _ in got] == [10, 20, 30]
+        assert got[0][1] == pytest.approx(old[0]) and got[1][1] == pytest.approx(old[1])
+        assert got[2][1] == pytest.approx(oracle_runs(new_records)[run][tag])
+        # Without purging, the abandoned point is still there: it is a display-side mechanism.
+        raw = read_back(tmp_path / run, purge_orphaned_data=False)
+        assert [ev.step for ev in raw.Scalars(tag)] == [10, 20, 30, 30]
 
-    # Without purging, the abandoned point is still there: it is a display-side mechanism.
-    raw = read_back(tmp_path, purge_orphaned_data=False)
-    assert [ev.step for ev in raw.Scalars(tag)] == [10, 20, 30, 30]
 
-
-class FakeWriter:
+class FakeLayoutWriter:
     def __init__(self):
-        self.scalars: list[tuple[str, float, int]] = []
         self.layouts: list[dict] = []
-        self.flushes = 0
-        self.closed = False
-
-    def add_scalar(self, tag, value, global_step=None):
-        self.scalars.append((tag, value, global_step))
 
     def add_custom_scalars(self, layout):
         self.layouts.append(layout)
 
-    def flush(self):
-        self.flushes += 1
 
-    def close(self):
-        self.closed = True
-
-
-def test_tensorboard_uses_given_writer_and_does_not_close_it(tmp_path):
-    writer = FakeWriter()
-    sink = TensorBoardSink(None, task_names=TASKS, writer=writer)
-    assert sink.writer is writer
+def test_tensorboard_layout_goes_to_a_given_writer_and_the_runs_to_log_dir(tmp_path):
+    writer = FakeLayoutWriter()
+    sink = TensorBoardSink(tmp_path / "stability", task_names=TASKS, layout_writer=writer)
     sink.write(1, make_records(1))
     sink.write(2, make_records(2))
     sink.close()
     sink.close()
-
-    assert not writer.closed
     assert writer.layouts == [custom_scalars_layout(TASKS)]
-    assert writer.flushes >= 2
-    expected = [(n, v, s) for s in (1, 2) for n, v in scalar_items(make_records(s)).items()]
-    assert writer.scalars == expected
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "stability").iterdir()) == ["avg", "ens", "raw"]
+    raw_run = read_back(tmp_path / "stability" / "raw")
+    assert custom_scalar_metadata.CONFIG_SUMMARY_TAG not in raw_run.Tags()["tensors"]
 
 
 def test_tensorboard_bad_arguments():
     with pytest.raises(ValueError, match="log_dir"):
-        TensorBoardSink(None, task_names=TASKS)
+        TensorBoardSink(None, task_names=TASKS)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="purge_step"):
         TensorBoardSink("x", task_names=TASKS, purge_step=-1)
-    with pytest.raises(ValueError, match="purge_step"):
-        TensorBoardSink(None, task_names=TASKS, purge_step=3, writer=FakeWriter())
-    with pytest.raises(ValueError, match="writer"):
-        TensorBoardSink(None, task_names=TASKS, writer=object())
-    sink = TensorBoardSink(None, task_names=TASKS, writer=FakeWriter())
+    with pytest.raises(ValueError, match="layout_writer"):
+        TensorBoardSink("x", task_names=TASKS, layout_writer=object())
+    sink = TensorBoardSink("x", task_names=TASKS)
     with pytest.raises(ValueError, match="step"):
         sink.write(5, make_records(6))
 

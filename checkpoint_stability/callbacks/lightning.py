@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,9 +40,10 @@ class StabilityCallback(StabilityCallbackBase, Callback):
       callback's checkpoint state, and a run resumed with ``trainer.fit(ckpt_path=...)`` continues in the
       restored directory whatever its ``default_root_dir``; snapshots, history lines and a best model
       newer than the restored step belong to the abandoned trajectory and are dropped.
-    - Loggers: a ``TensorBoardLogger`` gets the scalars through its own writer, with a custom-scalars
-      layout (one chart per task with raw, avg and ens together), and then the monitor writes no
-      TensorBoard run of its own (without one, it writes ``<dirpath>/tensorboard``). A ``WandbLogger``
+    - Loggers: beside a ``TensorBoardLogger``'s run, the scalars go to four runs of their own under its
+      ``log_dir``, ``stability/{raw,avg,ens,best}`` (tags ``stability/<task>/{score,mtv,is}``), so the
+      Time Series tab overlays raw, avg and ens on each card; the logger's writer holds the Custom
+      Scalars layout (without such a logger, the runs go to ``<dirpath>/tensorboard``). A ``WandbLogger``
       gets them through a :class:`~checkpoint_stability.sinks.wandb.WandbSink` on its step axis
       ``trainer/global_step``, plus one line chart per task. Every other logger (CSV, MLflow, ...) gets
       ``log_metrics(..., step=snapshot step)``. Only global rank 0 logs.
@@ -270,8 +272,13 @@ class StabilityCallback(StabilityCallbackBase, Callback):
                 if writer is None:
                     writer = framework_logger.experiment
                 else:
+                    experiment = framework_logger.experiment
                     sinks.append(
-                        TensorBoardSink(None, task_names=task_names, writer=framework_logger.experiment)
+                        TensorBoardSink(
+                            Path(experiment.get_logdir()) / "stability",
+                            task_names=task_names,
+                            layout_writer=experiment,
+                        )
                     )
             elif isinstance(framework_logger, WandbLogger):
                 synced = bool(getattr(framework_logger, "_wandb_init", {}).get("sync_tensorboard"))

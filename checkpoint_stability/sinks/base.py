@@ -17,13 +17,6 @@ from typing import Protocol, runtime_checkable
 
 from checkpoint_stability.records import MEAN_TASK, METRICS, VARIANTS, scalar_name
 
-# Human-facing chart categories, one per metric, in the order TensorBoard shows them.
-_LAYOUT_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("stability score", "score"),
-    ("stability IS", "is"),
-    ("stability MTV", "mtv"),
-)
-
 
 @runtime_checkable
 class Sink(Protocol):
@@ -62,6 +55,10 @@ class Sink(Protocol):
     # Optional: ``run_ended(self) -> object``, called once on rank 0 when a run finishes with
     # ``close()`` (not when it is abandoned or reopened), after the last ``write``: end-of-run work
     # such as the report (ReportSink). A failure there is reported as a "report" fault.
+    # Optional: ``best_changed(self, step, best, export) -> None``, called on rank 0 when the selected
+    # best model changed at snapshot ``step``: ``best`` is the new content of ``best.json``, ``export``
+    # the absolute path of its exported model (None for an ensemble). TensorBoard's ``best`` run and
+    # W&B's summary use it. A failure there is reported as a "sink" fault.
 
 
 def _variant_rank(variant: object) -> int:
@@ -119,26 +116,3 @@ def layout_task_names(task_names: Sequence[str]) -> list[str]:
         if task not in names:
             names.append(task)
     return names
-
-
-def custom_scalars_layout(task_names: Sequence[str]) -> dict:
-    """TensorBoard custom-scalars layout: per metric, one chart per task with raw, avg and ens.
-
-    The format is the one ``torch.utils.tensorboard.SummaryWriter.add_custom_scalars`` takes:
-    ``{category: {chart title: ["Multiline", [tag, ...]]}}``. The ``"mean"`` chart always comes
-    first.
-
-    Example::
-
-        writer.add_custom_scalars(custom_scalars_layout(["hellaswag", "arc_easy"]))
-        # "stability score" -> "hellaswag" chart plots
-        #   stability/hellaswag/{raw,avg,ens}/score on one set of axes
-    """
-    tasks = layout_task_names(task_names)
-    return {
-        category: {
-            task: ["Multiline", [scalar_name(task, variant, metric) for variant in VARIANTS]]
-            for task in tasks
-        }
-        for category, metric in _LAYOUT_CATEGORIES
-    }

@@ -1,121 +1,232 @@
-"""TensorBoard sink: scalars under the ``stability/...`` names plus a custom-scalars layout."""
+"""TensorBoard sink: one TensorBoard run per variant (``raw``, ``avg``, ``ens``) plus a ``best`` run, so
+every card of TensorBoard's default Time Series tab overlays the three variants in distinct colours."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from checkpoint_stability.sinks.base import custom_scalars_layout, layout_task_names, scalar_items
+from checkpoint_stability.records import METRICS, SCALAR_PREFIX, VARIANTS
+from checkpoint_stability.sinks.base import layout_task_names
 from checkpoint_stability.validation import require_int
+
+BEST_RUN = "best"
+RATIOS = ("mtv", "is")
+"""Metrics also logged as a ratio to raw's (``<metric>_ratio``) in the avg and ens runs."""
+BEST_TEXT_TAG = f"{SCALAR_PREFIX}/best"
+
+
+def run_tag(task: str, metric: str) -> str:
+    """The tag of one metric of one task inside a variant's run, e.g. ``stability/mean/score``.
+
+    >>> run_tag("hellaswag", "mtv_ratio")
+    'stability/hellaswag/mtv_ratio'
+    """
+    return f"{SCALAR_PREFIX}/{task}/{metric}"
+
+
+def run_scalars(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """The scalars of one step's records by run: ``{variant: {tag: value}}``.
+
+    Each variant's run holds ``stability/<task>/{score,mtv,is}`` (a metric that is None is left out);
+    the avg and ens runs also hold ``stability/<task>/{mtv,is}_ratio``, the variant's value divided by
+    raw's at the same step (left out when either is missing or raw's is 0).
+
+    >>> run_scalars([{"task": "t", "variant": "raw", "score": 0.5, "mtv": 0.2, "is": None},
+    ...              {"task": "t", "variant": "avg", "score": 0.6, "mtv": 0.1, "is": 0.3}])
+    {'raw': {'stability/t/score': 0.5, 'stability/t/mtv': 0.2}, 'avg': {'stability/t/score': 0.6, 'stability/t/mtv': 0.1, 'stability/t/is': 0.3, 'stability/t/mtv_ratio': 0.5}}
+    """  # noqa: E501
+    by_key: dict[tuple[str, str], dict] = {}
+    for record in records:
+        task, variant = record.get("task"), record.get("variant")
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"record task must be a non-empty string, got {task!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"record variant must be one of {list(VARIANTS)}, got {variant!r}")
+        if (task, variant) in by_key:
+            raise ValueError(
+                f"records must hold one record per (task, variant), got two for {task}/{variant}"
+            )
+        by_key[(task, variant)] = record
+    runs: dict[str, dict[str, float]] = {}
+    for (task, variant), record in by_key.items():
+        scalars = runs.setdefault(variant, {})
+        for metric in METRICS:
+            if record.get(metric) is not None:
+                scalars[run_tag(task, metric)] = float(record[metric])
+        raw = by_key.get((task, "raw"))
+        if variant == "raw" or raw is None:
+            continue
+        for metric in RATIOS:
+            mine, base = record.get(metric), raw.get(metric)
+            if mine is not None and base:
+                scalars[run_tag(task, f"{metric}_ratio")] = float(mine) / float(base)
+    return {variant: runs[variant] for variant in VARIANTS if variant in runs}
+
+
+def custom_scalars_layout(task_names: Sequence[str]) -> dict:
+    """Custom Scalars layout over the per-variant runs: per task, one chart per metric whose lines are
+    the runs (raw, avg, ens) holding that tag; ``"mean"`` first, left out when there is one task (it
+    equals that task). The format ``SummaryWriter.add_custom_scalars`` takes:
+    ``{category: {chart title: ["Multiline", [tag regex, ...]]}}``.
+
+    >>> sorted(custom_scalars_layout(["hellaswag"]))
+    ['stability: hellaswag']
+    >>> custom_scalars_layout(["hellaswag"])["stability: hellaswag"]["score (raw, avg, ens)"]
+    ['Multiline', ['^stability/hellaswag/score$']]
+    """
+    tasks = layout_task_names(task_names)
+    if len(tasks) == 2:  # "mean" and one task: the mean is that task's score
+        tasks = tasks[1:]
+    charts = (
+        ("score (raw, avg, ens)", "score"),
+        ("MTV (raw, avg, ens)", "mtv"),
+        ("IS (raw, avg, ens)", "is"),
+        ("MTV / raw's (avg, ens)", "mtv_ratio"),
+        ("IS / raw's (avg, ens)", "is_ratio"),
+    )
+    return {
+        f"stability: {task}": {
+            title: ["Multiline", [f"^{re.escape(run_tag(task, metric))}$"]] for title, metric in charts
+        }
+        for task in tasks
+    }
+
+
+def best_markdown(best: dict, export: Path | None) -> str:
+    """``best.json`` as a small markdown table, the text the ``best`` run shows."""
+    steps = best.get("steps") or [best.get("step")]
+    rows = [
+        ("step", best.get("step")),
+        ("variant", best.get("variant")),
+        ("steps averaged" if best.get("variant") == "avg" else "window steps", ", ".join(map(str, steps))),
+        (f"score ({best.get('metric') or 'mean'}, {best.get('mode') or 'max'})", best.get("score")),
+        *((f"score of {task}", value) for task, value in (best.get("scores") or {}).items()),
+        ("export", export if export is not None else "none (an ensemble is not one set of weights)"),
+    ]
+    lines = ["| | |", "| --- | --- |"]
+    lines += [
+        f"| {name} | {json.dumps(value) if isinstance(value, float) else value} |" for name, value in rows
+    ]
+    return "\n".join(lines)
 
 
 class TensorBoardSink:
-    """Write stability records as TensorBoard scalars.
+    """Write stability records as TensorBoard scalars, one run per variant.
 
-    Every item of :func:`scalar_items` is logged with ``add_scalar`` at ``global_step=step``,
-    and on the first write a custom-scalars layout is added so that the "Custom Scalars" tab
-    shows, per task (``"mean"`` first), one chart with raw, avg and ens together for each of
-    score, IS and MTV.
+    Under ``log_dir`` the sink keeps four runs, each its own ``SummaryWriter`` created at its first
+    point: ``raw``, ``avg`` and ``ens`` hold ``stability/<task>/{score,mtv,is}`` (``<task>`` includes
+    ``mean``), and the avg and ens runs also ``stability/<task>/{mtv,is}_ratio``, their steadiness as a
+    fraction of raw's over the same trailing horizon. The same tag in three runs is what makes
+    TensorBoard's default Time Series tab draw raw, avg and ens on one card, in three colours, with a
+    named value table. ``best`` holds ``stability/best/score`` and ``stability/best/step`` at each step
+    where the selected best model changed, and ``best.json`` as text (tag ``stability/best``).
 
-    Either pass ``log_dir`` and let the sink own a ``torch.utils.tensorboard.SummaryWriter``,
-    created lazily on the first write (constructing a sink creates no files), or hand over an
-    existing writer (anything with ``add_scalar``/``add_custom_scalars``/``flush``, e.g.
-    Lightning's ``TensorBoardLogger.experiment``), which the sink uses but never closes.
+    A Custom Scalars layout (:func:`custom_scalars_layout`: per task, one chart per metric) is written
+    once, into ``layout_writer`` when one is given (Lightning's ``TensorBoardLogger.experiment``, so
+    the layout sits with the logger's own run), else into the ``raw`` run.
 
-    Resuming: pass ``purge_step=S + 1`` when the run resumes from a checkpoint at step ``S``.
-    The new writer then starts its event file with a ``SessionLog.START`` event at that step,
-    and TensorBoard's reader (``EventAccumulator`` with its default
-    ``purge_orphaned_data=True``), on reaching that event, drops every point already read
-    with ``step >= purge_step`` from all tags. The abandoned trajectory's points after ``S``
-    therefore vanish from the charts, while everything up to and including ``S`` stays. Only
-    the display is affected: the old event file is left untouched on disk. The resumed run must
-    write into the same ``log_dir``.
+    Resuming: pass ``purge_step=S + 1`` when the run resumes from a checkpoint at step ``S``. Every run's
+    writer then starts its event file with a ``SessionLog.START`` at that step, and TensorBoard's reader
+    (``purge_orphaned_data=True``, its default) drops that run's points at or after it: the abandoned
+    trajectory's points vanish from every chart while everything up to ``S`` stays. The old event
+    files stay on disk. The resumed run must write into the same ``log_dir``.
 
     Example::
 
-        sink = TensorBoardSink("runs/exp1", task_names=["hellaswag", "arc_easy"])
-        sink.write(500, records)  # records: the dicts of step 500, incl. task "mean"
+        sink = TensorBoardSink("runs/exp1/stability", task_names=["hellaswag", "arc_easy"])
+        sink.write(500, records)        # the records of step 500, incl. task "mean"
+        sink.best_changed(500, best, export_dir)
         sink.close()
-
-        # after resuming from the checkpoint of step 1000:
-        sink = TensorBoardSink("runs/exp1", task_names=tasks, purge_step=1001)
+        # tensorboard --logdir runs/exp1   -> runs stability/raw, stability/avg, stability/ens, stability/best
     """
 
     def __init__(
         self,
-        log_dir: str | os.PathLike[str] | None,
+        log_dir: str | os.PathLike[str],
         *,
         task_names: Sequence[str],
         purge_step: int | None = None,
-        writer: Any = None,
+        layout_writer: Any = None,
     ) -> None:
-        if writer is None and log_dir is None:
-            raise ValueError("log_dir must be a directory path when no writer is given, got None")
+        if log_dir is None or not str(log_dir):
+            raise ValueError(f"log_dir must be a directory path, got {log_dir!r}")
         if purge_step is not None:
             purge_step = require_int("purge_step", purge_step, 0, optional=True)
-            # purge_step only takes effect when the SummaryWriter opens its event file, which a
-            # handed-over writer has already done; accepting it would silently do nothing.
-            if writer is not None:
-                raise ValueError(
-                    "purge_step must be None when a writer is given (set it on that writer instead), "
-                    f"got {purge_step!r}"
-                )
-        if writer is not None:
-            for method in ("add_scalar", "add_custom_scalars", "flush"):
-                if not callable(getattr(writer, method, None)):
-                    raise ValueError(f"writer must have a callable {method}(), got {type(writer).__name__}")
-
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        if layout_writer is not None and not callable(getattr(layout_writer, "add_custom_scalars", None)):
+            raise ValueError(
+                f"layout_writer must have a callable add_custom_scalars(), got {type(layout_writer).__name__}"
+            )
+        self.log_dir = os.fspath(log_dir)
         self.task_names = layout_task_names(task_names)
         self.purge_step = purge_step
-        self._writer = writer
-        self._owns_writer = writer is None
+        self._layout_writer = layout_writer
+        self._writers: dict[str, Any] = {}
         self._layout_written = False
         self._closed = False
 
-    @property
-    def writer(self) -> Any:
-        """The underlying writer, or None if an owned writer has not been created yet."""
-        return self._writer
+    def run_dir(self, run: str) -> Path:
+        """The directory of one of the sink's runs (``raw``, ``avg``, ``ens`` or ``best``)."""
+        return Path(self.log_dir) / run
 
-    def _get_writer(self) -> Any:
-        if self._writer is None:
+    def _writer(self, run: str) -> Any:
+        writer = self._writers.get(run)
+        if writer is None:
             # Imported here so that importing the sinks package does not pull in tensorboard.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(self.log_dir, purge_step=self.purge_step)
-        return self._writer
+            writer = SummaryWriter(str(self.run_dir(run)), purge_step=self.purge_step)
+            self._writers[run] = writer
+        return writer
 
     def write(self, step: int, records: list[dict]) -> None:
-        """Log all scalars of ``records`` at ``global_step=step`` and flush."""
-        if self._closed:
-            raise RuntimeError("TensorBoardSink.write called after close()")
+        """Log every run's scalars of ``records`` at ``global_step=step`` and flush."""
+        self._check_open()
         for record in records:
             if "step" in record and record["step"] != step:
                 raise ValueError(
                     f"records must all be of step {step}, got a record of step {record['step']!r}"
                 )
-        items = scalar_items(records)
-        writer = self._get_writer()
+        runs = run_scalars(records)
         if not self._layout_written:
-            # The custom-scalars plugin reads one layout per run, so write it exactly once.
-            writer.add_custom_scalars(custom_scalars_layout(self.task_names))
+            # The custom-scalars plugin reads one layout per run: written exactly once.
+            target = self._layout_writer if self._layout_writer is not None else self._writer("raw")
+            target.add_custom_scalars(custom_scalars_layout(self.task_names))
             self._layout_written = True
-        for name, value in items.items():
-            writer.add_scalar(name, value, global_step=step)
-        # Results arrive once per snapshot, so flushing every write is cheap and makes them
-        # visible immediately instead of after SummaryWriter's flush_secs (120 s by default).
+        for variant, scalars in runs.items():
+            writer = self._writer(variant)
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, global_step=step)
+            # Once per snapshot, so flushing every write is cheap and shows results at once rather
+            # than after SummaryWriter's flush_secs (120 s by default).
+            writer.flush()
+
+    def best_changed(self, step: int, best: dict, export: Path | None) -> None:
+        """The selected best model changed at ``step``: its score and step, and ``best.json`` as text."""
+        self._check_open()
+        writer = self._writer(BEST_RUN)
+        if best.get("score") is not None:
+            writer.add_scalar(f"{SCALAR_PREFIX}/best/score", float(best["score"]), global_step=step)
+        writer.add_scalar(f"{SCALAR_PREFIX}/best/step", float(best["step"]), global_step=step)
+        writer.add_text(BEST_TEXT_TAG, best_markdown(best, export), global_step=step)
         writer.flush()
 
     def close(self) -> None:
-        """Close the owned writer; a handed-over writer is only flushed. Safe to call twice."""
+        """Close the sink's writers (a layout writer handed over is the caller's). Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        if self._writer is None:
-            return
-        if self._owns_writer:
-            self._writer.close()
-        else:
-            self._writer.flush()
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("TensorBoardSink used after close()")
+
+
+__all__ = ["TensorBoardSink", "custom_scalars_layout", "run_scalars", "run_tag"]
