@@ -26,6 +26,11 @@ VARIANT_NAMES = {
     "ens": "ens (output vote)",
 }
 WRONG_COLOR, RIGHT_COLOR = "#f7f7f7", "#2c7fb8"
+BEST_COLOR = "#222222"
+# Tasks in the window sweep: hues (and markers) that none of the variants above uses, so a task's line is
+# never read as raw (grey), avg (blue) or ens (orange) of the score plots.
+TASK_COLORS = ("#7b3294", "#1b9e77", "#c51b7d", "#8c6d31", "#d6a000", "#4d4d9f", "#b2182b", "#5aae61")
+TASK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 DPI = 130
 
 _STYLE = {
@@ -50,6 +55,52 @@ class Curve:
     steps: list[int]
     scores: list[float]
     mtv: float | None = None
+
+
+@dataclass
+class BestMarker:
+    """Where the selected best model sits on a task's score plot: a vertical line at ``step``, and a
+    marker at ``score`` (the chosen variant's value there; None when that curve has no value at
+    ``step``)."""
+
+    step: int
+    variant: str
+    window: int
+    score: float | None
+    label: str
+
+
+def best_marker(best: dict | None, curves: Sequence[Curve]) -> BestMarker | None:
+    """The best model's marker on one task's curves, or None when no curve holds its step.
+
+    ``best`` is ``best.json`` as :func:`~checkpoint_stability.selection.read_best` returns it. The marker
+    goes on the curve of the chosen variant and window (raw has window 1; when the window is not
+    recorded, the variant's only curve that holds the step).
+
+    >>> curves = [Curve("raw", 1, [10, 20], [0.5, 0.6]), Curve("avg", 3, [10, 20], [0.55, 0.7])]
+    >>> best_marker({"step": 20, "variant": "avg", "window": 3}, curves)
+    BestMarker(step=20, variant='avg', window=3, score=0.7, label='best: step 20 (avg)')
+    >>> best_marker({"step": 30, "variant": "avg", "window": 3}, curves) is None
+    True
+    """
+    if best is None:
+        return None
+    step, variant = best["step"], best["variant"]
+    if not any(step in curve.steps for curve in curves):
+        return None
+    window = 1 if variant == "raw" else best.get("window")
+    holding = [c for c in curves if c.variant == variant and step in c.steps]
+    chosen = next((c for c in holding if c.window == window), None)
+    if chosen is None and window is None and len(holding) == 1:
+        chosen = holding[0]
+    score = chosen.scores[chosen.steps.index(step)] if chosen is not None else None
+    return BestMarker(
+        step=step,
+        variant=variant,
+        window=chosen.window if chosen is not None else (window or 0),
+        score=score,
+        label=f"best: step {step} ({variant})",
+    )
 
 
 @dataclass
@@ -102,6 +153,31 @@ def _plot_curve(axes, curve: Curve, color: str, *, raw: bool = False, label: str
         axes.plot(curve.steps, curve.scores, color=color, lw=2.0, marker="o", ms=3, label=label, zorder=3)
 
 
+def _mark_best(axes, best: BestMarker, *, with_marker: bool) -> None:
+    """A dashed vertical line at the best step, and a star on the chosen curve (gid ``"best"`` on both, so
+    a reader of the figure can find them)."""
+    if with_marker and best.score is not None:
+        axes.axvline(best.step, color=BEST_COLOR, lw=1.2, ls="--", alpha=0.8, zorder=2, gid="best")
+        axes.plot(
+            [best.step],
+            [best.score],
+            ls="none",
+            marker="*",
+            ms=16,
+            mfc=VARIANT_COLORS.get(best.variant, RAW_COLOR),
+            mec=BEST_COLOR,
+            mew=1.0,
+            zorder=5,
+            clip_on=False,  # the best is often the last evaluation, on the axes' edge
+            gid="best",
+            label=f"{best.label}, score {best.score:.3f}",
+        )
+    else:
+        axes.axvline(
+            best.step, color=BEST_COLOR, lw=1.2, ls="--", alpha=0.8, zorder=2, gid="best", label=best.label
+        )
+
+
 def _shade_final(axes, final_start: int | None, last_step: int | None, fraction_label: str) -> None:
     if final_start is None or last_step is None:
         return
@@ -117,13 +193,15 @@ def plot_scores(
     others: Sequence[Curve],
     final_start: int | None,
     final_label: str,
-) -> None:
+    best: BestMarker | None = None,
+):
     """Score over steps for raw and each avg/ens window; the final evaluations that the table's MTV and
-    IS are computed over are shaded.
+    IS are computed over are shaded. Return the figure (already saved; its artists can be inspected).
 
     One panel when each variant has a single window; otherwise one panel per variant (raw repeated in
     each as the reference), its windows shaded light to dark, so no panel holds more than a handful of
-    lines.
+    lines. ``best`` (see :func:`best_marker`): a dashed line at the selected model's step in every panel,
+    and a star on the chosen variant's curve in the panel that holds it.
     """
     variants = list(dict.fromkeys(c.variant for c in others))
     several = any(sum(c.variant == v for c in others) > 1 for v in variants)
@@ -150,6 +228,9 @@ def plot_scores(
                 for curve in group:
                     color = VARIANT_COLORS.get(curve.variant, "#2ca02c")
                     _plot_curve(axes, curve, color, label=_label(curve))
+            if best is not None:
+                holds = best.variant == "raw" or any(c.variant == best.variant for c in group)
+                _mark_best(axes, best, with_marker=holds)
             axes.set_xlabel("optimizer step")
             axes.grid(True, alpha=0.3)
             if several:
@@ -161,6 +242,7 @@ def plot_scores(
         title = "mean over tasks" if task == "mean" else f"task {task!r}"
         figure.suptitle(f"Score at each evaluation — {title}")
         _save(figure, path)
+    return figure
 
 
 def _colormap(name: str):
@@ -243,29 +325,36 @@ def _spread(count: int, most: int) -> list[int]:
     return sorted(ticks)
 
 
-def plot_window_sweep(path: Path, *, sweeps: dict[str, list[dict]], final_label: str) -> None:
-    """Mean score, MTV and IS over the final evaluations against the vote ensemble's window size ``n``;
-    one line per task. ``n = 1`` is the live model itself."""
+def plot_window_sweep(path: Path, *, sweeps: dict[str, list[dict]], final_label: str):
+    """Score, MTV and IS over the final evaluations against the vote ensemble's window size ``n``; one
+    line per task, in :data:`TASK_COLORS` (none of them a variant's colour). ``n = 1`` is the live model
+    itself. Return the figure (already saved)."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    panels = (("score", "mean score"), ("mtv", "MTV (score change)"), ("is", "IS (answer flips)"))
+    panels = (
+        ("score", "score (higher is better)", f"score (mean over the {final_label})"),
+        ("mtv", "MTV: how much the score moves", "MTV (lower is steadier)"),
+        ("is", "IS: how often answers flip", "IS (lower is steadier)"),
+    )
     windows = sorted({row["n"] for rows in sweeps.values() for row in rows})
     with _figure(13.5, 4.4) as figure:
         axes_row = figure.subplots(1, len(panels), squeeze=False)[0]
-        colors = _colormap("tab10")
-        for axes, (key, label) in zip(axes_row, panels, strict=True):
+        for axes, (key, title, ylabel) in zip(axes_row, panels, strict=True):
             for k, (task, rows) in enumerate(sweeps.items()):
                 points = [(row["n"], row[key]) for row in rows if row[key] is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    axes.plot(xs, ys, marker="o", lw=2, ms=5, color=colors(k % 10), label=task)
+                    color = TASK_COLORS[k % len(TASK_COLORS)]
+                    marker = TASK_MARKERS[k % len(TASK_MARKERS)]
+                    # Unclipped: an MTV or IS of 0 sits on the bottom edge.
+                    axes.plot(xs, ys, marker=marker, lw=2, ms=5, color=color, label=task, clip_on=False)
             axes.set_xscale("log")
             axes.xaxis.set_major_locator(FixedLocator(windows))
             axes.xaxis.set_minor_locator(NullLocator())
             axes.set_xticklabels([str(n) for n in windows])
-            axes.set_xlabel("ensemble window n (snapshots voted)")
-            axes.set_ylabel(label)
-            axes.set_title(f"{label}, {final_label}")
+            axes.set_xlabel("n: last snapshots whose outputs are voted")
+            axes.set_ylabel(ylabel)
+            axes.set_title(title)
             axes.grid(True, alpha=0.3)
             if key != "score":
                 axes.set_ylim(bottom=0)
@@ -274,5 +363,9 @@ def plot_window_sweep(path: Path, *, sweeps: dict[str, list[dict]], final_label:
             figure.legend(handles, labels, loc="outside right center", title="task")
         else:
             axes_row[0].legend(title="task")
-        figure.suptitle("Vote ensemble of the last n evaluations of the live model (n = 1: the live model)")
+        figure.suptitle(
+            f"Ensemble of the last n snapshots (vote of their outputs; n = 1 is the live model), "
+            f"over the {final_label} of evaluations"
+        )
         _save(figure, path)
+    return figure
