@@ -2,11 +2,13 @@
 
 ``write_report(run_dir)`` reads ``history.jsonl`` and ``examples/`` and writes ``<run_dir>/report/``:
 
-* ``report.md`` — the run at a glance; a table of score, MTV and IS per task, variant and window over
-  the final 20% of evaluations (the paper's protocol) and over the whole run; the ensemble window-size
-  sweep; the error lines, if any;
-* ``scores-<task>.png`` — each task's score over steps for raw, avg and ens (and ``scores-mean.png``,
-  the mean over tasks, when there are several tasks);
+* ``report.md`` — the run at a glance; the best model that ``best.json`` names (step, variant, the
+  snapshots combined, its scores, its export and how to load it); a table of score, MTV and IS per
+  task, variant and window over the final 20% of evaluations (the paper's protocol) and over the whole
+  run; the ensemble window-size sweep; the error lines, if any;
+* ``scores-<task>.png`` — each task's score over steps for raw, avg and ens, the best model's step marked
+  (and ``scores-mean.png``, the mean over tasks, when there are several tasks: over one task the mean is
+  that task);
 * ``flips-<task>.png`` — which examples change their score over the last evaluations, raw beside avg
   and ens;
 * ``window-sweep.png`` — the vote ensemble of the last ``n`` raw evaluations, n = 1, 2, 5, 10, 20,
@@ -29,6 +31,7 @@ their own Agg canvases, so a user's interactive backend and pyplot state are lef
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,6 +57,7 @@ from checkpoint_stability.reporting.summary import (
     series_records,
     summarize,
 )
+from checkpoint_stability.selection import BEST_FILE, read_best
 from checkpoint_stability.storage.atomic_files import fsync_directory
 from checkpoint_stability.storage.confinement import UnsafePathError, open_confined
 
@@ -259,6 +263,7 @@ class _ReportWriter:
         self._file_names: set[str] = set()
         self.summary: dict[tuple, dict] = {}
         self.md: list[str] = []
+        self.best, self.best_problem = _read_best(run_dir)
 
     def write(self) -> None:
         self.md += ["# Checkpoint stability report", ""]
@@ -274,8 +279,10 @@ class _ReportWriter:
                 "least one snapshot.",
                 "",
             ]
+            self._best_model()
         else:
             self._overview()
+            self._best_model()
             self._table()
             self._curves()
             self._flips()
@@ -302,6 +309,119 @@ class _ReportWriter:
                 f"| {examples} | {series} |"
             )
         self.md.append("")
+
+    def _best_model(self) -> None:
+        self.md += ["## Best model", ""]
+        best = self.best
+        if self.best_problem is not None:
+            self.md += [
+                f"`{BEST_FILE}` cannot be used, so no best model is shown: {_cell(self.best_problem)}",
+                "",
+            ]
+            return
+        if best is None:
+            if (self.run_dir / ANALYSIS_FILE).is_file():
+                why = "an offline analysis (`analyze`) evaluates checkpoints and selects none"
+            else:
+                why = (
+                    f"the run directory holds no `{BEST_FILE}`: selection was off (`select=None`), or no "
+                    "snapshot was scored yet"
+                )
+            self.md += [f"No best model was selected: {why}.", ""]
+            return
+        step, variant = best["step"], best["variant"]
+        steps = list(best.get("steps") or [step])
+        self.md += [
+            f"The model the run selected, as `{BEST_FILE}` records it: **step {step}, {variant}**.",
+            "",
+            f"- **Step**: {step}",
+            f"- **Variant**: {variant} ({_VARIANT_MEANING.get(variant, variant)})",
+            f"- **Window**: {_window_text(variant, steps)}",
+        ]
+        metric, mode = best.get("metric"), best.get("mode") or "max"
+        if best.get("score") is None:
+            self.md.append(
+                "- **Score**: none — a run without tasks exports its final window average; nothing was scored"
+            )
+        else:
+            better = "higher" if mode == "max" else "lower"
+            candidates = _SELECT_CANDIDATES.get(best.get("select") or "", "")
+            select = f"; `select={best['select']!r}`{candidates}" if best.get("select") else ""
+            self.md += [
+                f"- **Selected on**: the `{_cell(metric)}` score, {better} is better (mode `{mode}`{select})",
+                f"- **Score**: {best['score']:.4f}",
+            ]
+        self.md += self._best_scores(best)
+        self.md += self._best_export(best)
+        kept = [entry for entry in best.get("kept") or [] if isinstance(entry, dict)]
+        if kept:
+            self.md.append(
+                f"Earlier bests, chosen under other settings, are kept beside it (`kept` in `{BEST_FILE}`):"
+            )
+            self.md.append("")
+            for entry in kept:
+                where = f"`{entry['path']}`" if entry.get("path") else "not exported (an ensemble)"
+                scored = ""
+                if entry.get("score") is not None:
+                    scored = f", {_cell(entry.get('metric') or 'score')} score {_score_text(entry['score'])}"
+                what = f"step {_cell(entry.get('step'))}, {_cell(entry.get('variant'))}{scored}"
+                self.md.append(f"- {what}: {_cell(where)}")
+            self.md.append("")
+
+    def _best_scores(self, best: dict) -> list[str]:
+        scores = best.get("scores")
+        if not isinstance(scores, dict) or not scores:
+            return [""]
+        lines = ["", f"Scores of {best['variant']} at step {best['step']}:", ""]
+        lines += ["| task | score |", "|---|---:|"]
+        for task, score in scores.items():
+            lines.append(f"| {_cell(task)} | {_score_text(score)} |")
+        if best.get("metric") == MEAN_TASK and best.get("score") is not None:
+            lines.append(f"| mean over tasks | {best['score']:.4f} |")
+        if len(scores) == 1 and best.get("metric") == MEAN_TASK:
+            lines += ["", "With one task, the mean over tasks is that task's score."]
+        return [*lines, ""]
+
+    def _best_export(self, best: dict) -> list[str]:
+        if best.get("path") is None:
+            return [
+                "- **Export**: none — an ensemble is the vote of several snapshots' outputs, not one set of "
+                "weights; `load_best` refuses it (`select='avg'` or `'raw'` exports weights)",
+                "",
+            ]
+        run_dir = str(self.run_dir.resolve())
+        export = self.run_dir.resolve() / best["path"]
+        lines = [
+            f"- **Export**: `{best['path']}` (in the run directory)",
+            "",
+            "Load it into a model of the architecture that was trained:",
+            "",
+            "```python",
+            "import checkpoint_stability",
+            "",
+            f"checkpoint_stability.load_best({_python_string(run_dir)}, model)",
+            "```",
+            "",
+        ]
+        if (export / "config.json").is_file():
+            lines += [
+                "It is a Hugging Face `save_pretrained` directory (it holds `config.json`), so it also loads "
+                "on its own:",
+                "",
+                "```python",
+                "from transformers import AutoModelForCausalLM",
+                "",
+                f"model = AutoModelForCausalLM.from_pretrained({_python_string(str(export))})",
+                "```",
+                "",
+            ]
+        else:
+            lines += [
+                "It holds the weights only (no `config.json`, so not a Hugging Face `save_pretrained` "
+                "directory): `load_best` puts them into a model you build.",
+                "",
+            ]
+        return lines
 
     def _table(self) -> None:
         include_mean = len(self.tasks) > 1
@@ -346,6 +466,11 @@ class _ReportWriter:
                 "- **mean**: the score averaged over tasks at each step; its MTV is that of the mean-score "
                 "series, its IS the mean of the tasks' IS."
             )
+        else:
+            self.md.append(
+                f"- With one task, the mean over tasks is that task's score: the `{MEAN_TASK}` series (which "
+                "best-model selection uses by default) has no rows or plot of its own."
+            )
         self.md += self._series_notes()
         self.md.append("")
 
@@ -378,12 +503,17 @@ class _ReportWriter:
         return notes
 
     def _curves(self) -> None:
-        from checkpoint_stability.reporting.plots import Curve, plot_scores
+        from checkpoint_stability.reporting.plots import Curve, best_marker, plot_scores
 
         self.md += ["## Scores over training", ""]
         self.md += [
             "Grey: the live model (raw). Blue: the window's weight average (avg). Orange: the vote of the "
-            f"window's outputs (ens). Shaded: the {self.final_label} of evaluations that the table covers.",
+            f"window's outputs (ens). Shaded: the {self.final_label} of evaluations that the table covers."
+            + (
+                f" Dashed line and star: the best model (step {self.best['step']}, {self.best['variant']})."
+                if self.best is not None
+                else ""
+            ),
             "",
         ]
         names = self.tasks + ([MEAN_TASK] if len(self.tasks) > 1 else [])
@@ -419,6 +549,7 @@ class _ReportWriter:
                 others=others,
                 final_start=final_start,
                 final_label=self.final_label,
+                best=best_marker(self.best, curves),
             )
             title = "Mean over tasks" if task == MEAN_TASK else f"Task {task}"
             self.md += [f"![{title}: score over steps]({name})", ""]
@@ -492,6 +623,7 @@ class _ReportWriter:
             name = self._file_name("flips", task)
             plot_flips(self.out / name, task=task, panels=panels, row_labels=labels, subtitle=subtitle)
             self.md += ["", f"![Task {task}: per-example scores over the last evaluations]({name})", ""]
+            self.md += [_example_id_caption(task, meta), ""]
 
     def _flip_series(self, task: str) -> list[tuple[str, int, list[dict]]]:
         """(variant, window, last examples lines) for raw and the largest avg and ens windows (the
@@ -601,6 +733,69 @@ class _ReportWriter:
             name, k = f"{stem}-{k}.png", k + 1
         self._file_names.add(name.lower())
         return name
+
+
+ANALYSIS_FILE = "analysis.json"
+"""What ``analyze`` writes beside its history (``offline.analysis.ANALYSIS_FILE``; reporting does not import
+the offline layer)."""
+
+_VARIANT_MEANING = {
+    "raw": "the live model at that step",
+    "avg": "the uniform weight average of the window's snapshots",
+    "ens": "the vote of the window's snapshots' outputs",
+}
+_SELECT_CANDIDATES = {
+    "avg": ": candidates avg",
+    "raw": ": candidates raw",
+    "any": ": candidates avg, raw, ens",
+}
+
+
+def _read_best(run_dir: Path) -> tuple[dict | None, str | None]:
+    """``best.json`` as :func:`read_best` checks it, or why it cannot be used (the report goes on)."""
+    try:
+        return read_best(run_dir), None
+    except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
+        logger.warning("%s: the best model is left out of the report: %s", run_dir / BEST_FILE, error)
+        return None, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _score_text(value: object) -> str:
+    """A score with 4 decimals; anything else a hand-edited ``best.json`` may hold, as text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return _cell(value)
+
+
+def _window_text(variant: str, steps: list) -> str:
+    if variant == "raw":
+        return f"none: the raw model is the one snapshot of step {_cell(steps[-1])}"
+    plural = "snapshot" if len(steps) == 1 else f"{len(steps)} snapshots"
+    combined = "averaged" if variant == "avg" else "voted"
+    return f"the {plural} {combined}, at steps {', '.join(_cell(s) for s in steps)}"
+
+
+def _python_string(text: str) -> str:
+    """``text`` as a double-quoted Python string literal (JSON's escapes are Python's too)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_EXAMPLE_IDS = {
+    "next_token": "`s{sequence}:t{position}` — the token predicted at position `t` of validation "
+    "sequence `s` (both counted from 0); every predicted token is an example",
+    "classification": "the example's index in the validation data (from 0)",
+}
+
+
+def _example_id_caption(task: str, meta: dict | None) -> str:
+    kind = (meta or {}).get("kind")
+    what = _EXAMPLE_IDS.get(
+        str(kind),
+        "the task's own example ids (by default the example's index, from 0; for an lm-eval task, the "
+        "harness's `doc_id`)",
+    )
+    kind_text = f" (kind `{_cell(kind)}`)" if kind else ""
+    return f"Example ids of task {_cell(task)}{kind_text}: {what}."
 
 
 def _changes(lines: list[dict], n_examples: int) -> list[int]:
