@@ -127,11 +127,16 @@ class RecordPublisher:
         return report
 
     def tensorboard_dirs(self) -> list[str]:
-        """The directories the TensorBoard sinks write to (the summary tells the user where to look)."""
+        """Where to point ``tensorboard --logdir`` (the summary says it): the runs' directory, or beside
+        a framework's own run (``.../stability`` under its log directory) that run's parent, so the
+        training loss shows with the stability runs."""
         found = []
         for sink in self.sinks:
-            if isinstance(sink, TensorBoardSink) and sink.log_dir not in found:
-                found.append(sink.log_dir)
+            if isinstance(sink, TensorBoardSink):
+                directory = Path(sink.log_dir)
+                shown = str(directory.parent if directory.name == "stability" else directory)
+                if shown not in found:
+                    found.append(shown)
         return found
 
     def close(self) -> None:

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PREFIX = "[stability]"
+TENSORBOARD_SETTINGS = (
+    "in TensorBoard set Smoothing to 0 and untick 'Ignore outliers in chart scaling': the raw curve's "
+    "noise and the best peaks are what the runs raw, avg and ens are compared on"
+)
 
 
 def run_summary_lines(
@@ -45,7 +49,8 @@ def run_summary_lines(
         [stability]   report: /runs/exp/stability/report/report.md
         [stability]   history: /runs/exp/stability/history.jsonl
         [stability]   TensorBoard: tensorboard --logdir /runs/exp/stability/tensorboard
-    """
+        [stability]     in TensorBoard set Smoothing to 0 and untick 'Ignore outliers in chart scaling': the raw curve's noise and the best peaks are what the runs raw, avg and ens are compared on
+    """  # noqa: E501
     at = f"at step {last_step}" if last_step is not None else "before its first snapshot"
     plural = "" if snapshots == 1 else "s"
     lines = [f"run ended {at} after {snapshots} snapshot{plural} (window {window}); results in {run_dir}"]
@@ -56,6 +61,8 @@ def run_summary_lines(
         lines.append(f"  history: {run_dir / 'history.jsonl'}")
     for directory in tensorboard:
         lines.append(f"  TensorBoard: tensorboard --logdir {directory}")
+    if tensorboard:
+        lines.append(f"    {TENSORBOARD_SETTINGS}")
     if faults:
         kinds = f"{len(faults)} kind{'' if len(faults) == 1 else 's'}"
         lines.append(f"  faults ({kinds}; every occurrence is an error line in the history):")

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
+from tensorboard_runs import assert_runs_match, expected_runs, read_runs
 from tiny_training import CLASSES, FEATURES, classify_task, make_data
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -200,13 +201,15 @@ def test_tensorboard_and_csv_loggers_get_every_key_at_the_snapshot_steps(tmp_pat
         # mtv and is need two evaluations of the series
         assert sorted(by_step) == ([8, 12] if name.endswith(("/mtv", "/is")) else [4, 8, 12]), name
 
-    # Exactly one TensorBoard destination: the logger's own run, custom-scalars layout included.
+    # Exactly one TensorBoard destination: the variant runs beside the logger's own run, and the
+    # custom-scalars layout in the logger's writer.
     assert not (run_dir / "tensorboard").exists()
+    runs = read_runs(Path(tb.log_dir), prefix="stability/")
+    assert sorted(runs) == ["avg", "best", "ens", "raw"]
+    assert_runs_match(runs, expected_runs(history(run_dir), window=2))
+    best = json.loads((run_dir / "best.json").read_text())
+    assert runs["best"]["stability/best/step"][-1] == (best["step"], pytest.approx(best["step"]))
     acc = read_tensorboard(Path(tb.log_dir))
-    for name, by_step in expected.items():
-        assert [(e.step, e.value) for e in acc.Scalars(name)] == [
-            (s, pytest.approx(v, abs=1e-6)) for s, v in sorted(by_step.items())
-        ], name
     tag = custom_scalar_metadata.CONFIG_SUMMARY_TAG
     layouts = [layout_pb2.Layout.FromString(e.tensor_proto.string_val[0]) for e in acc.Tensors(tag)]
     assert len(layouts) == 1
@@ -216,10 +219,11 @@ def test_tensorboard_and_csv_loggers_get_every_key_at_the_snapshot_steps(tmp_pat
         for chart in category.chart
     }
     assert charts == {
-        (category, task): tags
-        for category, by_task in custom_scalars_layout(["a", "b"]).items()
-        for task, (_, tags) in by_task.items()
+        (category, title): tags
+        for category, by_title in custom_scalars_layout(["a", "b"]).items()
+        for title, (_, tags) in by_title.items()
     }
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("stability/")]  # not in the logger's run
 
     # CSV: the same values at the same steps.
     rows = read_csv(Path(csv_logger.log_dir) / "metrics.csv")
@@ -356,12 +360,9 @@ def test_resume_drops_the_abandoned_trajectory_and_continues_in_the_restored_dir
     best = json.loads((run_dir / "best.json").read_text())
     assert best["step"] <= 16 and set(best["steps"]) <= set(steps)
 
-    # The monitor's own TensorBoard run (no logger here) purged the abandoned step 10.
-    acc = read_tensorboard(run_dir / "tensorboard")
-    by_step = {r["step"]: r["score"] for r in records if r["task"] == "cls" and r["variant"] == "raw"}
-    assert [(e.step, e.value) for e in acc.Scalars("stability/cls/raw/score")] == [
-        (s, pytest.approx(v, abs=1e-6)) for s, v in sorted(by_step.items())
-    ]
+    # The monitor's own TensorBoard runs (no logger here) purged the abandoned step 10: every run
+    # holds each step once, with the resumed trajectory's values.
+    assert_runs_match(read_runs(run_dir / "tensorboard"), expected_runs(history(run_dir), window=3))
 
 
 # ------------------------------------------------------------------------------- the default task

@@ -230,9 +230,12 @@ def test_only_rank_zero_writes(runs, mode):
     if mode == "tasks":
         # report_to=["tensorboard"]: one TensorBoard run beside the Trainer's, written by rank 0 alone.
         board = runs / mode / "hf" / "runs" / "stability"
-        events = list(board.iterdir())
-        assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
-        assert str(events[0]) in written
+        # One event file per variant run (and the best run), each written by rank 0.
+        assert sorted(p.name for p in board.iterdir()) == ["avg", "best", "ens", "raw"]
+        for run in board.iterdir():
+            events = list(run.iterdir())
+            assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+            assert str(events[0]) in written
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
+from tensorboard_runs import assert_runs_match, expected_runs, read_runs
 from tiny_lm import CORPUS, tiny_gpt2, tiny_tokenizer
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -124,18 +125,6 @@ def raw_events(log_dir: Path) -> list[tuple[str, event_pb2.Event]]:
 
 def event_files(root: Path) -> list[Path]:
     return sorted(root.rglob("events.out.tfevents.*"))
-
-
-def assert_tensorboard_matches(events: EventAccumulator, want: dict[int, dict[str, float]]) -> None:
-    """Each stability tag holds exactly one point per step it was logged at, with the history's value."""
-    tags = {t for t in events.Tags()["scalars"] if t.startswith("stability/")}
-    names = {name for items in want.values() for name in items}
-    assert tags == names
-    for name in sorted(names):
-        points = [(e.step, e.value) for e in events.Scalars(name)]
-        expected = [(step, items[name]) for step, items in want.items() if name in items]
-        assert [s for s, _ in points] == [s for s, _ in expected], name
-        assert [v for _, v in points] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-7), name
 
 
 # ---------------------------------------------------------------------------------------------- W&B
@@ -293,25 +282,33 @@ def test_resume_purges_the_abandoned_points_from_tensorboard(tmp_path):
     example_keys = [(e["step"], e["variant"], e["window"]) for e in examples]
     assert len(example_keys) == len(set(example_keys)) and {s for s, _, _ in example_keys} == {2, 4, 6, 8}
 
-    # On disk both trajectories are still there: the abandoned step-6 points, then a purge marker at 5
-    # (the first run's marker at 1 hides points of any earlier run that started over in this directory).
-    events = raw_events(log_dir)
-    files = sorted({name for name, _ in events})
-    assert len(files) == 2
-    starts = [(name, e.step) for name, e in events if e.session_log.status == event_pb2.SessionLog.START]
-    assert starts == [(files[0], 1), (files[1], 5)]
+    # On disk both trajectories are still there, in every variant's run: the abandoned step-6 points,
+    # then a purge marker at 5 (the first run's marker at 1 hides points of any earlier run that
+    # started over in this directory).
     changed = []
-    for name in kept[6]:
-        points = scalar_points(events, name)
-        assert [(f, s) for f, s, _ in points if s == 6] == [(files[0], 6), (files[1], 6)], name
-        old, new = (v for _, s, v in points if s == 6)
-        assert old == pytest.approx(abandoned[6][name], rel=1e-6, abs=1e-7)
-        if old != pytest.approx(new, rel=1e-6, abs=1e-7):
-            changed.append(name)
+    for variant in VARIANTS:
+        events = raw_events(log_dir / variant)
+        files = sorted({name for name, _ in events})
+        assert len(files) == 2
+        starts = [(name, e.step) for name, e in events if e.session_log.status == event_pb2.SessionLog.START]
+        assert starts == [(files[0], 1), (files[1], 5)]
+        for name in kept[6]:
+            _, task, of_variant, metric = name.split("/")
+            if of_variant != variant:
+                continue
+            points = scalar_points(events, f"stability/{task}/{metric}")
+            assert [(f, s) for f, s, _ in points if s == 6] == [(files[0], 6), (files[1], 6)], name
+            old, new = (v for _, s, v in points if s == 6)
+            assert old == pytest.approx(abandoned[6][name], rel=1e-6, abs=1e-7)
+            if old != pytest.approx(new, rel=1e-6, abs=1e-7):
+                changed.append(name)
     assert changed, "the resumed trajectory should differ from the abandoned one at step 6"
 
-    # TensorBoard's reader applies the purge: one point per step, the kept trajectory's values.
-    assert_tensorboard_matches(accumulated(log_dir), kept)
+    # TensorBoard's reader applies the purge: one point per step in every run, the kept values.
+    shown = read_runs(log_dir)
+    assert_runs_match(shown, expected_runs(rows, window=2))
+    best_steps = [step for step, _ in shown["best"]["stability/best/step"]]
+    assert len(best_steps) == len(set(best_steps))  # the abandoned best at 6 was purged with it
 
     # The window on disk is the resumed trajectory's: steps 6 and 8, their weights, intact files.
     buffer = output / "stability" / "buffer"
@@ -347,12 +344,14 @@ def test_resume_purges_the_abandoned_points_from_tensorboard(tmp_path):
 
 
 def stability_runs(root: Path) -> list[Path]:
-    """The folders under ``root`` whose event files hold stability scalars."""
-    return [
-        folder
-        for folder in sorted({path.parent for path in event_files(root)})
-        if any(t.startswith("stability/") for t in accumulated(folder).Tags()["scalars"])
-    ]
+    """The folders under ``root`` holding the stability variant runs (``raw``, ``avg``, ``ens``, ...)."""
+    return sorted(
+        {
+            folder.parent
+            for folder in {path.parent for path in event_files(root)}
+            if any(t.startswith("stability/") for t in accumulated(folder).Tags()["scalars"])
+        }
+    )
 
 
 @pytest.mark.parametrize("spelling", ["absolute", "home"])
@@ -376,26 +375,24 @@ def test_tensorboard_logging_dir_from_the_environment(tmp_path, monkeypatch, spe
     # The stability run is a run of its own inside it.
     [run] = stability_runs(tmp_path)
     assert run == log_dir / "stability"
-    events = accumulated(run)
-    assert_tensorboard_matches(events, want)
+    assert_runs_match(read_runs(run), expected_runs(history_file(output / "stability"), window=2))
     # Nothing under the default places, nor in a literal "~" folder.
     assert not (output / "runs").exists()
     assert not (output / "stability" / "tensorboard").exists()
     assert list(elsewhere.iterdir()) == []
     assert all(log_dir in path.parents for path in event_files(tmp_path))
 
-    # The custom-scalars layout: per metric, one chart per task ("mean" first) with raw, avg and ens.
-    [layout_event] = events.Tensors(LAYOUT_TAG)
+    # The custom-scalars layout, in the raw run: one task, so no "mean" charts; one chart per metric
+    # whose tag regex each variant run holds.
+    [layout_event] = accumulated(run / "raw").Tensors(LAYOUT_TAG)
     layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
     got = {
         category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
         for category in layout.category
     }
-    assert list(got) == ["stability score", "stability IS", "stability MTV"]
-    for category, metric in zip(got, ("score", "is", "mtv"), strict=True):
-        assert list(got[category]) == ["mean", "validation"]
-        for task, tags in got[category].items():
-            assert tags == [f"stability/{task}/{v}/{metric}" for v in VARIANTS]
+    assert list(got) == ["stability: validation"]
+    assert got["stability: validation"]["score (raw, avg, ens)"] == ["^stability/validation/score$"]
+    assert got["stability: validation"]["IS / raw's (avg, ens)"] == ["^stability/validation/is_ratio$"]
 
 
 def test_resume_in_a_shared_tensorboard_logging_dir_keeps_the_trainers_own_points(tmp_path, monkeypatch):
@@ -416,7 +413,7 @@ def test_resume_in_a_shared_tensorboard_logging_dir_keeps_the_trainers_own_point
 
     # The stability run (wherever under $TENSORBOARD_LOGGING_DIR) shows the kept trajectory only.
     [run] = stability_runs(log_dir)
-    assert_tensorboard_matches(accumulated(run), expected_scalars(history_file(output / "stability")))
+    assert_runs_match(read_runs(run), expected_runs(history_file(output / "stability"), window=2))
 
     # The Trainer's own loss curve still shows what the resumed run logged at steps 5 to 8.
     shown = [(e.step, e.value) for e in accumulated(log_dir).Scalars("train/loss")]
@@ -488,5 +485,5 @@ def test_a_run_starting_over_in_the_same_directory_hides_the_earlier_runs_points
     train(tmp_path, [second], report_to=["tensorboard"], max_steps=4, learning_rate=0.05)
     rows = history_file(tmp_path / "stability")
     assert sorted({r["step"] for r in rows}) == [2, 4]
-    assert len(event_files(tmp_path / "runs" / "stability")) == 2
-    assert_tensorboard_matches(accumulated(tmp_path / "runs" / "stability"), expected_scalars(rows))
+    assert len(event_files(tmp_path / "runs" / "stability" / "raw")) == 2
+    assert_runs_match(read_runs(tmp_path / "runs" / "stability"), expected_runs(rows, window=2))
