@@ -261,6 +261,14 @@ def test_wandb_logger_gets_the_scalars_once_on_its_step_axis_and_one_chart_per_t
             for variant in VARIANTS
             for step in (4, 8, 12)
         ]
+    # The chosen checkpoint: the summary's best fields and one model artifact, both best.json's.
+    best = json.loads((tmp_path / "stability" / "best.json").read_text())
+    assert back.summary["stability/best/step"] == best["step"]
+    assert back.summary["stability/best/variant"] == best["variant"]
+    assert back.summary["stability/best/steps"] == best["steps"]
+    [artifact] = [a for a in back.artifacts if a.type == "model"]
+    assert json.loads(artifact.metadata) == best
+    assert {"best", f"step-{best['step']}"} <= set(artifact.aliases)
     # The CSV logger still gets them, through log_metrics.
     rows = read_csv(Path(csv_logger.log_dir) / "metrics.csv")
     assert sorted(int(r["step"]) for r in rows if r.get("stability/mean/raw/score")) == [4, 8, 12]

@@ -487,3 +487,31 @@ def test_a_run_starting_over_in_the_same_directory_hides_the_earlier_runs_points
     assert sorted({r["step"] for r in rows}) == [2, 4]
     assert len(event_files(tmp_path / "runs" / "stability" / "raw")) == 2
     assert_runs_match(read_runs(tmp_path / "runs" / "stability"), expected_runs(rows, window=2))
+
+
+class BestPointers(TrainerCallback):
+    """best.json as it is after each optimizer step (this callback runs after the stability one)."""
+
+    def __init__(self, run: Path):
+        self.run, self.seen = run, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        path = self.run / "best.json"
+        if path.exists():
+            self.seen[state.global_step] = json.loads(path.read_text())
+
+
+def test_the_best_run_changes_exactly_when_best_json_does(tmp_path):
+    output = tmp_path / "out"
+    pointers = BestPointers(output / "stability")
+    train(output, [stability(), pointers], max_steps=12, report_to=["tensorboard"])
+    steps = sorted(pointers.seen)
+    changes = [s for i, s in enumerate(steps) if i == 0 or pointers.seen[s] != pointers.seen[steps[i - 1]]]
+    assert len(changes) >= 2 and len(steps) > len(changes)  # it changed, and at some snapshots it did not
+    runs = read_runs(output / "runs" / "stability")
+    assert [s for s, _ in runs["best"]["stability/best/step"]] == changes
+    assert [v for _, v in runs["best"]["stability/best/step"]] == [pointers.seen[s]["step"] for s in changes]
+    assert [v for _, v in runs["best"]["stability/best/score"]] == pytest.approx(
+        [pointers.seen[s]["score"] for s in changes], rel=1e-6
+    )
+    assert_runs_match(runs, expected_runs(history_file(output / "stability"), window=2))
