@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-min demo bench install lint clean soak
+.PHONY: test test-min demo bench install lint clean soak panels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,14 @@ soak: install
 
 demo: install
 	$(BIN)/python examples/pretrain_tiny_gpt.py
+
+# Screenshots of the demo run's TensorBoard panels for the README (docs/images/tensorboard-*.png):
+# TensorBoard started and stopped by docs/panels.py, Debian's chromium driven by playwright-core (npm,
+# installed into .panels/). Runs the demo first when its run is missing. Look at the pictures after.
+panels: install
+	command -v chromium >/dev/null || apt-get install -y chromium
+	test -d runs/pretrain_tiny_gpt/runs/stability || $(BIN)/python examples/pretrain_tiny_gpt.py
+	$(BIN)/python docs/panels.py runs/pretrain_tiny_gpt/runs
 
 # The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (5-10 minutes on 2 cores, depending on load).
 bench: install
