@@ -752,3 +752,25 @@ def test_a_run_killed_with_sigkill_resumes_cleanly_from_its_last_checkpoint(tmp_
     assert set(oracle) <= set(averaged)
     for name, value in oracle.items():
         torch.testing.assert_close(averaged[name].double(), value.double(), rtol=0, atol=1e-6)
+
+
+def test_the_best_run_beside_the_logger_changes_exactly_when_best_json_does(tmp_path):
+    seen: dict[int, dict] = {}
+
+    class BestPointers(Callback):  # after the stability callback in the list: it sees each snapshot's pointer
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            path = tmp_path / "stability" / "best.json"
+            if path.exists():
+                seen[trainer.global_step] = json.loads(path.read_text())
+
+    tb = TensorBoardLogger(tmp_path / "logs", name="tb")
+    x, y = make_data(3)
+    callback = StabilityCallback([classify_task(x, y)], window=2, every_n_steps=2, console=False)
+    fit(tmp_path, [callback, BestPointers()], logger=tb, max_steps=24)
+    steps = sorted(seen)
+    changes = [s for i, s in enumerate(steps) if i == 0 or seen[s] != seen[steps[i - 1]]]
+    assert len(changes) >= 2 and len(steps) > len(changes)
+    runs = read_runs(Path(tb.log_dir), prefix="stability/")
+    assert [s for s, _ in runs["best"]["stability/best/step"]] == changes
+    assert [v for _, v in runs["best"]["stability/best/step"]] == [seen[s]["step"] for s in changes]
+    assert_runs_match(runs, expected_runs(history(tmp_path / "stability"), window=2))
