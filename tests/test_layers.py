@@ -21,6 +21,8 @@ LEAVES = {
     "isolation",
     "validation",
     "exact_sums",
+    "holdout",
+    "bootstrap",
     "_version",
 }
 CORE = {
