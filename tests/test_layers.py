@@ -23,6 +23,7 @@ LEAVES = {
     "exact_sums",
     "holdout",
     "bootstrap",
+    "diagnostics",
     "_version",
 }
 CORE = {
