@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from checkpoint_stability.records import BIAS_FIELDS
 from checkpoint_stability.storage.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
 from checkpoint_stability.storage.confinement import UnsafePathError, is_inside, open_confined, writable_file
 from checkpoint_stability.storage.json_files import read_json_object
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
 EXAMPLES_DIR = "examples"
 SCORE_KEYS = ("step", "task", "variant", "window", "n_models", "score", "mtv", "is", "time")
+OPTIONAL_SCORE_KEYS = BIAS_FIELDS
+"""Fields a score line may add (a choice task's answer bias); lines without them stay valid."""
 ERROR_KEYS = ("step", "phase", "task", "variant", "error")
 META_KEYS = ("task", "kind", "metric", "example_ids", "targets")
 
@@ -588,11 +591,10 @@ class History:
                     f"{where} is missing the key {key!r}; required keys: {', '.join(SCORE_KEYS)}"
                 )
         for key in record:
-            if key not in SCORE_KEYS:
-                raise ValueError(
-                    f"{where} has the unexpected key {key!r}; allowed keys: {', '.join(SCORE_KEYS)}"
-                )
-        line = {
+            if key not in SCORE_KEYS and key not in OPTIONAL_SCORE_KEYS:
+                allowed = ", ".join((*SCORE_KEYS, *OPTIONAL_SCORE_KEYS))
+                raise ValueError(f"{where} has the unexpected key {key!r}; allowed keys: {allowed}")
+        line: dict[str, object] = {
             "step": require_int(f"{where}['step']", record["step"], 0),
             "task": validate_task_name(record["task"]),
             "variant": _name(record["variant"], f"{where}['variant']"),
@@ -603,6 +605,12 @@ class History:
             "is": _float(record["is"], f"{where}['is']", optional=True),
             "time": _float(record.get("time", time.time()), f"{where}['time']"),
         }
+        for key in OPTIONAL_SCORE_KEYS:  # added fields: readers of older releases ignore them
+            if record.get(key) is not None:
+                value = _float(record[key], f"{where}[{key!r}]")
+                if value is None or not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{where}[{key!r}] = {value!r} is not a share in [0, 1]")
+                line[key] = value
         return _dumps(line)
 
     def append(self, record: dict) -> None:
@@ -627,7 +635,7 @@ class History:
         for value, name in ((task, "task"), (variant, "variant")):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string or None, got {value!r}")
-        line = {
+        line: dict[str, object] = {
             "step": require_int("step", step, 0),
             "phase": _name(phase, "phase"),
             "task": task,

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.history import History
-from checkpoint_stability.records import MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
+from checkpoint_stability.records import CHOICE_KINDS, MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
 from checkpoint_stability.tasks.base import Task, TaskResult
 
 
@@ -77,6 +77,7 @@ class LiveSeries:
                 self.models_in(task.name, variant),
                 results[(task.name, variant)].score,
                 results[(task.name, variant)].outputs,
+                results[(task.name, variant)].targets if task.kind in CHOICE_KINDS else None,
             )
             for variant in VARIANTS
             for task in self.tasks

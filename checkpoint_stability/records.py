@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+from checkpoint_stability.diagnostics import balanced_accuracy, majority_share
 from checkpoint_stability.metrics import Similarity, resolve_similarity, series_metrics
 
 VARIANTS: tuple[str, ...] = ("raw", "avg", "ens")
@@ -70,6 +71,30 @@ class Evaluation:
     score: float
     outputs: Sequence[Any] | None
     """Per-example outputs (for IS); None when there are none to compare."""
+    targets: Sequence[Any] | None = None
+    """Per-example targets of a task that picks one answer among a fixed set (multiple choice,
+    classification): its records then carry the answer-bias fields (:data:`BIAS_FIELDS`)."""
+
+
+CHOICE_KINDS = ("multiple_choice", "classification")
+"""Task kinds whose outputs are one answer out of a fixed set: their records carry :data:`BIAS_FIELDS`."""
+
+BIAS_FIELDS = ("majority_share", "balanced_accuracy")
+"""Added to a choice task's records: the share of its most-predicted answer, and its balanced accuracy
+(the mean per-class recall), so that a variant collapsing onto one answer shows (a vote across
+checkpoints biased in opposite directions can). Older histories lack them; older readers ignore them."""
+
+
+def bias_fields(outputs: Sequence[Any], targets: Sequence[Any]) -> dict[str, float]:
+    """:data:`BIAS_FIELDS` of one result.
+
+    >>> bias_fields([0, 0, 0, 1], [0, 1, 0, 1])
+    {'majority_share': 0.75, 'balanced_accuracy': 0.75}
+    """
+    return {
+        "majority_share": majority_share(outputs),
+        "balanced_accuracy": balanced_accuracy(outputs, targets),
+    }
 
 
 def make_record(
@@ -153,7 +178,7 @@ class ScoreSeries:
         """The record of a result already added: MTV and IS over its series' trailing horizon."""
         scores, outputs = self._series((evaluation.task, evaluation.variant, evaluation.window))
         mtv, instability = series_metrics(list(scores), list(outputs), self.similarity)
-        return dict(  # a plain dict: producers add to it (the mean record's IS) and pass it on
+        record = dict(  # a plain dict: producers add to it (the mean record's IS) and pass it on
             make_record(
                 step,
                 evaluation.task,
@@ -166,6 +191,9 @@ class ScoreSeries:
                 time,
             )
         )
+        if evaluation.targets is not None and evaluation.outputs is not None:
+            record.update(bias_fields(evaluation.outputs, evaluation.targets))
+        return record
 
     def step_records(
         self,

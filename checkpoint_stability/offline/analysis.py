@@ -40,7 +40,7 @@ from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.isolation import isolated_evaluation
-from checkpoint_stability.records import Evaluation, ScoreSeries
+from checkpoint_stability.records import CHOICE_KINDS, Evaluation, ScoreSeries
 from checkpoint_stability.storage.atomic_files import atomic_write_text
 from checkpoint_stability.storage.checkpoint_files import (
     Checkpoint,
@@ -720,8 +720,9 @@ class _Run:
                 result = results[(task.name, variant, window)]
                 if (task.name, step, variant, window) not in self.stored:
                     self.history.append_result(task, step, variant, window, result)
+                targets = result.targets if task.kind in CHOICE_KINDS else None
                 evaluations.append(
-                    Evaluation(task.name, variant, window, n_models, result.score, result.outputs)
+                    Evaluation(task.name, variant, window, n_models, result.score, result.outputs, targets)
                 )
         known = {(t, v, w): r for (s, t, v, w), r in self.recorded.items() if s == step}
         step_records = self.score_series.step_records(

@@ -43,10 +43,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from checkpoint_stability.diagnostics import collapsed
 from checkpoint_stability.ensemble import vote
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
 from checkpoint_stability.metrics import TASK_METRICS, exact_match, instability_score, mean_total_variation
-from checkpoint_stability.records import MEAN_TASK, VARIANTS
+from checkpoint_stability.records import BIAS_FIELDS, MEAN_TASK, VARIANTS
 from checkpoint_stability.reporting.summary import (
     RunView,
     as_view,
@@ -60,6 +61,7 @@ from checkpoint_stability.reporting.summary import (
 from checkpoint_stability.selection import BEST_FILE, read_best
 from checkpoint_stability.storage.atomic_files import fsync_directory
 from checkpoint_stability.storage.confinement import UnsafePathError, open_confined
+from checkpoint_stability.validation import is_real
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +288,7 @@ class _ReportWriter:
             self._table()
             self._curves()
             self._flips()
+            self._bias()
             self._sweep()
         self._errors()
         _write_new_file(self.out, REPORT_FILE, ("\n".join(self.md).rstrip() + "\n").encode("utf-8"))
@@ -710,6 +713,43 @@ class _ReportWriter:
     def _has_logprobs(self, task: str) -> bool:
         return all("choice_logprobs" in line for line in self.history.outputs(task, "raw", 1))
 
+    def _bias(self) -> None:
+        """Choice tasks: each variant's majority share and balanced accuracy over the final evaluations,
+        flagging a variant that collapsed onto one answer while raw did not."""
+        rows = []
+        for task in self.tasks:
+            series = {}
+            for variant, window in series_keys(self.history, task):
+                records = [r for r in series_records(self.history, task, variant, window) if _has_bias(r)]
+                if records:
+                    series[(variant, window)] = records[-final_count(len(records), FINAL_FRACTION) :]
+            raw = series.get(("raw", 1))
+            if not series or raw is None:
+                continue
+            raw_share = math.fsum(r["majority_share"] for r in raw) / len(raw)
+            for (variant, window), last in series.items():
+                share = math.fsum(r["majority_share"] for r in last) / len(last)
+                balanced = math.fsum(r["balanced_accuracy"] for r in last) / len(last)
+                flag = variant != "raw" and collapsed(share, raw_share)
+                rows.append((task, _variant_label(variant, window), share, balanced, flag))
+        if not rows:
+            return
+        self.md += [
+            "## Answer bias",
+            "",
+            f"Choice tasks, mean over the {self.final_label} of evaluations: the share of the most-predicted "
+            "answer, and balanced accuracy (the mean per-class recall). A variant is flagged when its "
+            "answers collapse onto one (share at least 0.9) while raw's do not (at most 0.7): a vote across "
+            "checkpoints biased in opposite directions can score well below each of them this way.",
+            "",
+            "| task | variant | majority share | balanced accuracy | |",
+            "|---|---|---:|---:|---|",
+        ]
+        for task, label, share, balanced, flag in rows:
+            mark = "**collapsed onto one answer**" if flag else ""
+            self.md.append(f"| {_cell(task)} | {label} | {share:.3f} | {balanced:.3f} | {mark} |")
+        self.md.append("")
+
     def _errors(self) -> None:
         errors = self.history.errors()
         if not errors:
@@ -796,6 +836,11 @@ def _example_id_caption(task: str, meta: dict | None) -> str:
     )
     kind_text = f" (kind `{_cell(kind)}`)" if kind else ""
     return f"Example ids of task {_cell(task)}{kind_text}: {what}."
+
+
+def _has_bias(record: dict) -> bool:
+    """The record carries usable answer-bias fields (a crafted line may hold anything)."""
+    return all(is_real(record.get(key)) and 0.0 <= record[key] <= 1.0 for key in BIAS_FIELDS)
 
 
 def _changes(lines: list[dict], n_examples: int) -> list[int]:
