@@ -52,12 +52,14 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
     - If ``train()`` raises, the Trainer tells no callback: the snapshot being written is finished in the
       background, everything already recorded stays on disk, and the next ``train()`` (e.g. resuming
       from a checkpoint) closes the old run first.
-    - ``report_to`` containing ``"tensorboard"``: a TensorBoard run of its own, ``stability``, beside the
-      Trainer's: ``$TENSORBOARD_LOGGING_DIR/stability`` if that variable is set, else
-      ``<output_dir>/runs/stability``; with a custom-scalars layout. After a resume, points newer than
-      the restored step are purged (from this run only). ``<dirpath>/tensorboard`` is not written.
+    - ``report_to`` containing ``"tensorboard"``: TensorBoard runs of their own beside the Trainer's,
+      ``stability/raw``, ``stability/avg``, ``stability/ens`` and ``stability/best`` under
+      ``$TENSORBOARD_LOGGING_DIR`` if that variable is set, else under ``<output_dir>/runs``, with a
+      custom-scalars layout. After a resume, points newer than the restored step are purged (from
+      these runs only). ``<dirpath>/tensorboard`` is not written.
     - ``report_to`` containing ``"wandb"`` with an active ``wandb.run``: a
-      :class:`~checkpoint_stability.sinks.wandb.WandbSink` on the step axis ``train/global_step``.
+      :class:`~checkpoint_stability.sinks.wandb.WandbSink` on the step axis ``train/global_step``
+      (the best model in the run summary, its export a model artifact at the end).
 
     Evaluation metrics: the latest snapshot's values join every evaluation's metrics as
     ``eval_stability/<task>/<variant>/<metric>`` in ``on_log`` (the Trainer logs before it calls
