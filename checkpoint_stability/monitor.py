@@ -117,6 +117,8 @@ class StabilityMonitor:
         self.export_prefix = export_prefix
         self.processing_class = processing_class
         self.printer = printer
+        self.default_tasks = tuple(default_tasks)
+        self._defaults_described = False
         self._opened = False
         self.dirpath: Path | None = None
         self.history: History | None = None
@@ -212,6 +214,14 @@ class StabilityMonitor:
                 resume_step = self.runtime.broadcast_object(decided if self.runtime.is_main else None)
             if open_part == self._open_buffer and self._sharded:
                 self.window.agree(self.runtime)
+        if not self._defaults_described and self.runtime.is_main and self.config.console:
+            self._defaults_described = True
+            for task in self.tasks:
+                if task.name in self.default_tasks:
+                    # Built from the trainer's data, not by the user: say what it measures, on how much.
+                    self._print(
+                        f"[stability] default task {task.name!r}: {getattr(task, 'description', task)}"
+                    )
         # Every rank decides the same way when an avg evaluation is due, so every rank needs the count.
         self._last_step, self.series.snapshots_taken = self.runtime.broadcast_object(
             (self._last_step, self.series.snapshots_taken)
@@ -580,13 +590,22 @@ class StabilityMonitor:
             tensorboard=publisher.tensorboard_dirs() if publisher is not None else [],
             faults=self.faults.summary(),
         )
-        show = self.printer or (lambda line: print(line, flush=True))
         for line in lines:
-            try:
-                show(line)
-            except Exception as error:  # a closed stream must not turn a finished run into a failure
-                logger.warning("could not print the run summary: %s", describe_error(error))
+            if not self._print(line):
                 return
+
+    def _print(self, line: str) -> bool:
+        """Show ``line`` to the user through the printer (default ``print``); False if that failed: a
+        closed stream must not turn a run into a failure."""
+        try:
+            if self.printer is not None:
+                self.printer(line)
+            else:
+                print(line, flush=True)
+        except Exception as error:
+            logger.warning("could not print %r: %s", line[:60], describe_error(error))
+            return False
+        return True
 
     def _release(self) -> None:
         """Close what the monitor itself opened; the caller's sinks stay open (they are the caller's)."""

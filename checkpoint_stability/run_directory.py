@@ -88,8 +88,9 @@ class RunDirectory:
                 min_snapshots=min(config.min_snapshots, config.window),
                 exporter=exporter,
             )
-            if resume_step is None and self._previous_results():
-                resume_step = self._replace_or_refuse(config)
+            found = self._previous_results() if resume_step is None else []
+            if found:
+                resume_step = self._replace_or_refuse(config, found)
             self.resume_step = resume_step
             """The step the run continues from: the caller's, ``-1`` when replacing an earlier run."""
             if resume_step is not None:
@@ -123,8 +124,8 @@ class RunDirectory:
             found.append("a buffered window of snapshots (buffer/)")
         return found
 
-    def _replace_or_refuse(self, config) -> int:
-        found = "; ".join(self._previous_results())
+    def _replace_or_refuse(self, config, previous: list[str]) -> int:
+        found = "; ".join(previous)
         if not config.overwrite:
             raise ExistingRunError(
                 f"the run directory {self.path} holds another run's results ({found}), and this run is not "

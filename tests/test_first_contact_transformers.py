@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_lm import CORPUS, tiny_gpt2, tiny_tokenizer
+from tiny_lm import tiny_gpt2, token_blocks
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from checkpoint_stability import ExistingRunError, NextTokenTask
@@ -22,12 +22,7 @@ BLOCK = 16
 
 
 def blocks(start: int, count: int) -> list[dict]:
-    ids = tiny_tokenizer()(" ".join(CORPUS))["input_ids"]
-    out = []
-    for i in range(start, start + count):
-        chunk = torch.tensor(ids[i * BLOCK : (i + 1) * BLOCK])
-        out.append({"input_ids": chunk, "labels": chunk.clone()})
-    return out
+    return token_blocks(start, count, BLOCK)
 
 
 TRAIN, EVAL = blocks(0, 48), blocks(48, 8)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_lm import tiny_tokenizer
+from tiny_lm import tiny_gpt2, tiny_tokenizer
 
 from checkpoint_stability.tasks import (
     ClassificationTask,
@@ -40,23 +40,7 @@ def tokenizer():
 
 def dropout_gpt2(tokenizer):
     """A 2-layer GPT-2 whose dropouts (0.5) would change nearly every output if left on."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=128,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            resid_pdrop=0.5,
-            embd_pdrop=0.5,
-            attn_pdrop=0.5,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        return GPT2LMHeadModel(config)
+    return tiny_gpt2(0, tokenizer, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
 
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question."]

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard_runs import assert_runs_match, expected_runs, read_runs
-from tiny_lm import CORPUS, tiny_gpt2, tiny_tokenizer
+from tiny_lm import tiny_gpt2, tiny_tokenizer, token_blocks
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from checkpoint_stability import NextTokenTask
@@ -19,12 +19,7 @@ BLOCK = 16
 
 
 def blocks(start: int, count: int) -> list[dict]:
-    ids = tiny_tokenizer()(" ".join(CORPUS))["input_ids"]
-    out = []
-    for i in range(start, start + count):
-        chunk = torch.tensor(ids[i * BLOCK : (i + 1) * BLOCK])
-        out.append({"input_ids": chunk, "labels": chunk.clone()})
-    return out
+    return token_blocks(start, count, BLOCK)
 
 
 TRAIN = blocks(0, 48)

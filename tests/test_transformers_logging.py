@@ -20,7 +20,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 from tensorboard_runs import assert_runs_match, expected_runs, read_runs
-from tiny_lm import CORPUS, tiny_gpt2, tiny_tokenizer
+from tiny_lm import tiny_gpt2, token_blocks
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from checkpoint_stability import NextTokenTask
@@ -32,12 +32,7 @@ BLOCK = 16
 
 
 def blocks(start: int, count: int) -> list[dict]:
-    ids = tiny_tokenizer()(" ".join(CORPUS))["input_ids"]
-    out = []
-    for i in range(start, start + count):
-        chunk = torch.tensor(ids[i * BLOCK : (i + 1) * BLOCK])
-        out.append({"input_ids": chunk, "labels": chunk.clone()})
-    return out
+    return token_blocks(start, count, BLOCK)
 
 
 TRAIN = blocks(0, 48)

@@ -34,13 +34,14 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_gpt2(seed: int = 0, tokenizer=None):
-    """A 2-layer, width-32 GPT-2 with random weights, in eval mode."""
+def tiny_gpt2(seed: int = 0, tokenizer=None, **config):
+    """A 2-layer, width-32 GPT-2 with random weights, in eval mode; ``config`` overrides GPT2Config
+    fields (e.g. dropout rates)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
-    config = GPT2Config(
+    gpt2_config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=256,
         n_embd=32,
@@ -48,5 +49,17 @@ def tiny_gpt2(seed: int = 0, tokenizer=None):
         n_head=2,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **config,
     )
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(gpt2_config).eval()
+
+
+def token_blocks(start: int, count: int, block: int = 16) -> list[dict]:
+    """Trainer examples ``start .. start + count`` of the corpus cut into ``block``-token pieces:
+    ``{"input_ids": ..., "labels": ...}`` (labels = the inputs, the causal-LM shift is the model's)."""
+    ids = tiny_tokenizer()(" ".join(CORPUS))["input_ids"]
+    out = []
+    for i in range(start, start + count):
+        chunk = torch.tensor(ids[i * block : (i + 1) * block])
+        out.append({"input_ids": chunk, "labels": chunk.clone()})
+    return out

@@ -185,8 +185,3 @@ class StabilityCallbackBase:
                 sink.close()
             except Exception as error:
                 logger.warning("%s: closing %s failed: %r", CALLBACK_NAME, type(sink).__name__, error)
-
-
-def default_task_line(task: Task) -> str:
-    """The console line saying what a default task (``tasks=None``) measures, on how much data."""
-    return f"[stability] default task {task.name!r}: {getattr(task, 'description', type(task).__name__)}"

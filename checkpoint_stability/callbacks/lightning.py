@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from checkpoint_stability.callbacks.base import StabilityCallbackBase, default_task_line
+from checkpoint_stability.callbacks.base import StabilityCallbackBase
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
@@ -170,8 +170,6 @@ class StabilityCallback(StabilityCallbackBase, Callback):
             printer=print_beside_the_bar,
             default_tasks=[] if self.tasks is not None else [t.name for t in tasks],
         )
-        if self.tasks is None and trainer.is_global_zero and self.config.console:
-            print_beside_the_bar(default_task_line(tasks[0]))
         self._latest_records = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

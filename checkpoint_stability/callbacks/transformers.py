@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from checkpoint_stability.callbacks.base import StabilityCallbackBase, default_task_line
+from checkpoint_stability.callbacks.base import StabilityCallbackBase
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.records import MEAN_TASK, METRICS, scalar_name
 from checkpoint_stability.sinks import Sink, TensorBoardSink
@@ -146,9 +146,6 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
             printer=_write_beside_the_bar,
             default_tasks=[] if self.tasks is not None else self._task_names,
         )
-        if self.tasks is None and state.is_world_process_zero and self.config.console:
-            for task in tasks:
-                _write_beside_the_bar(default_task_line(task))
         self._latest_records = []
         opened = self._start(
             state.global_step, resume_step=resume_step, model=model, restored_state=_restored_state(state)

@@ -247,12 +247,7 @@ class NextTokenTask:
                 else:
                     kept = [labels[row][t] for t in keep][1:]
                     targets = [None if label == self.ignore_index else label for label in kept]
-                for t, target in enumerate(targets):
-                    if target is not None and target < 0:
-                        raise ValueError(
-                            f"task {self.name!r}: {where} row {row} has the label {target} at position "
-                            f"{t + 1}; labels are token ids or ignore_index ({self.ignore_index})"
-                        )
+                self._check_targets(targets, f"{where} row {row}", "label", first_position=1)
                 yield number, tokens, targets, None
                 number += 1
 
@@ -275,14 +270,21 @@ class NextTokenTask:
                 raise ValueError(f"task {self.name!r}: {where} targets do not have the shape of the inputs")
             for row, (ids, fed) in enumerate(zip(inputs, targets, strict=True)):
                 kept: list[int | None] = [None if y == self.ignore_index else y for y in fed]
-                for t, target in enumerate(kept):
-                    if target is not None and target < 0:
-                        raise ValueError(
-                            f"task {self.name!r}: {where} row {row} has the target {target} at position "
-                            f"{t}; targets are token ids or ignore_index ({self.ignore_index})"
-                        )
+                self._check_targets(kept, f"{where} row {row}", "target", first_position=0)
                 yield number, ids, kept, fed
                 number += 1
+
+    def _check_targets(
+        self, targets: Sequence[int | None], where: str, noun: str, *, first_position: int
+    ) -> None:
+        """Every target is a token id (None: no target there); ``first_position``: the input position
+        of ``targets[0]`` (1 for labels, which are shifted; 0 for already-shifted targets)."""
+        for t, target in enumerate(targets):
+            if target is not None and target < 0:
+                raise ValueError(
+                    f"task {self.name!r}: {where} has the {noun} {target} at position "
+                    f"{t + first_position}; {noun}s are token ids or ignore_index ({self.ignore_index})"
+                )
 
     def _collect(self, rows: Iterator[_Row]) -> None:
         """Keep the first ``max_tokens`` predicted tokens, reading ``rows`` no further than needed."""
