@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint_stability.holdout import check_fraction
 from checkpoint_stability.tasks.base import Task, validate_tasks
 from checkpoint_stability.validation import require_int
 
@@ -111,6 +112,18 @@ class StabilityConfig:
     """Write TensorBoard scalars (to the framework's destination when there is one, else
     ``<dirpath>/tensorboard``)."""
 
+    holdout: float | None = None
+    """The share of every task's examples held out from selection (0 < holdout < 1; ``None``: none). An
+    example's half is a hash of its task name and id (DESIGN.md, "Selection evidence"), the same in every
+    process and on every resume. Selection reads only the *selection* half; each record also carries its
+    score on the *confirmation* half, and ``best.json``, the report and the end-of-run summary compare
+    the chosen checkpoint there with the raw checkpoint a user would have picked."""
+
+    drift: bool = True
+    """Measure, at each snapshot, how far the weights moved: ``‖θ_t − θ_{t−1}‖ / ‖θ_t‖`` (from the
+    previous snapshot) and ``‖θ_t − θ̄‖ / ‖θ_t‖`` (from the window average), on the writer thread in the
+    pass that adds the snapshot to the average, off the training path. Written to ``drift.jsonl``."""
+
     overwrite: bool = False
     """A run that is not resuming from a training checkpoint refuses a run directory holding another run's
     results (history lines, ``best.json``, buffered snapshots), so nothing is deleted on a guess;
@@ -155,7 +168,9 @@ class StabilityConfig:
                 raise ValueError(f"dirpath must be a non-empty path or None, got {self.dirpath!r}")
             self.dirpath = Path(self.dirpath)
         self.default_task_size = require_int("default_task_size", self.default_task_size, 1)
-        for name in ("console", "tensorboard", "report", "overwrite"):
+        if self.holdout is not None:
+            self.holdout = check_fraction(self.holdout)
+        for name in ("console", "tensorboard", "report", "overwrite", "drift"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -5,6 +5,8 @@ Layout under a run directory ``root``::
     history.jsonl               one JSON object per line: score lines {"step", "task", "variant",
                                 "window", "n_models", "score", "mtv", "is", "time"} and error lines
                                 {"step", "phase", "task", "variant", "error"} (told apart by "error")
+    drift.jsonl                 one line per snapshot: {"step", "previous_step", "previous", "average",
+                                "n_models", "time"}: how far the weights moved (``drift=True``)
     examples/<task>.meta.json   written once per task: {"task", "kind", "metric", "example_ids", "targets"}
     examples/<task>.jsonl       one line per (step, variant, window):
                                 {"step", "variant", "window", "outputs", "correct", "choice_logprobs"?}
@@ -34,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from checkpoint_stability.records import BIAS_FIELDS
+from checkpoint_stability.records import BIAS_FIELDS, HOLDOUT_FIELDS
 from checkpoint_stability.storage.atomic_files import atomic_write_bytes, atomic_write_text, fsync_directory
 from checkpoint_stability.storage.confinement import UnsafePathError, is_inside, open_confined, writable_file
 from checkpoint_stability.storage.json_files import read_json_object
@@ -46,8 +48,11 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
 EXAMPLES_DIR = "examples"
 SCORE_KEYS = ("step", "task", "variant", "window", "n_models", "score", "mtv", "is", "time")
-OPTIONAL_SCORE_KEYS = BIAS_FIELDS
-"""Fields a score line may add (a choice task's answer bias); lines without them stay valid."""
+OPTIONAL_SCORE_KEYS = (*BIAS_FIELDS, *HOLDOUT_FIELDS)
+"""Fields a score line may add (a choice task's answer bias, the two halves' scores with ``holdout``), each
+in [0, 1]; lines without them stay valid, and readers of older releases ignore them."""
+DRIFT_FILE = "drift.jsonl"
+DRIFT_KEYS = ("step", "previous_step", "previous", "average", "n_models", "time")
 ERROR_KEYS = ("step", "phase", "task", "variant", "error")
 META_KEYS = ("task", "kind", "metric", "example_ids", "targets")
 
@@ -201,6 +206,25 @@ def _check_history_line(obj: dict) -> dict:
     if not ok:
         raise _Bad
     return obj
+
+
+def _check_drift_line(obj: dict) -> dict:
+    ok = (
+        all(k in obj for k in DRIFT_KEYS)
+        and _is_int(obj["step"], 0)
+        and (obj["previous_step"] is None or _is_int(obj["previous_step"], 0))
+        and (obj["previous"] is None or _is_drift(obj["previous"]))
+        and (obj["average"] is None or _is_drift(obj["average"]))
+        and _is_int(obj["n_models"], 1)
+        and _is_finite(obj["time"])
+    )
+    if not ok:
+        raise _Bad
+    return obj
+
+
+def _is_drift(value: object) -> bool:
+    return _is_finite(value) and value >= 0  # type: ignore[operator]  # a finite float here
 
 
 def _is_score(value: object) -> bool:
@@ -458,6 +482,7 @@ class History:
         self._outputs: dict[str, _JsonlFile] = {}
         self._metas: dict[str, dict] = {}
         self._history = self._open_jsonl(self.root / HISTORY_FILE, _check_history_line)
+        self._drift = self._open_jsonl(self.root / DRIFT_FILE, _check_drift_line)
         try:
             entries = sorted(self._examples_dir.iterdir()) if self._examples_dir.is_dir() else []
         except OSError as e:
@@ -536,10 +561,15 @@ class History:
         with self._lock:
             return [dict(r) for r in self._history.items if "error" in r]
 
-    def last_step(self) -> int | None:
-        """The largest step of any score, error or examples line; None if there is none."""
+    def drift(self) -> list[dict]:
+        """The drift lines (:meth:`append_drift`) in file order."""
         with self._lock:
-            steps = [r["step"] for r in self._history.items]
+            return [dict(r) for r in self._drift.items]
+
+    def last_step(self) -> int | None:
+        """The largest step of any score, error, drift or examples line; None if there is none."""
+        with self._lock:
+            steps = [r["step"] for r in [*self._history.items, *self._drift.items]]
             for f in self._outputs.values():
                 steps.extend(item["step"] for item in f.items)
             return max(steps, default=None)
@@ -608,7 +638,7 @@ class History:
         for key in OPTIONAL_SCORE_KEYS:  # added fields: readers of older releases ignore them
             if record.get(key) is not None:
                 value = _float(record[key], f"{where}[{key!r}]")
-                if value is None or not 0.0 <= value <= 1.0:
+                if value is None or not 0.0 <= value <= 1.0:  # shares and scores alike
                     raise ValueError(f"{where}[{key!r}] = {value!r} is not a share in [0, 1]")
                 line[key] = value
         return _dumps(line)
@@ -644,6 +674,37 @@ class History:
         }
         with self._lock:
             self._history.append([_dumps(line)])
+
+    def append_drift(
+        self,
+        step: int,
+        *,
+        previous_step: int | None,
+        previous: float | None,
+        average: float | None,
+        n_models: int,
+    ) -> None:
+        """Record how far the weights of the snapshot at ``step`` are from the snapshot at
+        ``previous_step`` (``previous``: ``‖θ_t − θ_prev‖ / ‖θ_t‖``; None at the first snapshot) and from
+        the average of the ``n_models`` snapshots of the window (``average``: ``‖θ_t − θ̄‖ / ‖θ_t‖``).
+
+        Raises:
+            ValueError: a step that is not an integer >= 0; a drift that is not None or a finite float >= 0.
+        """
+        line: dict[str, object] = {
+            "step": require_int("step", step, 0),
+            "previous_step": None if previous_step is None else require_int("previous_step", previous_step, 0),
+            "previous": _float(previous, "previous", optional=True),
+            "average": _float(average, "average", optional=True),
+            "n_models": require_int("n_models", n_models, 1),
+            "time": time.time(),
+        }
+        for name in ("previous", "average"):
+            value = line[name]
+            if value is not None and value < 0:  # type: ignore[operator]  # a float here
+                raise ValueError(f"{name} drift must be >= 0, got {value!r}")
+        with self._lock:
+            self._drift.append([_dumps(line)])
 
     def write_meta(self, task: str, kind: str, metric: str, example_ids: list, targets: list) -> None:
         """Write the task's meta file once (atomically). Same content again: no-op; different: ValueError."""
@@ -746,7 +807,7 @@ class History:
         )
 
     def truncate_after(self, step: int) -> int:
-        """Drop every score, error and examples line with a step > ``step``; return how many were dropped.
+        """Drop every score, error, drift and examples line with a step > ``step``; return how many were dropped.
 
         Used on resume from an earlier checkpoint. Each affected file is rewritten atomically; meta files
         and damaged lines are kept.
@@ -754,6 +815,7 @@ class History:
         step = require_int("step", step)  # -1 drops everything (restart from scratch)
         with self._lock:
             dropped = self._history.drop_after(step)
+            dropped += self._drift.drop_after(step)
             for f in self._outputs.values():
                 dropped += f.drop_after(step)
             return dropped

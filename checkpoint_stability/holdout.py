@@ -68,7 +68,8 @@ def example_text(example_id: Any) -> str:
         ) from error
 
 
-def _check_fraction(fraction: Any) -> float:
+def check_fraction(fraction: Any) -> float:
+    """``fraction`` as a float, or ``ValueError`` unless it is a real number strictly between 0 and 1."""
     if not is_real(fraction) or not 0 < fraction < 1:
         raise ValueError(f"holdout must be a real number strictly between 0 and 1, got {fraction!r}")
     return float(fraction)
@@ -94,7 +95,7 @@ def is_confirmation(task: str, example_id: Any, fraction: float) -> bool:
     Raises:
         ValueError: ``fraction`` not a real number in (0, 1); ``task`` not a str; an id that is not JSON.
     """
-    return _in_confirmation(_check_task(task), example_id, _check_fraction(fraction))
+    return _in_confirmation(_check_task(task), example_id, check_fraction(fraction))
 
 
 def split(task: str, example_ids: Sequence[Any], fraction: float) -> HoldoutSplit:
@@ -114,7 +115,7 @@ def split(task: str, example_ids: Sequence[Any], fraction: float) -> HoldoutSpli
             (the error names the task and both counts); an id that is not JSON.
     """
     task = _check_task(task)
-    fraction = _check_fraction(fraction)
+    fraction = check_fraction(fraction)
     ids = as_list(example_ids, "example_ids")
     selection: list[int] = []
     confirmation: list[int] = []

@@ -85,6 +85,12 @@ BIAS_FIELDS = ("majority_share", "balanced_accuracy")
 checkpoints biased in opposite directions can). Older histories lack them; older readers ignore them."""
 
 
+HOLDOUT_FIELDS = ("selection_score", "confirmation_score")
+"""Added to every record when ``holdout`` is set and the task has per-example scores: the score on the
+selection half (what selection reads) and on the confirmation half (what confirms a choice). ``score``
+stays the score over all examples. A mean record carries them when every task does."""
+
+
 def bias_fields(outputs: Sequence[Any], targets: Sequence[Any]) -> dict[str, float]:
     """:data:`BIAS_FIELDS` of one result.
 
