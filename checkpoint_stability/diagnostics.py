@@ -4,7 +4,9 @@ which window size to recommend.
 A window average can look steady because it predicts the same answer everywhere (its MTV and IS are
 then low for the wrong reason); :func:`majority_share`, :func:`balanced_accuracy` and
 :func:`collapsed` say so. :func:`relative_drift` measures how far a model's weights are from another
-state (the window average from the live model, or a snapshot from the previous one).
+state (the window average from the live model, or a snapshot from the previous one);
+:class:`WeightDrift` keeps the sums behind the engine's per-snapshot drift, so that ranks holding
+shards of one model can add theirs up.
 :func:`recommend_window` turns a sweep of window sizes into one recommendation with its reason.
 
 >>> outputs, targets = [0, 0, 0, 0, 1], [0, 1, 0, 1, 1]
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from checkpoint_stability.validation import as_list, is_int, is_real
+from checkpoint_stability.validation import as_list, is_int, is_real, require_int
 
 _ROUNDING = 1e-12
 """How far a share may miss a bound of :func:`collapsed` by rounding alone and still meet it."""
@@ -239,6 +242,126 @@ def relative_drift(current: Mapping[str, torch.Tensor], reference: Mapping[str, 
     for name, tensor in current.items():
         drift.add(name, tensor, reference[name])
     return drift.value()
+
+
+def _ratio(difference_sq: float | None, current_sq: float) -> float | None:
+    """``sqrt(difference_sq) / sqrt(current_sq)`` as :meth:`DriftAccumulator.value` defines it, with
+    None for a missing or non-finite result (a NaN in the weights, or an all-zero current state)."""
+    if difference_sq is None:
+        return None
+    if current_sq == 0:
+        value = 0.0 if difference_sq == 0 else math.inf
+    else:
+        value = math.sqrt(difference_sq) / math.sqrt(current_sq)
+    return value if math.isfinite(value) else None
+
+
+def _sum_of_squares(name: str, value: Any, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    # NaN and infinity are kept: a tensor holding them makes the drift undefined, which relative() says.
+    if not is_real(value) or value < 0:
+        allowed = "None or " if optional else ""
+        raise ValueError(f"{name} must be {allowed}a sum of squares (a real number >= 0), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class WeightDrift:
+    """How far the weights moved at one snapshot, as the sums of squares behind the two relative drifts.
+
+    ``previous = ‖θ_t − θ_prev‖ / ‖θ_t‖`` (from the snapshot before it in the window) and
+    ``average = ‖θ_t − θ̄‖ / ‖θ_t‖`` (from the window average that ``t`` joined), each norm over every
+    floating tensor of the snapshot as one vector, as stored in the buffer. The sums are kept, not just
+    the ratios, because a ratio does not add up across ranks: each rank of a sharded run measures its
+    own shards, and :meth:`combine` adds the sums into the whole model's drift.
+
+    >>> drift = WeightDrift(step=20, previous_step=10, n_models=2, current_sq=25.0, previous_sq=1.0,
+    ...                     average_sq=0.25)
+    >>> drift.relative()  # sqrt(1) / 5 and sqrt(0.25) / 5
+    (0.2, 0.1)
+    >>> other = WeightDrift(20, 10, 2, current_sq=75.0, previous_sq=3.0, average_sq=0.75)
+    >>> WeightDrift.combine([drift, other]).relative()  # sqrt(4) / 10 and sqrt(1) / 10
+    (0.2, 0.1)
+    """
+
+    step: int
+    """The step of the snapshot ``θ_t``."""
+    previous_step: int | None
+    """The step of ``θ_prev``, the newest snapshot in the window before ``t``; None when the window was
+    empty (the first snapshot, or the window restarted)."""
+    n_models: int
+    """How many snapshots the window average ``θ̄`` held once ``t`` joined (``t`` included)."""
+    current_sq: float
+    """``‖θ_t‖²``."""
+    previous_sq: float | None
+    """``‖θ_t − θ_prev‖²``; None with ``previous_step``."""
+    average_sq: float
+    """``‖θ_t − θ̄‖²``."""
+
+    def __post_init__(self) -> None:
+        step = require_int("step", self.step, 0)
+        previous_step = require_int("previous_step", self.previous_step, 0, optional=True)
+        if previous_step is not None and previous_step >= step:
+            raise ValueError(f"previous_step must be before step {step}, got {previous_step}")
+        object.__setattr__(self, "step", step)
+        object.__setattr__(self, "previous_step", previous_step)
+        object.__setattr__(self, "n_models", require_int("n_models", self.n_models, 1))
+        object.__setattr__(self, "current_sq", _sum_of_squares("current_sq", self.current_sq))
+        object.__setattr__(self, "average_sq", _sum_of_squares("average_sq", self.average_sq))
+        previous_sq = _sum_of_squares("previous_sq", self.previous_sq, optional=True)
+        if (previous_sq is None) != (previous_step is None):
+            raise ValueError(
+                f"previous_sq and previous_step go together: got previous_sq={self.previous_sq!r} with "
+                f"previous_step={self.previous_step!r}"
+            )
+        object.__setattr__(self, "previous_sq", previous_sq)
+
+    def relative(self) -> tuple[float | None, float | None]:
+        """``(previous, average)``: the two relative drifts, each None where undefined (no previous
+        snapshot) or not finite (NaN in the weights; an all-zero ``θ_t`` that moved).
+
+        >>> WeightDrift(5, None, 1, current_sq=4.0, previous_sq=None, average_sq=0.0).relative()
+        (None, 0.0)
+        """
+        return _ratio(self.previous_sq, self.current_sq), _ratio(self.average_sq, self.current_sq)
+
+    @classmethod
+    def combine(cls, parts: Iterable[WeightDrift]) -> WeightDrift:
+        """The drift of the whole model from the drifts of its shards (one per rank): the sums added.
+
+        Every part must describe the same snapshot against the same references: the same ``step``,
+        ``previous_step`` and ``n_models``.
+
+        Raises:
+            ValueError: no parts; a part that is not a ``WeightDrift``; parts that disagree on ``step``,
+                ``previous_step`` or ``n_models`` (the error names the first that differs).
+        """
+        items = as_list(parts, "parts")
+        if not items:
+            raise ValueError("WeightDrift.combine needs at least one part, got none")
+        for index, part in enumerate(items):
+            if not isinstance(part, WeightDrift):
+                raise ValueError(f"parts[{index}] is a {type(part).__name__}, expected a WeightDrift")
+        first = items[0]
+        for index, part in enumerate(items[1:], start=1):
+            for name in ("step", "previous_step", "n_models"):
+                if getattr(part, name) != getattr(first, name):
+                    raise ValueError(
+                        f"parts disagree on {name}: parts[0] has {getattr(first, name)!r}, parts[{index}] "
+                        f"has {getattr(part, name)!r}; only drifts of one snapshot against the same "
+                        "references can be combined"
+                    )
+        return cls(
+            step=first.step,
+            previous_step=first.previous_step,
+            n_models=first.n_models,
+            current_sq=math.fsum(part.current_sq for part in items),
+            previous_sq=(
+                None if first.previous_step is None else math.fsum(part.previous_sq or 0.0 for part in items)
+            ),
+            average_sq=math.fsum(part.average_sq for part in items),
+        )
 
 
 # ---------------------------------------------------------------- window size
