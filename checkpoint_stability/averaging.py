@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 
@@ -23,6 +24,13 @@ logger = logging.getLogger(__name__)
 # is 16 MB, small enough to come back from the heap; and adding a bfloat16 snapshot into the float32 sum
 # slice by slice is faster than in one call on these CPUs (benchmarks/RESULTS.md, item 2, measures it).
 _SLICE_ELEMENTS = 1 << 21
+
+
+# Elements per partial sum of the drift's sums of squares (``WindowAverage.drift_sums``): small enough that
+# the block and its difference stay in the L2 cache, and that a float32 partial sum of squares of this
+# many elements rounds at about 1e-8 relative; the partial sums are added in float64. Against widening
+# every block to float64 this halved the cost at 124M parameters (benchmarks/RESULTS.md, item 9).
+_DRIFT_BLOCK = 1 << 16
 
 
 def _in_slices(total: torch.Tensor, tensor: torch.Tensor, operation) -> None:
@@ -193,6 +201,75 @@ class WindowAverage:
             self._sum[name].view(-1)[start:stop].copy_(_exact_sum(sources, name, first_row, last_row))
             covered += stop - start
 
+    @torch.no_grad()
+    def drift_sums(
+        self, current: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[float, float | None, float]:
+        """``(‖current‖², ‖current − previous‖², ‖current − mean‖²)`` over the tensors this average sums.
+
+        Meant for the snapshot just added (``current``, the tensors as stored) and the one before it
+        (``previous``, usually a file of the buffer, read a slice of rows at a time): the sums behind
+        ``diagnostics.WeightDrift``. The norms run over every tensor the running sum holds, as one
+        vector: the floating tensors, each distinct tensor once (ties are aliases), without those this
+        average takes from the newest snapshot for holding NaN or infinity (a ``-inf`` mask), which would
+        make every norm infinite. The mean is the running sum divided by :attr:`count`, as evaluated.
+
+        One pass over each of ``current``, ``previous`` and the sum, in blocks of ``_DRIFT_BLOCK``
+        elements: the differences are taken elementwise in float32 (float64 when a tensor or the sum
+        is), exact for bfloat16 and float16 snapshots and one rounding for float32 ones; each block's
+        sum of squares is added into a float64 total. ``mean − current`` is taken as
+        ``(sum − count·current) / count`` so that no block is divided. The second value is None when
+        ``previous`` is.
+
+        >>> average = WindowAverage()
+        >>> before = CapturedState({"w": torch.tensor([3.0, 0.0])})
+        >>> now = CapturedState({"w": torch.tensor([3.0, 4.0])})
+        >>> average.update(before)
+        >>> average.update(now)
+        >>> average.drift_sums(now, before)  # mean [3, 2]: 3² + 4², 4², 2²
+        (25.0, 16.0, 4.0)
+
+        Raises:
+            RuntimeError: the average holds no snapshot.
+            KeyError: ``current`` or ``previous`` lacks a tensor the sum holds.
+            ValueError: a tensor of ``current`` or ``previous`` whose size differs from the sum's.
+        """
+        if self._count == 0:
+            raise RuntimeError("the window average holds no snapshot yet")
+        current_sq = previous_sq = average_sq = 0.0
+        for name, total in self._sum.items():
+            tensor = current[name]
+            if tensor.numel() != total.numel():
+                raise ValueError(
+                    f"{name!r} has {tensor.numel()} elements in the current state, the sum {total.numel()}"
+                )
+            flat, flat_total = tensor.reshape(-1), total.view(-1)
+            wide = torch.promote_types(torch.promote_types(tensor.dtype, total.dtype), torch.float32)
+            # Scratch blocks: a bfloat16 block widened before any arithmetic (bfloat16 minus bfloat16 is
+            # rounded to bfloat16), and the difference. The snapshot itself is never written to.
+            widened = torch.empty(_DRIFT_BLOCK, dtype=wide) if tensor.dtype != wide else None
+            difference = torch.empty(_DRIFT_BLOCK, dtype=wide)
+            for _, first_row, last_row, start, stop in _row_slices({name: total.shape}):
+                rows = None if previous is None else _read_rows(previous, name, first_row, last_row)
+                if rows is not None and rows.numel() != stop - start:
+                    raise ValueError(
+                        f"{name!r} rows {first_row}:{last_row} hold {rows.numel()} elements in the previous "
+                        f"state, {stop - start} in the current one"
+                    )
+                for begin in range(start, stop, _DRIFT_BLOCK):
+                    end = min(begin + _DRIFT_BLOCK, stop)
+                    block = flat[begin:end]
+                    if widened is not None:
+                        block = widened[: end - begin].copy_(block)
+                    current_sq += _sum_of_squares(block)
+                    out = difference[: end - begin]
+                    if rows is not None:
+                        torch.sub(block, rows[begin - start : end - start], out=out)
+                        previous_sq += _sum_of_squares(out)
+                    torch.sub(flat_total[begin:end], block, alpha=self._count, out=out)
+                    average_sq += _sum_of_squares(out)
+        return current_sq, None if previous is None else previous_sq, average_sq / self._count**2
+
     def reset(
         self, sources: Sequence[Mapping[str, torch.Tensor]], aliases: Mapping[str, str] | None = None
     ) -> None:
@@ -301,6 +378,16 @@ class WindowAverage:
                     f"the new snapshot's {name!r} has shape {tuple(tensors[name].shape)}, "
                     f"the window's has {tuple(total.shape)}"
                 )
+
+
+def _sum_of_squares(block: torch.Tensor) -> float:
+    """The sum of the squares of a 1-d block, as a float64 number."""
+    value = float(torch.dot(block, block))
+    if math.isinf(value) and block.dtype != torch.float64:
+        # float32 squares overflow past about 1.8e19 (a finite mask of finfo(float32).min); float64's do not.
+        wide = block.to(torch.float64)
+        value = float(torch.dot(wide, wide))
+    return value
 
 
 def _row_slices(shapes: Mapping[str, torch.Size]) -> list[tuple[str, int, int, int, int]]:

@@ -1,5 +1,5 @@
 """SnapshotWindow: one rank's rolling window of snapshots — the on-disk buffer, its running average,
-and which snapshots may join them."""
+which snapshots may join them, and how far the weights moved at each."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import contextlib
 import logging
 import os
 import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.diagnostics import WeightDrift
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.runtime import Runtime
@@ -25,6 +28,10 @@ from checkpoint_stability.state_dicts import (
 )
 
 logger = logging.getLogger(__name__)
+
+_KEPT_DRIFTS = 8
+"""How many steps' drifts :meth:`SnapshotWindow.drift_of` remembers: the caller reads each one right after
+its snapshot, so a few cover a caller that reads late, and memory stays bounded over a long run."""
 
 
 class NonFiniteWeightsError(CheckpointStabilityError, ValueError):
@@ -44,13 +51,18 @@ class SnapshotWindow:
     Faults (a failed write, a rejected snapshot) go to the monitor's :class:`FaultPolicy`; a failed
     write re-sums the average from the files that made it.
 
+    With ``config.drift`` (the default), each admitted snapshot's :class:`WeightDrift` — how far it is
+    from the previous snapshot and from the window average it joined — is measured on the writer thread,
+    right after the average took it in, and kept for :meth:`drift_of`. The training thread's ``push``
+    does no more work for it.
+
     Example::
 
         >>> import tempfile, torch
         >>> from checkpoint_stability.config import StabilityConfig
         >>> from checkpoint_stability.runtime import Runtime
         >>> window = SnapshotWindow(StabilityConfig(window=2), FaultPolicy("raise", Runtime))
-        >>> model = torch.nn.Linear(2, 1)
+        >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> with tempfile.TemporaryDirectory() as d:
         ...     window.open(d)
         ...     for step in (1, 2, 3):
@@ -59,8 +71,10 @@ class SnapshotWindow:
         ...         _ = window.push(step, model.state_dict())
         ...     window.wait()
         ...     window.steps, window.average.mean()["weight"].tolist()
+        ...     [round(value, 4) for value in window.drift_of(3).relative()]  # |1 1|/|3 3|, |.5 .5|/|3 3|
         ...     window.release()
         ([2, 3], [[2.5, 2.5]])
+        [0.3333, 0.1667]
     """
 
     def __init__(self, config: StabilityConfig, faults: FaultPolicy):
@@ -78,6 +92,9 @@ class SnapshotWindow:
         # Non-finite element counts per tensor in the last admitted snapshot (None: none admitted yet).
         self._admitted_non_finite: dict[str, int] | None = None
         self._storage_range_checked = False
+        # Written by the writer thread, read after wait(): the drift of the last few admitted snapshots.
+        self._drifts: OrderedDict[int, WeightDrift | None] = OrderedDict()
+        self._drift_warned = False
 
     @property
     def files(self) -> SnapshotBuffer:
@@ -132,11 +149,21 @@ class SnapshotWindow:
             self.faults.report("snapshot", error, step=step)
             return None
 
+    def drift_of(self, step: int) -> WeightDrift | None:
+        """How far the weights moved at the snapshot of ``step`` (valid after :meth:`wait`).
+
+        None when ``config.drift`` is off, when that snapshot was kept out of the window or its write
+        failed, when measuring it failed (warned once), or when it is older than the last few snapshots.
+        """
+        return self._drifts.get(step)
+
     def wait(self) -> None:
         """Wait for the write in flight; a failed write is reported and the average re-summed."""
         try:
             self.files.wait()
         except SnapshotError as error:
+            # The drift may have been measured before the commit failed: the snapshot is not in the window.
+            self._forget_drift(error.step)
             self.faults.report("snapshot", error, step=error.step)
             try:
                 self.rebuild_average()
@@ -168,6 +195,7 @@ class SnapshotWindow:
         try:
             self.buffer.close()
         except SnapshotError as error:
+            self._forget_drift(error.step)
             self.faults.report("snapshot", error, step=error.step)
             self.rebuild_average()
 
@@ -249,7 +277,8 @@ class SnapshotWindow:
 
     def admit(self, added: CapturedState, evicted, window) -> None:
         """The buffer's listener (writer thread): a snapshot with NaN or infinite weights that training
-        made is kept out of the window, so it cannot poison the average; the others join the average."""
+        made is kept out of the window, so it cannot poison the average; the others join the average,
+        and then their drift is measured (``config.drift``)."""
         added.synchronize()
         non_finite = non_finite_counts(added.tensors)
         before = self._admitted_non_finite
@@ -264,8 +293,98 @@ class SnapshotWindow:
                 f"the weights at step {self._writing_step or 0} are not finite ({made[0]!r} holds NaN or "
                 "infinity); the snapshot is kept out of the window average and of selection"
             )
-        self.average.update(added, evicted, window, non_finite=set(non_finite))
+        step = self._writing_step or 0
+        previous = _PreviousSnapshot(self, evicted, window) if self.config.drift else None
+        self.average.update(
+            added, evicted if previous is None else previous.evicted, window, non_finite=set(non_finite)
+        )
         self._admitted_non_finite = non_finite
+        if previous is not None:
+            self._measure_drift(step, added, previous)
+
+    # ------------------------------------------------------------------ drift
+
+    def _measure_drift(self, step: int, added: CapturedState, previous: _PreviousSnapshot) -> None:
+        """Measure and keep ``added``'s drift. A failure costs the drift of this step, never the snapshot."""
+        drift: WeightDrift | None
+        try:
+            source = previous.source()
+            current_sq, previous_sq, average_sq = self.average.drift_sums(added, source)
+            drift = WeightDrift(
+                step=step,
+                previous_step=None if source is None else previous.step,
+                n_models=self.average.count,
+                current_sq=current_sq,
+                previous_sq=previous_sq,
+                average_sq=average_sq,
+            )
+        except Exception as error:
+            drift = None
+            if not self._drift_warned:
+                self._drift_warned = True
+                logger.warning(
+                    "could not measure the weight drift at step %d (%s); the snapshot is kept, its drift "
+                    "is missing (further failures are not logged)",
+                    step,
+                    describe_error(error),
+                )
+        self._drifts[step] = drift
+        self._drifts.move_to_end(step)
+        while len(self._drifts) > _KEPT_DRIFTS:
+            self._drifts.popitem(last=False)
+
+    def _forget_drift(self, step: int | None) -> None:
+        if step is not None:
+            self._drifts.pop(step, None)
+
+
+class _PreviousSnapshot:
+    """The newest snapshot in the window before the one being admitted (``θ_prev`` of the drift), found
+    before the average takes the new one in.
+
+    Usually it stays in the window and is read through the buffer's verified reader of its file. With a
+    window of one it is the snapshot leaving: the average reads it to subtract it, through the loader
+    wrapped here, which keeps what it loaded so that the file is verified (hashed) once, not twice.
+    """
+
+    def __init__(
+        self,
+        owner: SnapshotWindow,
+        evicted: Sequence[Callable[[], Mapping[str, torch.Tensor]]],
+        window: Callable[[], Sequence[Mapping]],
+    ):
+        entries = owner.files.entries  # the committed window, without the snapshot being admitted
+        # An empty average is an empty or restarted window (a changed model): nothing to compare with.
+        newest = entries[-1] if entries and owner.average.count else None
+        self.step = None if newest is None else newest.step
+        self._file = None if newest is None else newest.file
+        self._window = window
+        self._leaving: Mapping[str, torch.Tensor] | None = None
+        self.evicted = list(evicted)
+        """The eviction loaders to give the average (the previous snapshot's wrapped, when it leaves)."""
+        self._leaves = newest is not None and len(self.evicted) == len(entries)
+        if self._leaves:
+            load = self.evicted[-1]
+
+            def load_and_keep() -> Mapping[str, torch.Tensor]:
+                if self._leaving is None:
+                    self._leaving = load()
+                return self._leaving
+
+            self.evicted[-1] = load_and_keep
+
+    def source(self) -> Mapping[str, torch.Tensor] | None:
+        """A reader of the previous snapshot's tensors; None when there is none (or it was found corrupt
+        and dropped from the window)."""
+        if self.step is None:
+            return None
+        if self._leaves:
+            return self.evicted[-1]()
+        for source in self._window():
+            path = getattr(source, "path", None)
+            if path is not None and os.path.basename(path) == self._file:
+                return source
+        return None
 
 
 def _weak_listener(window: SnapshotWindow):
