@@ -133,20 +133,93 @@ def _scores(values: Any, name: str) -> np.ndarray:
     return np.asarray(items, dtype=np.float64)
 
 
-def _interval(values: np.ndarray, estimate: float, *, resamples: Any, seed: Any, confidence: Any) -> Interval:
+def stratified_interval(
+    groups: Sequence[Sequence[float]], *, resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> Interval:
+    """A percentile bootstrap interval for the mean over tasks of each task's mean score.
+
+    Each group (one task's per-example scores) is resampled within itself, so every resample keeps
+    each task's size and weight, as the mean-over-tasks score does. The draws come from one
+    ``default_rng(seed)``, group after group in the order given (group ``g``'s index matrix is
+    ``integers(0, n_g, size=(resamples, n_g))``); one group gives exactly :func:`bootstrap_interval`.
+
+    >>> stratified_interval([[1, 0, 1, 1]], seed=3) == bootstrap_interval([1, 0, 1, 1], seed=3)
+    True
+    >>> stratified_interval([[1, 1, 1, 1], [0, 0]], resamples=50).to_json()["low"]  # (1 + 0) / 2 always
+    0.5
+
+    Raises:
+        ValueError: no groups, or as :func:`bootstrap_interval` for any group.
+    """
+    values = _groups(groups, "groups")
+    estimate = math.fsum(float(group.mean()) for group in values) / len(values)
+    return _interval(values, estimate, resamples=resamples, seed=seed, confidence=confidence)
+
+
+def paired_stratified_difference(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Interval:
+    """A paired interval for (mean over tasks of ``a``) − (mean over tasks of ``b``): task ``g``'s
+    examples are resampled within the task, and both sides read the same draws.
+
+    >>> paired_stratified_difference([[1, 0, 1]], [[0, 0, 1]], seed=1) == paired_difference(
+    ...     [1, 0, 1], [0, 0, 1], seed=1)
+    True
+
+    Raises:
+        ValueError: as :func:`stratified_interval`; a different number of groups, or a group of
+            ``a`` and ``b`` of different lengths.
+    """
+    first, second = _groups(a, "a"), _groups(b, "b")
+    if len(first) != len(second):
+        raise ValueError(f"a has {len(first)} groups and b has {len(second)}; each task needs both sides")
+    for index, (left, right) in enumerate(zip(first, second, strict=True)):
+        if len(left) != len(right):
+            raise ValueError(
+                f"group {index}: a has {len(left)} scores and b has {len(right)}; a paired difference "
+                "needs both variants' scores of the same examples"
+            )
+    estimate = math.fsum(float(x.mean()) - float(y.mean()) for x, y in zip(first, second, strict=True))
+    differences = [x - y for x, y in zip(first, second, strict=True)]
+    return _interval(
+        differences, estimate / len(first), resamples=resamples, seed=seed, confidence=confidence
+    )
+
+
+def _groups(groups: Any, name: str) -> list[np.ndarray]:
+    items = as_list(groups, name)
+    if not items:
+        raise ValueError(f"{name} must hold at least one group of per-example scores, got none")
+    return [_scores(group, f"{name}[{index}]") for index, group in enumerate(items)]
+
+
+def _interval(
+    groups: np.ndarray | list[np.ndarray], estimate: float, *, resamples: Any, seed: Any, confidence: Any
+) -> Interval:
+    """The percentile interval of the resampled mean over ``groups`` of each group's mean (one array:
+    one group)."""
     resamples = require_int("resamples", resamples, 1)
     seed = require_int("seed", seed, 0)
     if not is_real(confidence) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a real number strictly between 0 and 1, got {confidence!r}")
     confidence = float(confidence)
-    n = len(values)
+    arrays = [groups] if isinstance(groups, np.ndarray) else list(groups)
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples, dtype=np.float64)
-    rows = max(1, _BLOCK_ELEMENTS // n)
-    for start in range(0, resamples, rows):
-        stop = min(resamples, start + rows)
-        indices = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = values[indices].mean(axis=1)
+    means = np.zeros(resamples, dtype=np.float64)
+    for values in arrays:
+        n = len(values)
+        rows = max(1, _BLOCK_ELEMENTS // n)
+        for start in range(0, resamples, rows):
+            stop = min(resamples, start + rows)
+            indices = rng.integers(0, n, size=(stop - start, n))
+            means[start:stop] += values[indices].mean(axis=1)
+    if len(arrays) > 1:
+        means /= len(arrays)
     low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Interval(
         estimate=estimate,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_stability.holdout import check_fraction
+from checkpoint_stability.holdout import HoldoutTooSmallError, check_fraction, split
 from checkpoint_stability.tasks.base import Task, validate_tasks
 from checkpoint_stability.validation import require_int
 
@@ -205,8 +205,19 @@ class StabilityConfig:
     def check_tasks(self, tasks: Sequence[Task]) -> list[Task]:
         """The tasks, checked against these settings: the Task protocol and unique names, a
         ``select_metric`` that names a task (or ``"mean"``), and choice probabilities where
-        ``ensemble="mean_prob"`` needs them. Raises ``ValueError`` naming the problem."""
+        ``ensemble="mean_prob"`` needs them, and with ``holdout`` at least 2 examples in each half of every
+        task whose example ids are known before it runs. Raises ``ValueError`` naming the problem."""
         tasks = validate_tasks(tasks)
+        if self.holdout is not None:
+            for task in tasks:
+                ids = getattr(task, "example_ids", None)
+                if isinstance(ids, list):
+                    try:
+                        split(task.name, ids, self.holdout)
+                    except HoldoutTooSmallError:
+                        raise
+                    except ValueError:
+                        pass  # ids that cannot be hashed: confirmation is unavailable for this task
         names = [task.name for task in tasks]
         if tasks and self.select_metric not in ("mean", *names):
             raise ValueError(

@@ -11,6 +11,7 @@ from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import FaultPolicy, describe_error
+from checkpoint_stability.holdout import HoldoutScorer, HoldoutTooSmallError
 from checkpoint_stability.runtime import Runtime
 from checkpoint_stability.state_dicts import CapturedState, capture_state
 from checkpoint_stability.tasks.base import Task, TaskResult
@@ -56,6 +57,8 @@ class SnapshotEvaluation:
         self.window = window
         self.faults = faults
         self._untried_defaults = set(default_tasks)
+        self.holdout = HoldoutScorer(config.holdout) if config.holdout is not None else None
+        """Splits each task's examples into the selection and confirmation halves (``holdout``)."""
 
     def task(
         self, task: Task, model: torch.nn.Module, runtime: Runtime, step: int, variant: str
@@ -81,7 +84,22 @@ class SnapshotEvaluation:
                 error = RuntimeError(f"task {task.name!r} failed on another rank")
             self.faults.report("evaluate", error, step=step, task=task.name, variant=variant, agreed=True)
             return None
+        self._check_holdout(task, result)
         return result
+
+    def _check_holdout(self, task: Task, result: TaskResult | None) -> None:
+        """Raise :class:`HoldoutTooSmallError` (every rank sees the same examples, so every rank raises)
+        when ``holdout`` leaves a half of this task with fewer than 2 examples: selection on one example
+        is not selection. Ids that cannot be hashed leave confirmation unavailable for the task instead
+        (the records say so); that is not a reason to stop training."""
+        if result is None or self.holdout is None:
+            return
+        try:
+            self.holdout.split(task.name, result.example_ids)
+        except HoldoutTooSmallError:
+            raise
+        except ValueError:
+            pass
 
     def raw(self, tasks: Sequence[Task], model: torch.nn.Module, runtime: Runtime, step: int) -> Results:
         """Every task on the live model."""

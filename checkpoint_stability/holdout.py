@@ -37,6 +37,11 @@ from checkpoint_stability.validation import as_list, is_int, is_real
 _SCALE = 2**32
 
 
+class HoldoutTooSmallError(ValueError):
+    """A task has too few examples for ``holdout``: fewer than 2 in a half. A configuration error, raised
+    at the task's first evaluation whatever ``on_error`` says (a run must not select on an empty half)."""
+
+
 @dataclass(frozen=True)
 class HoldoutSplit:
     """The two halves of one task's examples, as indices into the ids given to :func:`split`."""
@@ -108,11 +113,12 @@ def split(task: str, example_ids: Sequence[Any], fraction: float) -> HoldoutSpli
     >>> split("qa", ["a", "b", "c", "d", "e", "f"], 0.5)
     Traceback (most recent call last):
     ...
-    ValueError: task 'qa': holdout=0.5 leaves 5 selection and 1 confirmation examples of 6; ...
+    checkpoint_stability.holdout.HoldoutTooSmallError: task 'qa': holdout=0.5 leaves 5 selection and 1 ...
 
     Raises:
-        ValueError: ``fraction`` not a real number in (0, 1); fewer than 2 examples in either half
-            (the error names the task and both counts); an id that is not JSON.
+        ValueError: ``fraction`` not a real number in (0, 1); an id that is not JSON.
+        HoldoutTooSmallError: fewer than 2 examples in either half (a ``ValueError`` naming the task and
+            both counts).
     """
     task = _check_task(task)
     fraction = check_fraction(fraction)
@@ -122,7 +128,7 @@ def split(task: str, example_ids: Sequence[Any], fraction: float) -> HoldoutSpli
     for index, example_id in enumerate(ids):
         (confirmation if _in_confirmation(task, example_id, fraction) else selection).append(index)
     if len(selection) < 2 or len(confirmation) < 2:
-        raise ValueError(
+        raise HoldoutTooSmallError(
             f"task {task!r}: holdout={fraction} leaves {len(selection)} selection and "
             f"{len(confirmation)} confirmation examples of {len(ids)}; each half needs at least 2 "
             "(use more examples or a holdout nearer 0.5)"
@@ -153,3 +159,38 @@ def half_score(correct: Sequence[float], indices: Iterable[int]) -> float:
             raise ValueError(f"correct[{index}] is {value!r}; expected a finite real number (not a bool)")
         total.append(float(value))
     return math.fsum(total) / len(total)
+
+
+class HoldoutScorer:
+    """Scores one evaluation on both halves, remembering each task's split (examples do not change
+    during a run, so the ids are hashed once per task, not at every snapshot).
+
+    >>> scorer = HoldoutScorer(0.5)
+    >>> scorer.scores("qa", list(range(10)), [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    (0.3333333333333333, 0.7142857142857143)
+    >>> scorer.split("qa", list(range(10))).selection
+    [1, 3, 4]
+    """
+
+    def __init__(self, fraction: float):
+        self.fraction = check_fraction(fraction)
+        self._splits: dict[str, tuple[list, HoldoutSplit]] = {}
+
+    def split(self, task: str, example_ids: Sequence[Any]) -> HoldoutSplit:
+        """The halves of ``task`` for these ids (cached while the ids stay the same).
+
+        Raises:
+            ValueError: as :func:`split` (fewer than 2 examples in a half names the task and the counts).
+        """
+        ids = list(example_ids)
+        cached = self._splits.get(task)
+        if cached is not None and cached[0] == ids:
+            return cached[1]
+        halves = split(task, ids, self.fraction)
+        self._splits[task] = (ids, halves)
+        return halves
+
+    def scores(self, task: str, example_ids: Sequence[Any], correct: Sequence[float]) -> tuple[float, float]:
+        """``(selection score, confirmation score)``: the mean of ``correct`` over each half."""
+        halves = self.split(task, example_ids)
+        return half_score(correct, halves.selection), half_score(correct, halves.confirmation)

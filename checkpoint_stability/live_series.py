@@ -4,14 +4,18 @@ rebuilt from the history when a run directory is (re)opened."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.history import History
+from checkpoint_stability.holdout import HoldoutScorer, HoldoutTooSmallError
 from checkpoint_stability.records import CHOICE_KINDS, MEAN_TASK, VARIANTS, Evaluation, ScoreSeries
 from checkpoint_stability.tasks.base import Task, TaskResult
+
+logger = logging.getLogger(__name__)
 
 
 class LiveSeries:
@@ -29,9 +33,16 @@ class LiveSeries:
         [('t', 'raw', 0.5), ('mean', 'raw', 0.5)]
     """
 
-    def __init__(self, tasks: Sequence[Task], config: StabilityConfig):
+    def __init__(self, tasks: Sequence[Task], config: StabilityConfig, holdout: HoldoutScorer | None = None):
+        """``holdout``: the splitter of the examples into halves (default: one from ``config.holdout``)."""
         self.tasks = list(tasks)
         self.config = config
+        if holdout is None and config.holdout is not None:
+            holdout = HoldoutScorer(config.holdout)
+        self.holdout = holdout
+        self.unavailable: set[str] = set()
+        """Tasks whose examples could not be split into halves (their ids are not JSON values): selection
+        reads their whole score, and they have no confirmation score."""
         self.reset()
 
     def reset(self) -> None:
@@ -78,12 +89,32 @@ class LiveSeries:
                 results[(task.name, variant)].score,
                 results[(task.name, variant)].outputs,
                 results[(task.name, variant)].targets if task.kind in CHOICE_KINDS else None,
+                self.halves(task.name, results[(task.name, variant)]),
             )
             for variant in VARIANTS
             for task in self.tasks
             if (task.name, variant) in results
         ]
         return self.scores.step_records(step, evaluations, [t.name for t in self.tasks], time.time())
+
+    def halves(self, task: str, result: TaskResult) -> tuple[float, float] | None:
+        """``(selection score, confirmation score)`` of one result, or None without a holdout or when the
+        task's examples cannot be split (warned once per task)."""
+        if self.holdout is None or task in self.unavailable:
+            return None
+        try:
+            return self.holdout.scores(task, result.example_ids, result.correct)
+        except HoldoutTooSmallError:
+            raise
+        except ValueError as error:
+            self.unavailable.add(task)
+            logger.warning(
+                "task %r: its examples cannot be split into selection and confirmation halves (%s); "
+                "selection reads its whole score and its confirmation score is unavailable",
+                task,
+                error,
+            )
+            return None
 
     def rebuild(self, history: History, avg_models: int) -> int | None:
         """Refill the series and the ensemble's window from ``history``; return its last step (or None)."""

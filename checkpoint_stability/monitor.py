@@ -23,6 +23,7 @@ from checkpoint_stability.best_export import BestExport
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.evaluation import SnapshotEvaluation
+from checkpoint_stability.evidence import SelectionEvidence
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
@@ -133,7 +134,8 @@ class StabilityMonitor:
         self._sharded = False
         self._model: weakref.ReferenceType | None = None
         self._run_directory: RunDirectory | None = None
-        self.series = LiveSeries(self.tasks, config)
+        self.series = LiveSeries(self.tasks, config, holdout=self.evaluation.holdout)
+        self.evidence = SelectionEvidence(config, holdout=self.evaluation.holdout)
 
     @property
     def buffer(self) -> SnapshotBuffer | None:
@@ -430,6 +432,8 @@ class StabilityMonitor:
                 records = self.series.records(step, results)
             except Exception as error:
                 self._fault("metrics", error, step=step)
+            self.evidence.unavailable = set(self.series.unavailable)
+            self.evidence.observe(records)
             if self._publisher is not None:
                 self._publisher.publish(step, results, records, self._window_of)
         before = self._best_snapshot()
@@ -443,6 +447,7 @@ class StabilityMonitor:
             live=live,
             ensemble_steps=self.series.ensemble_steps(self.tasks[0].name) if self.tasks else [],
         )
+        self._update_evidence(step, before, results)
         self._announce_best(step, before)
         # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
         records = self.runtime.broadcast_object(records)
@@ -564,6 +569,19 @@ class StabilityMonitor:
         self._opened = False
         self.faults.raise_held()
 
+    def _update_evidence(self, step: int, before: dict | None, results: dict) -> None:
+        """Rank 0: the new best's bootstrap intervals (from this step's per-example results), and the
+        comparison with the naive pick and the final raw checkpoint, into ``best.json``."""
+        best = self.best
+        if not self.runtime.is_main or self.selector is None or best is None or best.get("score") is None:
+            return
+        try:
+            if _identity(best) != _identity(before) and best["step"] == step:
+                self.evidence.intervals(step, best["variant"], results, [task.name for task in self.tasks])
+            self.selector.record_evidence(self.evidence.to_json(best))
+        except Exception as error:
+            self._fault("evidence", error, step=step)
+
     def _best_snapshot(self) -> dict | None:
         """A copy of what ``best.json`` says now (rank 0; None elsewhere), to tell when it changes."""
         return dict(self.best) if self.runtime.is_main and self.best is not None else None
@@ -571,7 +589,9 @@ class StabilityMonitor:
     def _announce_best(self, step: int, before: dict | None) -> None:
         """Rank 0: tell the sinks (TensorBoard's best run, W&B's summary) when the best model changed."""
         best = self.best
-        if not self.runtime.is_main or self._publisher is None or best is None or best == before:
+        if not self.runtime.is_main or self._publisher is None or best is None:
+            return
+        if _identity(best) == _identity(before):  # evidence is rewritten every snapshot; the model is not
             return
         self._publisher.best_changed(step, dict(best), self.best_model_path)
 
@@ -622,7 +642,17 @@ class StabilityMonitor:
         if self.history is None:
             raise RuntimeError("the run directory's history is not open")
         last = self.series.rebuild(self.history, self.average.count)
+        self.evidence.rebuild(
+            self.history.records(task=self.config.select_metric),
+            None if self.selector is None else self.selector.best,
+            self.series.unavailable,
+        )
         self._last_step = max([s for s in (last, *(self.window.steps[-1:])) if s is not None], default=None)
+
+
+def _identity(best: dict | None) -> tuple | None:
+    """What makes a best another model: its step, variant and export (not its evidence)."""
+    return None if best is None else (best.get("step"), best.get("variant"), best.get("path"))
 
 
 def _weakly(method: weakref.WeakMethod, gone: str | None = None):

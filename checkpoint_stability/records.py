@@ -74,6 +74,9 @@ class Evaluation:
     targets: Sequence[Any] | None = None
     """Per-example targets of a task that picks one answer among a fixed set (multiple choice,
     classification): its records then carry the answer-bias fields (:data:`BIAS_FIELDS`)."""
+    halves: tuple[float, float] | None = None
+    """``(selection score, confirmation score)`` with ``holdout`` set (:data:`HOLDOUT_FIELDS`); None
+    without a holdout, or when the task's examples cannot be split."""
 
 
 CHOICE_KINDS = ("multiple_choice", "classification")
@@ -89,6 +92,25 @@ HOLDOUT_FIELDS = ("selection_score", "confirmation_score")
 """Added to every record when ``holdout`` is set and the task has per-example scores: the score on the
 selection half (what selection reads) and on the confirmation half (what confirms a choice). ``score``
 stays the score over all examples. A mean record carries them when every task does."""
+
+
+def mean_halves(per_task: Sequence[Mapping]) -> dict[str, float]:
+    """The mean record's :data:`HOLDOUT_FIELDS` from its tasks' records.
+
+    Selection must work for every task, so a task without halves lends its whole score to the selection
+    mean (as selection did before holdouts existed); the confirmation mean needs every task's, else it is
+    left out (unavailable). No task with halves: nothing (the run has no holdout).
+
+    >>> mean_halves([{"score": 0.5, "selection_score": 0.4, "confirmation_score": 0.6}, {"score": 0.8}])
+    {'selection_score': 0.6000000000000001}
+    """
+    if not any("selection_score" in record for record in per_task):
+        return {}
+    selection = [record.get("selection_score", record["score"]) for record in per_task]
+    fields = {"selection_score": sum(selection) / len(selection)}
+    if all("confirmation_score" in record for record in per_task):
+        fields["confirmation_score"] = sum(r["confirmation_score"] for r in per_task) / len(per_task)
+    return fields
 
 
 def bias_fields(outputs: Sequence[Any], targets: Sequence[Any]) -> dict[str, float]:
@@ -199,6 +221,8 @@ class ScoreSeries:
         )
         if evaluation.targets is not None and evaluation.outputs is not None:
             record.update(bias_fields(evaluation.outputs, evaluation.targets))
+        if evaluation.halves is not None:
+            record.update(zip(HOLDOUT_FIELDS, evaluation.halves, strict=True))
         return record
 
     def step_records(
@@ -253,4 +277,5 @@ class ScoreSeries:
         record = self.record(step, mean, time)
         iss = [r["is"] for r in per_task]
         record["is"] = None if any(v is None for v in iss) else sum(iss) / len(iss)
+        record.update(mean_halves(per_task))
         return record

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 _OWN_FOLDERS = ("buffer", "examples", "exports", "tensorboard")
-_OWN_FILES = ("history.jsonl", "best.json", RUN_FILE, LOCK_FILE)
+_OWN_FILES = ("history.jsonl", "drift.jsonl", "best.json", RUN_FILE, LOCK_FILE)
 
 
 class ExistingRunError(CheckpointStabilityError, FileExistsError):
@@ -87,6 +87,7 @@ class RunDirectory:
                 # A window never holds more than `window` snapshots, so a larger threshold would never pass.
                 min_snapshots=min(config.min_snapshots, config.window),
                 exporter=exporter,
+                holdout=config.holdout,
             )
             found = self._previous_results() if resume_step is None else []
             if found:

@@ -76,8 +76,11 @@ class BestModelSelector:
         mode: str = "max",
         min_snapshots: int = 1,
         exporter: ModelExporter | None = None,
+        holdout: float | None = None,
     ):
-        """``exporter``: writes an export directory (default: ``model.safetensors`` of the whole state)."""
+        """``exporter``: writes an export directory (default: ``model.safetensors`` of the whole state).
+        ``holdout``: the run's holdout share; with one, candidates are compared on their
+        ``selection_score`` only (the selection half), never on examples of the confirmation half."""
         if select is not None and select not in _CANDIDATES:
             raise ValueError(f"select must be one of {sorted(_CANDIDATES)} or None, got {select!r}")
         if mode not in ("max", "min"):
@@ -88,6 +91,7 @@ class BestModelSelector:
         self.mode = mode
         self.min_snapshots = min_snapshots
         self.exporter = exporter if exporter is not None else ModelExporter()
+        self.holdout = holdout
         self.best: dict | None = None
         # Why the best on disk cannot be compared with this run's candidates (other settings), or None.
         self._foreign: str | None = None
@@ -116,11 +120,20 @@ class BestModelSelector:
             return None
         sign = 1.0 if self.mode == "max" else -1.0
         # Ties between variants of one step go to the earlier in (avg, raw, ens): the steadier model.
-        chosen = max(rows, key=lambda r: (sign * r["score"], -allowed.index(r["variant"])))
-        best_score = None if self.best is None or self._foreign else self.best["score"]
-        if best_score is not None and not sign * chosen["score"] > sign * best_score:
+        chosen = max(rows, key=lambda r: (sign * self.selection_value(r), -allowed.index(r["variant"])))
+        best_score = None
+        if self.best is not None and not self._foreign and self.best.get("score") is not None:
+            best_score = self.selection_value(self.best)
+        if best_score is not None and not sign * self.selection_value(chosen) > sign * best_score:
             return None
         return chosen
+
+    def selection_value(self, record: Mapping) -> float:
+        """What selection compares: the selection-half score with a holdout (a task whose examples could
+        not be split lends its whole score), else the score."""
+        if self.holdout is not None and record.get("selection_score") is not None:
+            return float(record["selection_score"])
+        return float(record["score"])
 
     def commit(
         self,
@@ -178,13 +191,24 @@ class BestModelSelector:
             "metric": self.metric if record["score"] is not None else None,
             "mode": self.mode,
             "scores": {k: float(v) for k, v in scores.items()},
+            "holdout": self.holdout,
         }
+        if self.holdout is not None and record.get("selection_score") is not None:
+            best["selection_score"] = float(record["selection_score"])
         if kept:
             best["kept"] = kept  # type: ignore[assignment]  # JSON: the pointer holds mixed values
         atomic_write_text(self.root / BEST_FILE, json.dumps(best, indent=1) + "\n", inside=self.root)
         self.best, self._kept, self._foreign = best, kept, None
         if previous is not None and previous != self.best_path:
             _remove_tree(previous)
+
+    def record_evidence(self, evidence: Mapping | None) -> None:
+        """Write ``evidence`` (:class:`~checkpoint_stability.evidence.SelectionEvidence`'s JSON: how the
+        best compares on the confirmation half) into ``best.json``, atomically; nothing before a best."""
+        if self.best is None or evidence is None or self.best.get("evidence") == evidence:
+            return
+        self.best = {**self.best, "evidence": dict(evidence)}
+        self._rewrite_pointer()
 
     def truncate_after(self, step: int) -> None:
         """Drop a best that a resumed run has not reached yet (it belongs to the abandoned trajectory).
@@ -281,11 +305,12 @@ class BestModelSelector:
                 self._kept.append(_pointer(entry))
             else:
                 logger.warning("%s: dropping a kept entry (%s)", path, trouble)
-        settings = {"select": self.select, "metric": self.metric, "mode": self.mode}
+        settings = {"select": self.select, "metric": self.metric, "mode": self.mode, "holdout": self.holdout}
         recorded = {
             "select": best.get("select", self.select),  # pointers written before "select" was recorded
             "metric": best.get("metric"),
             "mode": best.get("mode", "max"),
+            "holdout": best.get("holdout"),  # pointers written before holdouts existed had none
         }
         if best.get("score") is None:
             return best, False  # a run without tasks exported its latest model: nothing to compare with
@@ -378,8 +403,9 @@ def load_best(
 
 
 def _pointer(best: Mapping) -> dict:
-    """A best's entry in the ``kept`` list: the pointer without its own kept list."""
-    return {key: value for key, value in best.items() if key != "kept"}
+    """A best's entry in the ``kept`` list: the pointer without its own kept list and evidence (which
+    described it against the candidates of its own selection)."""
+    return {key: value for key, value in best.items() if key not in ("kept", "evidence")}
 
 
 def _best_problem(root: Path, best, *, pointer: bool = False) -> str | None:
@@ -400,6 +426,12 @@ def _best_problem(root: Path, best, *, pointer: bool = False) -> str | None:
         for key in ("metric", "mode", "select"):
             if best.get(key) is not None and not isinstance(best[key], str):
                 return f"field {key!r} is not a string"
+        if best.get("evidence") is not None and not isinstance(best["evidence"], dict):
+            return "field 'evidence' is not a JSON object"
+        for key in ("holdout", "selection_score"):
+            value = best.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                return f"field {key!r} is not a number"
     relative = best.get("path")
     if relative is None:
         return None if best["variant"] == "ens" else "path is null for a variant with weights"

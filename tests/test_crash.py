@@ -26,7 +26,7 @@ from checkpoint_stability.storage.export import load_export
 # freezes at a chosen point of the write path, so the parent's SIGKILL lands exactly there.
 CHILD = textwrap.dedent(
     """
-    import os, sys, time
+    import json, os, sys, time
     import torch
     from checkpoint_stability import FunctionTask, StabilityMonitor
     from checkpoint_stability import buffer as buffer_module
@@ -70,12 +70,17 @@ CHILD = textwrap.dedent(
             time.sleep(600)
         real_export_write(path, data, **options)
 
+    best_steps = set()
+
     def stalling_text_write(path, text, **options):
-        if path.name == "best.json" and mode == "before-best" and bests[0] >= 1:
+        # best.json is also rewritten for its evidence at every snapshot; stall at a new best's switch.
+        new_best = path.name == "best.json" and json.loads(text)["step"] not in best_steps
+        if new_best and mode == "before-best" and bests[0] >= 1:
             print("stalled", flush=True)
             time.sleep(600)
         real_text_write(path, text, **options)
-        if path.name == "best.json":
+        if new_best:
+            best_steps.add(json.loads(text)["step"])
             bests[0] += 1
 
     export_module.atomic_write_bytes = stalling_export_write

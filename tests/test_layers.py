@@ -42,6 +42,7 @@ CORE = {
     "evaluation",
     "publishing",
     "run_summary",
+    "evidence",
 }
 
 
