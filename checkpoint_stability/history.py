@@ -691,9 +691,11 @@ class History:
         Raises:
             ValueError: a step that is not an integer >= 0; a drift that is not None or a finite float >= 0.
         """
+        if previous_step is not None:
+            previous_step = require_int("previous_step", previous_step, 0)
         line: dict[str, object] = {
             "step": require_int("step", step, 0),
-            "previous_step": None if previous_step is None else require_int("previous_step", previous_step, 0),
+            "previous_step": previous_step,
             "previous": _float(previous, "previous", optional=True),
             "average": _float(average, "average", optional=True),
             "n_models": require_int("n_models", n_models, 1),
@@ -807,7 +809,8 @@ class History:
         )
 
     def truncate_after(self, step: int) -> int:
-        """Drop every score, error, drift and examples line with a step > ``step``; return how many were dropped.
+        """Drop every score, error, drift and examples line with a step > ``step``; return how many were
+        dropped.
 
         Used on resume from an earlier checkpoint. Each affected file is rewritten atomically; meta files
         and damaged lines are kept.
