@@ -1,5 +1,6 @@
 """The paper's comparison recomputed from a run directory alone: per task, variant and window, the mean
-score over the first and the final fraction of evaluations, and MTV and IS over the final fraction."""
+score over the first and the final fraction of evaluations, and MTV and IS over the final fraction; with
+``holdout``, also the mean confirmation-half score over the final fraction."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History, validate_task_name
+from checkpoint_stability.history import DRIFT_FILE, EXAMPLES_DIR, HISTORY_FILE, History, validate_task_name
 from checkpoint_stability.metrics import instability_score, mean_total_variation
 from checkpoint_stability.records import MEAN_TASK, VARIANTS
+from checkpoint_stability.validation import is_real
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,10 @@ class RunView:
       ``choice_logprobs`` do not hold one row of log-probabilities per output with the output a choice
       index of that row.
 
-    It offers History's reading methods (``records``, ``errors``, ``meta``, ``outputs``), so whatever
-    takes a History for reading takes a view. Nothing is written.
+    * a drift line whose step or model count is beyond :data:`MAX_STEP`.
+
+    It offers History's reading methods (``records``, ``errors``, ``meta``, ``outputs``, ``drift``), so
+    whatever takes a History for reading takes a view. Nothing is written.
     """
 
     def __init__(self, history: History):
@@ -71,6 +75,7 @@ class RunView:
                 MAX_STEP,
             )
         self._records = records
+        self._drift = _usable_drift(history.drift(), self.root / DRIFT_FILE)
         self._history = history
         # Per task, read and checked when first asked for: (meta or None, usable examples lines).
         self._tasks: dict[str, tuple[dict | None, list[dict]]] = {}
@@ -130,6 +135,10 @@ class RunView:
         """Error lines in file order."""
         return [dict(r) for r in self._errors]
 
+    def drift(self) -> list[dict]:
+        """The usable drift lines (``drift.jsonl``) in file order; none for a run that wrote none."""
+        return [dict(line) for line in self._drift]
+
     def meta(self, task: str) -> dict | None:
         """The task's meta record, or None if there is none or it cannot be used."""
         meta = self._task(task)[0]
@@ -174,6 +183,34 @@ def _usable_record(record: dict) -> bool:
         and record["n_models"] <= MAX_STEP
         and 0 <= record["score"] <= 1
     )
+
+
+def _usable_drift(lines: list[dict], path: Path) -> list[dict]:
+    usable = [line for line in lines if line["step"] <= MAX_STEP and line["n_models"] <= MAX_STEP]
+    if len(usable) < len(lines):
+        logger.warning(
+            "%s: skipped %d drift line(s) with a step or model count beyond %d (damaged); they are left "
+            "out (the file is not changed)",
+            path,
+            len(lines) - len(usable),
+            MAX_STEP,
+        )
+    return usable
+
+
+def holdout_score(record: dict, key: str) -> float | None:
+    """A record's ``selection_score`` or ``confirmation_score`` (``key``), or None when it has none.
+
+    Runs without ``holdout`` (and every run of an older release) write neither; a value that is not a
+    real number in [0, 1] (a hand-edited line) counts as none.
+
+    >>> holdout_score({"confirmation_score": 0.75}, "confirmation_score")
+    0.75
+    >>> holdout_score({"selection_score": "high"}, "selection_score") is None
+    True
+    """
+    value = record.get(key)
+    return float(value) if is_real(value) and 0 <= value <= 1 else None
 
 
 def _is_number(value: object) -> bool:
@@ -255,7 +292,9 @@ def summarize(
     run: str | os.PathLike | History | RunView, *, final_fraction: float = 0.2, include_mean: bool = False
 ) -> list[dict]:
     """One row per (task, variant, window) series: ``score_first``, ``score_last``, ``mtv``, ``is``,
-    ``evaluations`` (how many the final fraction holds) and ``total`` (all of the series).
+    ``confirmation_last``, ``evaluations`` (how many the final fraction holds) and ``total`` (all of the
+    series). ``confirmation_last`` is the mean confirmation-half score over the final fraction (runs with
+    ``holdout``); None unless every record of the final fraction carries one.
 
     ``run`` is a run directory (read, never modified), an open :class:`History` or a :class:`RunView`;
     lines that cannot be used are left out with a warning (see :class:`RunView`). The final fraction of
@@ -314,9 +353,19 @@ def _row(task: str, variant: str, window: int, records: list[dict], final_fracti
         "score_last": math.fsum(r["score"] for r in last) / len(last),
         "mtv": mean_total_variation([r["score"] for r in last]),
         "is": None,
+        "confirmation_last": _mean_confirmation(last),
         "evaluations": count,
         "total": len(records),
     }
+
+
+def _mean_confirmation(records: list[dict]) -> float | None:
+    """The mean confirmation score of ``records``; None unless each carries one (a mean over a part of
+    the evaluations would not be comparable with the score next to it)."""
+    values = [holdout_score(r, "confirmation_score") for r in records]
+    if not values or None in values:
+        return None
+    return math.fsum(v for v in values if v is not None) / len(values)
 
 
 def _mean_rows(history: RunView, task_rows: list[dict], tasks: list[str], final_fraction: float) -> list:
@@ -334,13 +383,18 @@ def _mean_rows(history: RunView, task_rows: list[dict], tasks: list[str], final_
 
 
 def format_summary(rows: list[dict], title: str = "") -> str:
-    """A fixed-width table of ``summarize`` rows, with each variant's MTV and IS as a ratio to raw's."""
+    """A fixed-width table of ``summarize`` rows, with each variant's MTV and IS as a ratio to raw's.
+
+    A run with ``holdout`` gets a ``confirm., last`` column beside the scores; a table of a run without
+    one looks as it always did."""
     if not rows:
         return f"{title}\nno series with two or more evaluations yet".strip()
+    confirmation = any(row.get("confirmation_last") is not None for row in rows)
     width = max(12, *(len(row["task"]) for row in rows))
     header = (
         f"{'task':<{width}} {'variant':<7} {'window':>6} {'evals':>9} {'score, first':>12} "
-        f"{'score, last':>11} {'MTV':>7} {'IS':>7} {'MTV/raw':>8} {'IS/raw':>7}"
+        f"{'score, last':>11} " + (f"{'confirm., last':>14} " if confirmation else "") + f"{'MTV':>7} "
+        f"{'IS':>7} {'MTV/raw':>8} {'IS/raw':>7}"
     )
     raw = {row["task"]: row for row in rows if row["variant"] == "raw"}
     lines = [title] if title else []
@@ -351,7 +405,8 @@ def format_summary(rows: list[dict], title: str = "") -> str:
         lines.append(
             f"{row['task']:<{width}} {row['variant']:<7} {row['window']:>6} {evals:>9} "
             f"{row['score_first']:>12.3f} {row['score_last']:>11.3f} "
-            f"{row['mtv']:>7.4f} {format_number(row['is'], 7)} "
+            + (f"{_confirmation_text(row.get('confirmation_last')):>14} " if confirmation else "")
+            + f"{row['mtv']:>7.4f} {format_number(row['is'], 7)} "
             f"{format_ratio(row['mtv'], base['mtv'] if base else None, 8)} "
             f"{format_ratio(row['is'], base['is'] if base else None, 7)}"
         )
@@ -359,6 +414,11 @@ def format_summary(rows: list[dict], title: str = "") -> str:
         "score, first / score, last: the mean score over the first / the final evaluations of the series "
         "(as many as evals counts)."
     )
+    if confirmation:
+        lines.append(
+            "confirm., last: the mean score over the final evaluations on the confirmation half (the "
+            "examples selection never reads; holdout)."
+        )
     lines.append(
         "evals: the final evaluations that score, last, MTV and IS are computed over / all evaluations."
     )
@@ -367,6 +427,10 @@ def format_summary(rows: list[dict], title: str = "") -> str:
     )
     lines.append("A ratio below 1 means steadier than the live model (raw).")
     return "\n".join(lines)
+
+
+def _confirmation_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def format_number(value: float | None, width: int = 0) -> str:
