@@ -1,4 +1,5 @@
-"""The report's figures: score curves, per-example flip heatmaps and the ensemble window-size sweep.
+"""The report's figures: score curves, per-example flip heatmaps, the ensemble window-size sweep and the
+weight drift.
 
 Every figure is a ``matplotlib.figure.Figure`` drawn by ``FigureCanvasAgg`` and saved as PNG, so nothing
 here touches pyplot's global state or the user's interactive backend. matplotlib is imported inside the
@@ -9,6 +10,7 @@ import without it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ VARIANT_NAMES = {
 }
 WRONG_COLOR, RIGHT_COLOR = "#f7f7f7", "#2c7fb8"
 BEST_COLOR = "#222222"
+# Weight drift: a jump and the windows that span one, in a red none of the variants uses.
+JUMP_COLOR, SPAN_COLOR = "#b2182b", "#fde0dd"
+LOG_SPREAD = 10.0
+"""The drift plot's y axis is logarithmic when its positive values spread over more than this factor."""
 # Tasks in the window sweep: hues (and markers) that none of the variants above uses, so a task's line is
 # never read as raw (grey), avg (blue) or ens (orange) of the score plots.
 TASK_COLORS = ("#7b3294", "#1b9e77", "#c51b7d", "#8c6d31", "#d6a000", "#4d4d9f", "#b2182b", "#5aae61")
@@ -369,3 +375,98 @@ def plot_window_sweep(path: Path, *, sweeps: dict[str, list[dict]], final_label:
         )
         _save(figure, path)
     return figure
+
+
+def plot_drift(
+    path: Path,
+    *,
+    steps: Sequence[int],
+    previous: Sequence[float | None],
+    average: Sequence[float | None],
+    jumps: Sequence[int],
+    spans: Sequence[tuple[int, int]],
+    threshold: float | None,
+    threshold_label: str = "jump threshold",
+):
+    """How far the weights move at each snapshot: ``previous`` (from the snapshot before, grey like the
+    live model) and ``average`` (from the window's average, blue like avg), jumps ringed in
+    :data:`JUMP_COLOR` above the dotted jump threshold, and ``spans`` shaded: (first, last) steps of runs of
+    snapshots whose window spans a jump.
+    The y axis is logarithmic when the positive values spread over more than a factor of
+    :data:`LOG_SPREAD` (warm-up moves dwarf later ones); a drift of 0 (an average of one snapshot) then
+    has no point. Return the figure (already saved)."""
+    values = [v for v in (*previous, *average) if v is not None and v > 0]
+    logarithmic = bool(values) and max(values) > LOG_SPREAD * min(values)
+    with _figure(9.5, 4.6) as figure:
+        axes = figure.subplots()
+        for first, last in spans:
+            # A run of one snapshot still gets a visible band: half a snapshot interval either side.
+            axes.axvspan(*_band(first, last, steps), color=SPAN_COLOR, alpha=0.7, lw=0, zorder=0)
+        if spans:
+            # One legend entry for all the shaded runs.
+            axes.fill_between([], [], color=SPAN_COLOR, alpha=0.7, lw=0, label="window spans a jump")
+        for series, color, label, width in (
+            (previous, RAW_COLOR, "previous: ‖θ_t − θ_prev‖ / ‖θ_t‖", 1.4),
+            (average, VARIANT_COLORS["avg"], "average: ‖θ_t − θ̄_window‖ / ‖θ_t‖", 2.0),
+        ):
+            points = [(s, v) for s, v in zip(steps, series, strict=True) if v is not None]
+            if logarithmic:
+                points = [(s, v) for s, v in points if v > 0]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axes.plot(xs, ys, color=color, lw=width, marker="o", ms=3, label=label, zorder=3)
+        if threshold is not None and (threshold > 0 or not logarithmic):
+            axes.axhline(threshold, color=JUMP_COLOR, lw=1.1, ls=":", zorder=2, label=threshold_label)
+        jumped = [(s, v) for s, v in zip(steps, previous, strict=True) if s in set(jumps) and v is not None]
+        if jumped:
+            xs, ys = zip(*jumped, strict=True)
+            axes.plot(
+                xs,
+                ys,
+                ls="none",
+                marker="o",
+                ms=10,
+                mfc="none",
+                mec=JUMP_COLOR,
+                mew=1.8,
+                zorder=4,
+                label="jump",
+            )
+        if logarithmic:
+            from matplotlib.ticker import FuncFormatter
+
+            axes.set_yscale("log")
+            # Plain numbers (0.02, 0.3) read faster than 2 × 10⁻² beside the report's drift values; of the
+            # minor ticks only 2, 3 and 5 times a power of ten are labelled, so the labels never overlap.
+            axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axes.yaxis.set_minor_formatter(FuncFormatter(_sparse_log_label))
+        axes.margins(y=0.08)  # the ring around a jump at the top of the range stays inside the axes
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("relative drift" + (" (log scale)" if logarithmic else ""))
+        axes.grid(True, alpha=0.3)
+        figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center", ncols=3)
+        figure.suptitle("How far the weights move at each snapshot")
+        _save(figure, path)
+    return figure
+
+
+def _band(first: int, last: int, steps: Sequence[int]) -> tuple[float, float]:
+    """The x range shading snapshots ``first`` to ``last``: out to halfway towards their neighbours."""
+    i, j = steps.index(first), steps.index(last)
+    before = (
+        (steps[i] - steps[i - 1]) / 2
+        if i > 0
+        else (steps[i + 1] - steps[i]) / 2
+        if i + 1 < len(steps)
+        else 0.5
+    )
+    after = (steps[j + 1] - steps[j]) / 2 if j + 1 < len(steps) else before
+    return first - before, last + after
+
+
+def _sparse_log_label(value: float, _position) -> str:
+    """A minor tick's label on a log axis: ``0.02``, ``0.3``, ``50`` (2, 3 or 5 × a power of ten), or none."""
+    if value <= 0:
+        return ""
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if mantissa in (2, 3, 5) else ""
