@@ -167,7 +167,7 @@ def no_plots(monkeypatch):
     def placeholder(path, **kwargs):
         Path(path).write_bytes(b"placeholder")
 
-    for name in ("plot_scores", "plot_flips", "plot_window_sweep"):
+    for name in ("plot_scores", "plot_flips", "plot_window_sweep", "plot_drift"):
         monkeypatch.setattr(f"checkpoint_stability.reporting.plots.{name}", placeholder)
 
 
@@ -180,6 +180,7 @@ def test_report_files_exist_and_are_valid_pngs(report):
     assert text.startswith("# Checkpoint stability report")
     names = {"scores-mc.png", "scores-qa.png", "scores-mean.png", "flips-mc.png", "flips-qa.png"}
     names.add("window-sweep.png")
+    names.add("weight-drift.png")  # the monitor records drift.jsonl by default
     assert {p.name for p in report.parent.iterdir()} == names | {"report.md"}
     for name in names:
         assert f"]({name})" in text

@@ -1,11 +1,18 @@
 """A Markdown report with PNG plots, written from a run directory alone (at train end, and by the CLI).
 
-``write_report(run_dir)`` reads ``history.jsonl`` and ``examples/`` and writes ``<run_dir>/report/``:
+``write_report(run_dir)`` reads ``history.jsonl``, ``examples/``, ``best.json`` and ``drift.jsonl`` and
+writes ``<run_dir>/report/``:
 
 * ``report.md`` — the run at a glance; the best model that ``best.json`` names (step, variant, the
-  snapshots combined, its scores, its export and how to load it); a table of score, MTV and IS per
-  task, variant and window over the final 20% of evaluations (the paper's protocol) and over the whole
-  run; the ensemble window-size sweep; the error lines, if any;
+  snapshots combined, its scores, its export and how to load it); whether that choice holds up on the
+  examples selection never read (``best.json``'s ``evidence``: the chosen, naive, final raw and best
+  candidate models, the regret, bootstrap intervals); a table of score, MTV and IS per task, variant and
+  window over the final 20% of evaluations (the paper's protocol) and over the whole run, with the
+  confirmation-half score beside each score when the run had a ``holdout``; the ensemble window-size
+  sweep; the recommended window (:func:`~checkpoint_stability.diagnostics.recommend_window` per task,
+  for the vote ensemble and for averages at several windows); the weight drift and the windows that
+  span a jump in it; the error lines, if any. A run that records none of selection evidence, holdout
+  scores and drift (an older release's) gets the report it always got;
 * ``scores-<task>.png`` — each task's score over steps for raw, avg and ens, the best model's step marked
   (and ``scores-mean.png``, the mean over tasks, when there are several tasks: over one task the mean is
   that task);
@@ -13,7 +20,9 @@
   and ens;
 * ``window-sweep.png`` — the vote ensemble of the last ``n`` raw evaluations, n = 1, 2, 5, 10, 20,
   recomputed from the cached per-example outputs and the targets in ``examples/<task>.meta.json``: no
-  model, no forward pass.
+  model, no forward pass;
+* ``weight-drift.png`` — how far the weights moved at each snapshot, from the previous snapshot and
+  from the window's average, jumps marked (runs with ``drift.jsonl``).
 
 The report is built in a temporary sibling directory and swapped in with renames, so a crash leaves the
 previous report or the new one, never half of one. The run directory is only read: its history is opened
@@ -38,14 +47,17 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from checkpoint_stability.diagnostics import collapsed
+from checkpoint_stability.bootstrap import Interval, paired_difference
+from checkpoint_stability.diagnostics import collapsed, recommend_window
 from checkpoint_stability.ensemble import vote
-from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
+from checkpoint_stability.history import DRIFT_FILE, EXAMPLES_DIR, HISTORY_FILE, History
+from checkpoint_stability.holdout import split
 from checkpoint_stability.metrics import TASK_METRICS, exact_match, instability_score, mean_total_variation
 from checkpoint_stability.records import BIAS_FIELDS, MEAN_TASK, VARIANTS
 from checkpoint_stability.reporting.summary import (
@@ -54,6 +66,7 @@ from checkpoint_stability.reporting.summary import (
     final_count,
     format_number,
     format_ratio,
+    holdout_score,
     series_keys,
     series_records,
     summarize,
@@ -61,7 +74,7 @@ from checkpoint_stability.reporting.summary import (
 from checkpoint_stability.selection import BEST_FILE, read_best
 from checkpoint_stability.storage.atomic_files import fsync_directory
 from checkpoint_stability.storage.confinement import UnsafePathError, open_confined
-from checkpoint_stability.validation import is_real
+from checkpoint_stability.validation import is_int, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +87,18 @@ FLIP_EVALUATIONS = 20
 MAX_FLIP_ROWS = 40
 """Most examples a heatmap shows (those that change most often); more would not be readable."""
 MAX_ERRORS_LISTED = 10
+RESAMPLES = 1000
+"""Bootstrap resamples of the report's own paired intervals (the window recommendation)."""
+SEED = 0
+"""Seed of those resamples: the same run gives the same intervals on every machine."""
+WINDOW_TOLERANCE = 0.1
+"""How far above the lowest MTV a recommended window's MTV may be (``recommend_window``'s tolerance)."""
+JUMP_FACTOR = 3.0
+"""A snapshot's move from the previous one is a jump above this many times the run's median move."""
+MIN_DRIFT_VALUES = 5
+"""Fewest moves between snapshots whose median can say what a jump is."""
+MAX_STEPS_LISTED = 20
+"""Most jumps (and runs of windows spanning them) the drift note names; the plot shows them all."""
 INSTALL_HINT = "pip install checkpoint-stability[report]"
 
 
@@ -177,14 +202,7 @@ def window_sweep(
         ValueError: the task has no usable meta file (its targets are unknown), or its stored
             log-probabilities disagree between evaluations on an example's number of choices.
     """
-    history = as_view(history)
-    meta = history.meta(task)
-    if meta is None:
-        raise ValueError(
-            f"task {task!r} has no usable {EXAMPLES_DIR}/{task}.meta.json: its targets are unknown"
-        )
-    size = len(meta["targets"])
-    lines = [line for line in _series_lines(history, task, "raw", 1) if len(line["outputs"]) == size]
+    meta, lines = _sweep_lines(as_view(history), task)
     if len(lines) < 2:
         return []
     count = final_count(len(lines), final_fraction)
@@ -192,12 +210,8 @@ def window_sweep(
     for n in windows:
         if n > len(lines):
             continue
-        combined, scores = [], []
-        for end in range(len(lines) - count, len(lines)):
-            outputs = _vote_lines(lines[max(0, end - n + 1) : end + 1])
-            per_example = score_outputs(outputs, meta["targets"], meta["metric"])
-            combined.append(outputs)
-            scores.append(math.fsum(per_example) / len(per_example))
+        combined, per_example = _voted_final(lines, meta, n, count)
+        scores = [math.fsum(values) / len(values) for values in per_example]
         rows.append(
             {
                 "n": n,
@@ -209,6 +223,32 @@ def window_sweep(
             }
         )
     return rows
+
+
+def _sweep_lines(history: RunView, task: str) -> tuple[dict, list[dict]]:
+    """The task's meta and its raw examples lines by step, those with one output per example of the meta.
+
+    Raises:
+        ValueError: the task has no usable meta file (its targets are unknown).
+    """
+    meta = history.meta(task)
+    if meta is None:
+        raise ValueError(
+            f"task {task!r} has no usable {EXAMPLES_DIR}/{task}.meta.json: its targets are unknown"
+        )
+    size = len(meta["targets"])
+    return meta, [line for line in _series_lines(history, task, "raw", 1) if len(line["outputs"]) == size]
+
+
+def _voted_final(lines: list[dict], meta: dict, n: int, count: int) -> tuple[list[list], list[list[float]]]:
+    """At each of the last ``count`` of ``lines``: the vote of that line and the ``n - 1`` before it, and
+    the vote's per-example scores against the meta's targets. ``n = 1`` is the raw outputs re-scored."""
+    combined, per_example = [], []
+    for end in range(len(lines) - count, len(lines)):
+        outputs = _vote_lines(lines[max(0, end - n + 1) : end + 1])
+        combined.append(outputs)
+        per_example.append(score_outputs(outputs, meta["targets"], meta["metric"]))
+    return combined, per_example
 
 
 def _series_lines(history: RunView, task: str, variant: str, window: int) -> list[dict]:
@@ -249,6 +289,187 @@ def _rescoring_mismatch(history: RunView, task: str) -> float:
     return differ / total if total else 0.0
 
 
+def ensemble_window_rows(
+    history: History | RunView,
+    task: str,
+    *,
+    examples: Sequence[int] | None = None,
+    windows: Sequence[int] = SWEEP_WINDOWS,
+    final_fraction: float = FINAL_FRACTION,
+) -> list[dict]:
+    """Rows for :func:`~checkpoint_stability.diagnostics.recommend_window` from the ensemble sweep: the vote
+    of the last ``n`` raw evaluations, for each ``n`` :func:`window_sweep` computes.
+
+    Each row is ``{"n", "mtv", "score", "confirmation_diff"}``: ``mtv`` and ``score`` as in the sweep (over
+    the final evaluations, all examples); ``confirmation_diff`` the paired bootstrap interval
+    (:func:`~checkpoint_stability.bootstrap.paired_difference`, :data:`RESAMPLES` resamples, seed
+    :data:`SEED`, ``.to_json()``) of ens − raw over the examples whose indices ``examples`` lists (None:
+    all), where an example's value is the mean of its score over the same final evaluations. raw is
+    ``n = 1`` scored the same way (the stored outputs re-scored against the meta's targets), so the two
+    sides differ only by the vote.
+
+    Raises:
+        ValueError: as :func:`window_sweep`.
+    """
+    meta, lines = _sweep_lines(as_view(history), task)
+    if len(lines) < 2:
+        return []
+    count = final_count(len(lines), final_fraction)
+    raw = _example_means(_voted_final(lines, meta, 1, count)[1], examples)
+    rows = []
+    for n in windows:
+        if n > len(lines):
+            continue
+        per_example = _voted_final(lines, meta, n, count)[1]
+        scores = [math.fsum(values) / len(values) for values in per_example]
+        difference = paired_difference(
+            _example_means(per_example, examples), raw, resamples=RESAMPLES, seed=SEED
+        )
+        rows.append(
+            {
+                "n": n,
+                "mtv": mean_total_variation(scores),
+                "score": math.fsum(scores) / len(scores),
+                "confirmation_diff": difference.to_json(),
+            }
+        )
+    return rows
+
+
+def average_window_rows(
+    history: History | RunView,
+    task: str,
+    *,
+    examples: Sequence[int] | None = None,
+    final_fraction: float = FINAL_FRACTION,
+) -> list[dict]:
+    """Rows for :func:`~checkpoint_stability.diagnostics.recommend_window` from the avg series the history
+    holds at several windows (``analyze`` with several ``windows``), with ``n = 1`` the raw series.
+
+    Only the steps every one of these series (raw included) was evaluated at are used, so that the rows
+    compare like with like; of those, the final ones (:func:`final_count`). Each row is ``{"n", "mtv",
+    "score", "confirmation_diff"}``: the MTV and the mean of the recorded scores over the final steps,
+    and the paired interval of avg − raw as in :func:`ensemble_window_rows`, from the stored per-example
+    ``correct`` of the examples lines; ``confirmation_diff`` is None when a series lacks a usable
+    examples line at one of those steps. Fewer than two avg windows (a live run evaluates one), or fewer
+    than two shared steps, give no rows.
+    """
+    history = as_view(history)
+    windows = sorted(w for v, w in series_keys(history, task) if v == "avg" and w > 1)
+    if len(windows) < 2:
+        return []
+    series = {1: ("raw", series_records(history, task, "raw", 1))}
+    series.update({w: ("avg", series_records(history, task, "avg", w)) for w in windows})
+    shared = set.intersection(*({r["step"] for r in records} for _, records in series.values()))
+    steps = sorted(shared)
+    if len(steps) < 2:
+        return []
+    final = steps[-final_count(len(steps), final_fraction) :]
+    per_example = {n: _correct_at(history, task, variant, n, final) for n, (variant, _) in series.items()}
+    raw = per_example[1]
+    rows = []
+    for n, (_, records) in series.items():
+        by_step = {r["step"]: r["score"] for r in records}
+        scores = [by_step[step] for step in final]
+        difference = None
+        values = per_example[n]
+        if values is not None and raw is not None and len(values[0]) == len(raw[0]):
+            difference = paired_difference(
+                _example_means(values, examples),
+                _example_means(raw, examples),
+                resamples=RESAMPLES,
+                seed=SEED,
+            ).to_json()
+        rows.append(
+            {
+                "n": n,
+                "mtv": mean_total_variation(scores),
+                "score": math.fsum(scores) / len(scores),
+                "confirmation_diff": difference,
+            }
+        )
+    return rows
+
+
+def _correct_at(history: RunView, task: str, variant: str, window: int, steps: list[int]) -> list | None:
+    """The stored per-example ``correct`` of a series at each of ``steps``; None when a step has no line
+    or the lines differ in length (the task's examples changed)."""
+    by_step = {line["step"]: line["correct"] for line in _series_lines(history, task, variant, window)}
+    if not all(step in by_step for step in steps):
+        return None
+    values = [by_step[step] for step in steps]
+    return values if len({len(v) for v in values}) == 1 else None
+
+
+def _example_means(per_step: list[list[float]], examples: Sequence[int] | None) -> list[float]:
+    """Per example (those ``examples`` lists, or all), the mean of its score over the steps of
+    ``per_step`` (one list of per-example scores per step)."""
+    indices = range(len(per_step[0])) if examples is None else examples
+    return [math.fsum(float(values[i]) for values in per_step) / len(per_step) for i in indices]
+
+
+def drift_jumps(lines: Sequence[dict]) -> dict:
+    """Which snapshots moved by a jump, and which windows span one, from drift lines ordered by step.
+
+    The rule: a snapshot's ``previous`` drift is a **jump** when it exceeds :data:`JUMP_FACTOR` × the
+    median ``previous`` of the run (over the snapshots that have one; at least
+    :data:`MIN_DRIFT_VALUES` are needed, else no jump is called). The window of a snapshot is the
+    ``n_models`` snapshots ending there; it **spans** a jump when one of its snapshots other than the
+    oldest is a jump, i.e. the jump lies between two snapshots the window combines (the oldest one's
+    jump came from a snapshot outside the window).
+
+    Returns ``{"median", "threshold", "values", "jumps", "spanning"}``: the median and the threshold
+    (None with too few values), how many ``previous`` values there are, the jump steps and the steps
+    whose window spans a jump, both ascending.
+
+    >>> lines = [{"step": 10 * k, "previous": p, "n_models": min(k, 2)}
+    ...          for k, p in enumerate([None, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1], start=1)]
+    >>> found = drift_jumps(lines)
+    >>> found["median"], found["jumps"], found["spanning"]
+    (0.1, [50], [50])
+    """
+    values = [line["previous"] for line in lines if line["previous"] is not None]
+    if len(values) < MIN_DRIFT_VALUES:
+        return {"median": None, "threshold": None, "values": len(values), "jumps": [], "spanning": []}
+    median = statistics.median(values)
+    threshold = JUMP_FACTOR * median
+    jumped = [line["previous"] is not None and line["previous"] > threshold for line in lines]
+    spanning = []
+    for i, line in enumerate(lines):
+        oldest = max(0, i - line["n_models"] + 1)
+        if any(jumped[oldest + 1 : i + 1]):
+            spanning.append(line["step"])
+    return {
+        "median": median,
+        "threshold": threshold,
+        "values": len(values),
+        "jumps": [line["step"] for line, jump in zip(lines, jumped, strict=True) if jump],
+        "spanning": spanning,
+    }
+
+
+def step_runs(chosen: Sequence[int], order: Sequence[int]) -> list[tuple[int, int]]:
+    """``chosen`` steps (ascending, each in ``order``) as (first, last) runs of consecutive ``order`` steps.
+
+    >>> step_runs([20, 30, 40, 70], [10, 20, 30, 40, 50, 60, 70])
+    [(20, 40), (70, 70)]
+    """
+    position = {step: i for i, step in enumerate(order)}
+    runs: list[list[int]] = []
+    for step in chosen:
+        if runs and position[step] == position[runs[-1][1]] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return [(first, last) for first, last in runs]
+
+
+def drift_by_step(lines: Sequence[dict]) -> list[dict]:
+    """Drift lines ordered by step; a step written twice (a resumed run) keeps its last line."""
+    by_step = {line["step"]: line for line in lines}
+    return [by_step[step] for step in sorted(by_step)]
+
+
 # ---------------------------------------------------------------------------------------------- the report
 
 
@@ -266,6 +487,8 @@ class _ReportWriter:
         self.summary: dict[tuple, dict] = {}
         self.md: list[str] = []
         self.best, self.best_problem = _read_best(run_dir)
+        self.evidence, self.evidence_problem = _parse_evidence(self.best)
+        self.drift_lines = drift_by_step(history.drift())
 
     def write(self) -> None:
         self.md += ["# Checkpoint stability report", ""]
@@ -285,11 +508,14 @@ class _ReportWriter:
         else:
             self._overview()
             self._best_model()
+            self._evidence()
             self._table()
             self._curves()
             self._flips()
             self._bias()
             self._sweep()
+            self._recommendation()
+        self._drift()
         self._errors()
         _write_new_file(self.out, REPORT_FILE, ("\n".join(self.md).rstrip() + "\n").encode("utf-8"))
 
@@ -426,6 +652,105 @@ class _ReportWriter:
             ]
         return lines
 
+    def _evidence(self) -> None:
+        """Whether the chosen model holds up on examples selection never read (``best.json``'s
+        ``evidence``): the chosen, naive, final raw and best candidate side by side, the regret, and the
+        bootstrap intervals at the chosen step. Absent evidence (an older run): no section."""
+        if self.evidence_problem is not None:
+            self.md += [
+                "## Does the choice hold up?",
+                "",
+                f"`{BEST_FILE}` holds selection evidence that cannot be used: "
+                f"{_cell(self.evidence_problem)}.",
+                "",
+            ]
+            return
+        evidence = self.evidence
+        if evidence is None:
+            return
+        self.md += ["## Does the choice hold up?", "", self._evidence_intro(evidence), ""]
+        self.md += self._evidence_table(evidence)
+        self.md += self._evidence_intervals(evidence)
+        unavailable = evidence.get("unavailable") or []
+        if unavailable:
+            names = ", ".join(f"`{_cell(task)}`" for task in unavailable)
+            self.md += [f"Confirmation scores could not be computed for task(s) {names}.", ""]
+
+    def _evidence_intro(self, evidence: dict) -> str:
+        holdout, metric = evidence.get("holdout"), evidence.get("metric") or "score"
+        as_of = evidence.get("as_of")
+        covers = f" The evidence covers the snapshots up to step {as_of}." if as_of is not None else ""
+        if holdout is None:
+            return (
+                f"**No holdout**: the run selected on the `{_cell(metric)}` score over all examples, and the "
+                "scores below are on those same examples. The chosen model is the best of many noisy scores, "
+                "so its scores here are biased upward: they cannot confirm the choice. To hold out examples "
+                "that selection never reads, set `holdout=0.5` (e.g. `StabilityCallback(..., holdout=0.5)`)."
+                + covers
+            )
+        return (
+            f"Selection read only the selection half of each task's examples (the `{_cell(metric)}` score); "
+            f"the **confirmation half** (`holdout={holdout:g}`: an example's half is fixed by a hash of its "
+            "task and id) was held out, so its scores say whether the choice holds up on examples selection "
+            "never saw. The naive choice is the raw checkpoint a user picking the best raw selection score "
+            "would have taken." + covers
+        )
+
+    def _evidence_table(self, evidence: dict) -> list[str]:
+        if evidence.get("holdout") is None:
+            headers = "selection score (all examples) | confirmation score (the same examples)"
+        else:
+            headers = "selection score | confirmation score"
+        lines = [f"| model | step | variant | {headers} |", "|---|---:|---|---:|---:|"]
+        for key, label in _EVIDENCE_ROWS:
+            entry = evidence.get(key)
+            if entry is None:
+                lines.append(f"| {label} | n/a | n/a | n/a | n/a |")
+                continue
+            lines.append(
+                f"| {label} | {entry['step']} | {_cell(entry['variant'])} "
+                f"| {_optional_score(entry.get('selection_score'))} "
+                f"| {_optional_score(entry.get('confirmation_score'))} |"
+            )
+        regret = evidence.get("regret")
+        if regret is None:
+            regret_text = "n/a (no confirmation score for the chosen model or the candidates)"
+        else:
+            regret_text = (
+                f"{regret:.4f} — the best candidate's confirmation score minus the chosen one's (0: no "
+                "candidate scored higher there)"
+            )
+        chosen = evidence["chosen"]
+        best = self.best or {}
+        lines += ["", f"- **Regret**: {regret_text}"]
+        if (chosen["step"], chosen["variant"]) != (best.get("step"), best.get("variant")):
+            lines.append(
+                f"- The evidence describes step {chosen['step']}, {_cell(chosen['variant'])}, while "
+                f"`{BEST_FILE}` points at step {best.get('step')}, {_cell(best.get('variant'))} (written at "
+                "different moments of a live run)."
+            )
+        return [*lines, ""]
+
+    def _evidence_intervals(self, evidence: dict) -> list[str]:
+        intervals = evidence.get("intervals") or {}
+        if not any(intervals.get(key) for key in ("score", "avg_minus_raw", "ens_minus_raw")):
+            return []
+        examples = evidence.get("examples")
+        where = "the confirmation examples" if examples == "confirmation" else "all examples"
+        step = evidence["chosen"]["step"]
+        lines = [
+            f"Bootstrap intervals over {where} at the chosen step {step} (paired for the differences):",
+            "",
+        ]
+        score = _json_interval(intervals.get("score"))
+        if score is not None:
+            lines.append(f"- **Chosen score**: {_interval_text(score, signed=False)}")
+        for key, name in (("avg_minus_raw", "avg − raw"), ("ens_minus_raw", "ens − raw")):
+            interval = _json_interval(intervals.get(key))
+            if interval is not None:
+                lines.append(f"- **{name}**: {_interval_text(interval, signed=True)}: {_verdict(interval)}")
+        return [*lines, ""]
+
     def _table(self) -> None:
         include_mean = len(self.tasks) > 1
         final_rows = summarize(self.history, final_fraction=FINAL_FRACTION, include_mean=include_mean)
@@ -438,25 +763,41 @@ class _ReportWriter:
         if not final_rows:
             self.md += ["No series has two evaluations yet: MTV and IS need two.", ""]
             return
+        # A run with holdout gets the confirmation-half score beside each score; others keep the old layout.
+        confirmation = any(row["confirmation_last"] is not None for row in final_rows)
+        held_out = f" | confirmation score, final {percent}%" if confirmation else ""
+        held_out_run = " | confirmation score, whole run" if confirmation else ""
         self.md += [
-            f"| task | variant | window | evaluations, final {percent}% / all | score, final {percent}% "
-            f"| MTV, final {percent}% | IS, final {percent}% | MTV ÷ raw | IS ÷ raw "
-            "| score, whole run | MTV, whole run | IS, whole run |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| task | variant | window | evaluations, final {percent}% / all | score, final {percent}%"
+            f"{held_out} | MTV, final {percent}% | IS, final {percent}% | MTV ÷ raw | IS ÷ raw "
+            f"| score, whole run{held_out_run} | MTV, whole run | IS, whole run |",
+            "|---|---|---:|---:|---:|"
+            + ("---:|" if confirmation else "")
+            + "---:|---:|---:|---:|---:|"
+            + ("---:|" if confirmation else "")
+            + "---:|---:|",
         ]
         raw = {row["task"]: row for row in final_rows if row["variant"] == "raw"}
         for row in final_rows:
             run = whole[_key(row)]
             base = raw.get(row["task"], {})
+            row_held_out = f" | {format_number(row['confirmation_last'])}" if confirmation else ""
+            run_held_out = f" | {format_number(run['confirmation_last'])}" if confirmation else ""
             self.md.append(
                 f"| {_cell(row['task'])} | {row['variant']} | {row['window']} "
-                f"| {row['evaluations']} / {row['total']} | {row['score_last']:.4f} "
+                f"| {row['evaluations']} / {row['total']} | {row['score_last']:.4f}{row_held_out} "
                 f"| {row['mtv']:.4f} | {format_number(row['is'])} "
                 f"| {format_ratio(row['mtv'], base.get('mtv'))} | {format_ratio(row['is'], base.get('is'))} "
-                f"| {run['score_last']:.4f} | {run['mtv']:.4f} | {format_number(run['is'])} |"
+                f"| {run['score_last']:.4f}{run_held_out} | {run['mtv']:.4f} | {format_number(run['is'])} |"
+            )
+        self.md += [""]
+        if confirmation:
+            self.md.append(
+                "- **confirmation score**: the mean score on the confirmation half of the examples "
+                "(`holdout`), which selection never reads; n/a where not every record of the series "
+                "carries one."
             )
         self.md += [
-            "",
             "- **MTV** (mean total variation): the mean absolute change of the score between consecutive "
             "evaluations. **IS** (instability score): the share of examples whose output changes between "
             "consecutive evaluations (exact match), averaged over examples. Lower is steadier; "
@@ -713,6 +1054,189 @@ class _ReportWriter:
     def _has_logprobs(self, task: str) -> bool:
         return all("choice_logprobs" in line for line in self.history.outputs(task, "raw", 1))
 
+    def _recommendation(self) -> None:
+        """The window size to use, per task and per integration, by ``recommend_window``'s rule.
+
+        Shown for runs that record selection evidence, holdout scores or drift (this release's runs) and
+        for runs holding avg series at several windows (``analyze``); a report of an older live run stays
+        as it was."""
+        new_format = self.evidence is not None or bool(self.drift_lines) or self._has_holdout_scores()
+        found = []
+        for task in self.tasks:
+            examples, note = self._paired_examples(task)
+            try:
+                ens = ensemble_window_rows(self.history, task, examples=examples)
+            except ValueError:  # no usable meta, or outputs that cannot be voted on: the sweep says why
+                ens = []
+            avg = average_window_rows(self.history, task, examples=examples)
+            if (ens and new_format) or avg:
+                found.append((task, note, ens if new_format else [], avg))
+        if not found:
+            return
+        percent = round(100 * FINAL_FRACTION)
+        self.md += [
+            "## Recommended window",
+            "",
+            "Which window size to use, per task (tasks can disagree) and per integration: the vote of the "
+            "last n raw evaluations (the sweep above, recomputed from the stored outputs), and the weight "
+            "average at each window the history holds (`analyze` with several `windows`; a live run "
+            "evaluates one window, so it gets no average recommendation). The rule (`recommend_window`, "
+            f"tolerance {WINDOW_TOLERANCE:g}): the smallest window whose MTV is at most "
+            f"(1 + {WINDOW_TOLERANCE:g}) × the lowest MTV measured and whose difference from raw is not "
+            "significantly below 0. A smaller window costs less and follows the model sooner.",
+            "",
+            f"MTV and score: over the final {percent}% of evaluations, all examples; n = 1 is raw itself. "
+            "variant − raw: per example, the mean of its score over the same evaluations, variant minus raw, "
+            f"{self._paired_examples_text()}; paired bootstrap, 95%, {RESAMPLES:,} resamples, seed {SEED}.",
+            "",
+        ]
+        for task, note, ens, avg in found:
+            for variant, title, rows in (
+                ("ens", "ensemble (vote of the last n raw outputs)", ens),
+                ("avg", "average (the weights of the last n snapshots)", avg),
+            ):
+                if rows:
+                    self.md += [f"### Task {_cell(task)}: {title}", ""]
+                    self.md += [note, ""] if note else []
+                    self.md += self._recommendation_table(variant, rows)
+
+    def _recommendation_table(self, variant: str, rows: list[dict]) -> list[str]:
+        result = recommend_window(rows, tolerance=WINDOW_TOLERANCE)
+        excluded = {entry["n"]: entry["reason"] for entry in result["excluded"]}
+        percent = round(100 * FINAL_FRACTION)
+        lines = [
+            f"| n | MTV, final {percent}% | score, final {percent}% | {variant} − raw | |",
+            "|---:|---:|---:|---|---|",
+        ]
+        for row in sorted(rows, key=lambda row: row["n"]):
+            n = row["n"]
+            if n == result["n"]:
+                verdict = "**recommended**"
+            elif n in excluded:
+                verdict = f"excluded: {_cell(excluded[n])}"
+            else:
+                verdict = "eligible"
+            difference = _difference_text(row["confirmation_diff"])
+            lines.append(f"| {n} | {row['mtv']:.4f} | {row['score']:.4f} | {difference} | {verdict} |")
+        if result["n"] is None:
+            lines += [
+                "",
+                f"**No window recommended**: {_cell(result['reason'])}. Rule: {_cell(result['rule'])}.",
+            ]
+        else:
+            lines += ["", f"**Recommended: n = {result['n']}.** Rule: {_cell(result['rule'])}."]
+        return [*lines, ""]
+
+    def _has_holdout_scores(self) -> bool:
+        return any(holdout_score(r, "confirmation_score") is not None for r in self.records)
+
+    def _paired_examples_text(self) -> str:
+        """Which examples the report's own paired differences run over, for the whole run."""
+        if self.evidence is not None and self.evidence.get("holdout") is not None:
+            return f"over the confirmation half (`holdout={self.evidence['holdout']:g}`)"
+        if self.evidence is None and self._has_holdout_scores():
+            return (
+                "over all examples: the records carry confirmation scores, but `best.json` records no "
+                "holdout size (no selection evidence), so the confirmation half is unknown here"
+            )
+        return "over all examples (the run had no holdout)"
+
+    def _paired_examples(self, task: str) -> tuple[list[int] | None, str]:
+        """The indices of ``task``'s examples the paired differences use (None: all), and a note when
+        the confirmation half the run held out cannot be used for this task."""
+        holdout = self.evidence.get("holdout") if self.evidence is not None else None
+        meta = self.history.meta(task)
+        if holdout is None or meta is None:
+            return None, ""
+        try:
+            return split(task, meta["example_ids"], holdout).confirmation, ""
+        except ValueError as error:
+            return None, f"Over all examples for this task: {_cell(error)}."
+
+    def _drift(self) -> None:
+        """How far the weights moved between snapshots and from the window average (``drift.jsonl``),
+        and which windows span a jump. A run without drift lines (an older one) gets no section."""
+        from checkpoint_stability.reporting.plots import plot_drift
+
+        lines = self.drift_lines
+        if not lines:
+            return
+        found = drift_jumps(lines)
+        spans = step_runs(found["spanning"], [line["step"] for line in lines])
+        name = self._file_name("weight", "drift")
+        plot_drift(
+            self.out / name,
+            steps=[line["step"] for line in lines],
+            previous=[line["previous"] for line in lines],
+            average=[line["average"] for line in lines],
+            jumps=found["jumps"],
+            spans=spans,
+            threshold=found["threshold"],
+            threshold_label=f"jump threshold: {JUMP_FACTOR:g} × the median previous",
+        )
+        self.md += [
+            "## Weight drift",
+            "",
+            f"How far the weights move at each snapshot (`{DRIFT_FILE}`): **previous** = ‖θ_t − θ_prev‖ / "
+            "‖θ_t‖, the move since the previous snapshot; **average** = ‖θ_t − θ̄‖ / ‖θ_t‖, how far the "
+            "snapshot is from the average of its window (the `n_models` snapshots ending there).",
+            "",
+            f"![Weight drift over training]({name})",
+            "",
+            f"The rule: a snapshot's move is a **jump** when its `previous` drift exceeds {JUMP_FACTOR:g} × "
+            f"the run's median `previous` (at least {MIN_DRIFT_VALUES} values needed); a step's window "
+            f"**spans** a jump when one of its snapshots other than the oldest is a jump (the oldest one's "
+            "move came from outside the window).",
+            "",
+        ]
+        self.md += self._jump_notes(lines, found, spans)
+
+    def _jump_notes(self, lines: list[dict], found: dict, spans: list[tuple[int, int]]) -> list[str]:
+        if found["median"] is None:
+            return [
+                f"Only {found['values']} snapshot(s) have a `previous` drift: too few for a median to say "
+                "what a jump is.",
+                "",
+            ]
+        median = found["median"]
+        notes = [
+            f"Median `previous` drift: {median:.4g} over {found['values']} snapshots, so a jump is above "
+            f"{found['threshold']:.4g}.",
+            "",
+        ]
+        if not found["jumps"]:
+            return [*notes, "- No jump: no snapshot moved more than that.", ""]
+        previous = {line["step"]: line["previous"] for line in lines}
+        shown = [
+            f"step {step} ({previous[step]:.4g}"
+            + (f", {previous[step] / median:.1f}× the median)" if median > 0 else ")")
+            for step in found["jumps"][:MAX_STEPS_LISTED]
+        ]
+        more = len(found["jumps"]) - len(shown)
+        notes.append(
+            f"- **Jumps** ({len(found['jumps'])}): {', '.join(shown)}"
+            + (f", and {more} more" if more else "")
+            + "."
+        )
+        if spans:
+            ranges = [f"{first}–{last}" if first != last else str(first) for first, last in spans]
+            listed = ", ".join(ranges[:MAX_STEPS_LISTED]) + (
+                f", and {len(ranges) - MAX_STEPS_LISTED} more" if len(ranges) > MAX_STEPS_LISTED else ""
+            )
+            notes.append(f"- **Windows that span a jump** (by the step they end at): {listed}.")
+        else:
+            notes.append(
+                "- No window spans a jump (each jump is its window's oldest snapshot, or windows of one)."
+            )
+        notes += [
+            "",
+            "Jumps early in training are expected (warm-up: the learning rate and the weights' scale change "
+            "fast). An average over a window that spans a jump mixes models far apart, so its score says "
+            "little about either side; such a window is a poor choice of best model.",
+            "",
+        ]
+        return notes
+
     def _bias(self) -> None:
         """Choice tasks: each variant's majority share and balanced accuracy over the final evaluations,
         flagging a variant that collapsed onto one answer while raw did not."""
@@ -798,6 +1322,139 @@ def _read_best(run_dir: Path) -> tuple[dict | None, str | None]:
     except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
         logger.warning("%s: the best model is left out of the report: %s", run_dir / BEST_FILE, error)
         return None, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+_EVIDENCE_ROWS = (
+    ("chosen", "chosen (`best.json`)"),
+    ("naive", "naive: the raw checkpoint with the best selection score"),
+    ("final_raw", "final raw: the newest raw checkpoint"),
+    ("best_candidate", "best candidate: the best confirmation score under `select`"),
+)
+_INTERVAL_KEYS = ("score", "avg_minus_raw", "ens_minus_raw")
+
+
+def _parse_evidence(best: dict | None) -> tuple[dict | None, str | None]:
+    """``best.json``'s ``evidence`` once checked (None when there is none: an older run), or why it
+    cannot be used. A hand-edited file may hold anything; the report shows only what it can format."""
+    if best is None or best.get("evidence") is None:
+        return None, None
+    evidence = best["evidence"]
+    problem = _evidence_problem(evidence)
+    if problem is not None:
+        logger.warning("best.json: its selection evidence is left out of the report: %s", problem)
+        return None, problem
+    return evidence, None
+
+
+def _evidence_problem(evidence: Any) -> str | None:
+    if not isinstance(evidence, dict):
+        return "`evidence` is not a JSON object"
+    holdout = evidence.get("holdout")
+    if holdout is not None and not (is_real(holdout) and 0 < holdout < 1):
+        return f"holdout {_short(holdout)!s} is neither null nor a number in (0, 1)"
+    for key in ("examples", "metric"):
+        if evidence.get(key) is not None and not isinstance(evidence[key], str):
+            return f"{key} is not a string"
+    as_of = evidence.get("as_of")
+    if as_of is not None and not (is_int(as_of) and as_of >= 0):
+        return "as_of is not a step"
+    if evidence.get("chosen") is None:
+        return "it names no chosen model"
+    for key, _ in _EVIDENCE_ROWS:
+        problem = _entry_problem(evidence.get(key))
+        if problem is not None:
+            return f"{key}: {problem}"
+    regret = evidence.get("regret")
+    if regret is not None and not (is_real(regret) and math.isfinite(regret)):
+        return "regret is not a number"
+    intervals = evidence.get("intervals")
+    if intervals is not None and not isinstance(intervals, dict):
+        return "intervals is not a JSON object"
+    for key in _INTERVAL_KEYS:
+        value = (intervals or {}).get(key)
+        if value is not None and _json_interval(value) is None:
+            return f"intervals.{key} is not an interval (estimate, low <= high, resamples, seed, confidence)"
+    unavailable = evidence.get("unavailable")
+    if unavailable is not None and not (
+        isinstance(unavailable, list) and all(isinstance(task, str) for task in unavailable)
+    ):
+        return "unavailable is not a list of task names"
+    return None
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What makes one model entry of the evidence unusable (None is no entry, which is fine)."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    if not (is_int(entry.get("step")) and entry["step"] >= 0) or not isinstance(entry.get("variant"), str):
+        return "no step (an integer >= 0) and variant (a string)"
+    for key in ("selection_score", "confirmation_score"):
+        value = entry.get(key)
+        if value is not None and not (is_real(value) and 0 <= value <= 1):
+            return f"{key} is neither null nor a score in [0, 1]"
+    return None
+
+
+def _json_interval(value: Any) -> Interval | None:
+    """An ``Interval.to_json()`` dict read back, or None when it is not one."""
+    if not isinstance(value, dict):
+        return None
+    numbers: list[Any] = [value.get(key) for key in ("estimate", "low", "high")]
+    resamples, seed, confidence = value.get("resamples"), value.get("seed"), value.get("confidence")
+    if not all(is_real(v) and math.isfinite(v) for v in numbers):
+        return None
+    estimate, low, high = numbers
+    if low > high:
+        return None
+    if not (is_int(resamples) and resamples >= 1 and is_int(seed) and seed >= 0):
+        return None
+    if not (is_real(confidence) and 0 < confidence < 1):
+        return None
+    return Interval(
+        estimate=float(estimate),
+        low=float(low),
+        high=float(high),
+        resamples=int(resamples),
+        seed=int(seed),
+        confidence=float(confidence),
+    )
+
+
+def _signed(value: float) -> str:
+    """``+0.012`` / ``−0.004`` (a typographic minus, as in the intervals' prose)."""
+    return f"{value:+.3f}".replace("-", "\u2212")
+
+
+def _interval_text(interval: Interval, *, signed: bool) -> str:
+    """``+0.012 [−0.004, +0.029], 95%, 1,000 resamples, seed 0`` (unsigned for a score)."""
+    form = _signed if signed else (lambda v: f"{v:.3f}")
+    return (
+        f"{form(interval.estimate)} [{form(interval.low)}, {form(interval.high)}], "
+        f"{100 * interval.confidence:g}%, {interval.resamples:,} resamples, seed {interval.seed}"
+    )
+
+
+def _difference_text(interval: dict | None) -> str:
+    """A recommendation row's paired difference: ``+0.012 [−0.004, +0.029]``, or n/a."""
+    parsed = _json_interval(interval)
+    if parsed is None:
+        return "n/a"
+    return f"{_signed(parsed.estimate)} [{_signed(parsed.low)}, {_signed(parsed.high)}]"
+
+
+def _verdict(interval: Interval) -> str:
+    """A paired difference (variant − raw) in plain words: does its interval exclude 0, and on which side."""
+    if interval.low > 0:
+        return "significantly better than raw"
+    if interval.high < 0:
+        return "significantly worse than raw"
+    return "not distinguishable from raw"
+
+
+def _optional_score(value: object) -> str:
+    return "n/a" if value is None else _score_text(value)
 
 
 def _score_text(value: object) -> str:
