@@ -27,9 +27,8 @@ _SLICE_ELEMENTS = 1 << 21
 
 
 # Elements per partial sum of the drift's sums of squares (``WindowAverage.drift_sums``): small enough that
-# the block and its difference stay in the L2 cache, and that a float32 partial sum of squares of this
-# many elements rounds at about 1e-8 relative; the partial sums are added in float64. Against widening
-# every block to float64 this halved the cost at 124M parameters (benchmarks/RESULTS.md, item 9).
+# the block and its scratch copies stay in the L2 cache; each block's float32 sum of squares is added
+# into a float64 total. Cheaper than widening every block to float64 first (benchmarks/RESULTS.md, item 9).
 _DRIFT_BLOCK = 1 << 16
 
 
@@ -217,9 +216,10 @@ class WindowAverage:
         One pass over each of ``current``, ``previous`` and the sum, in blocks of ``_DRIFT_BLOCK``
         elements: the differences are taken elementwise in float32 (float64 when a tensor or the sum
         is), exact for bfloat16 and float16 snapshots and one rounding for float32 ones; each block's
-        sum of squares is added into a float64 total. ``mean − current`` is taken as
-        ``(sum − count·current) / count`` so that no block is divided. The second value is None when
-        ``previous`` is.
+        sum of squares (float32, cascade-summed) is added into a float64 total. Against float64
+        throughout, the sums differ by about 1e-7 relative, below what the float32 running sum itself
+        carries. ``mean − current`` is taken as ``(sum − count·current) / count`` so that no block is
+        divided. The second value is None when ``previous`` is.
 
         >>> average = WindowAverage()
         >>> before = CapturedState({"w": torch.tensor([3.0, 0.0])})
@@ -249,6 +249,7 @@ class WindowAverage:
             # rounded to bfloat16), and the difference. The snapshot itself is never written to.
             widened = torch.empty(_DRIFT_BLOCK, dtype=wide) if tensor.dtype != wide else None
             difference = torch.empty(_DRIFT_BLOCK, dtype=wide)
+            squares = torch.empty(_DRIFT_BLOCK, dtype=wide)
             for _, first_row, last_row, start, stop in _row_slices({name: total.shape}):
                 rows = None if previous is None else _read_rows(previous, name, first_row, last_row)
                 if rows is not None and rows.numel() != stop - start:
@@ -261,13 +262,14 @@ class WindowAverage:
                     block = flat[begin:end]
                     if widened is not None:
                         block = widened[: end - begin].copy_(block)
-                    current_sq += _sum_of_squares(block)
+                    scratch = squares[: end - begin]
+                    current_sq += _sum_of_squares(block, scratch)
                     out = difference[: end - begin]
                     if rows is not None:
                         torch.sub(block, rows[begin - start : end - start], out=out)
-                        previous_sq += _sum_of_squares(out)
+                        previous_sq += _sum_of_squares(out, scratch)
                     torch.sub(flat_total[begin:end], block, alpha=self._count, out=out)
-                    average_sq += _sum_of_squares(out)
+                    average_sq += _sum_of_squares(out, scratch)
         return current_sq, None if previous is None else previous_sq, average_sq / self._count**2
 
     def reset(
@@ -380,9 +382,14 @@ class WindowAverage:
                 )
 
 
-def _sum_of_squares(block: torch.Tensor) -> float:
-    """The sum of the squares of a 1-d block, as a float64 number."""
-    value = float(torch.dot(block, block))
+def _sum_of_squares(block: torch.Tensor, scratch: torch.Tensor) -> float:
+    """The sum of the squares of a 1-d block (``scratch``: as long, same dtype), as a float64 number.
+
+    Squared into ``scratch`` and summed by ``Tensor.sum``, whose cascade summation rounds at about
+    1e-7 relative even when every element is the same (a uniform shift of a tensor); ``torch.dot``'s
+    running float32 sums were off by 5e-6 on 64K equal elements.
+    """
+    value = float(torch.mul(block, block, out=scratch).sum())
     if math.isinf(value) and block.dtype != torch.float64:
         # float32 squares overflow past about 1.8e19 (a finite mask of finfo(float32).min); float64's do not.
         wide = block.to(torch.float64)

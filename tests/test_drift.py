@@ -388,3 +388,28 @@ def test_held_masks_are_skipped_and_huge_values_do_not_overflow(tmp_path):
             assert got_average == pytest.approx(average, rel=RTOL, abs=0 if step > 1 else 1e-30)
     finally:
         window.release()
+
+
+def test_a_uniform_shift_of_a_large_tensor_is_measured_to_float64_accuracy(tmp_path):
+    """Every element moving by the same amount makes every square in a block the same number: a running
+    float32 sum of 64K of them is off by several millionths, the cascade sum is not."""
+    window = make_window(StabilityConfig(window=3))
+    model = torch.nn.Linear(256, 300)  # 76,800 weights: more than one block
+    window.open(tmp_path)
+    stored = {}
+    try:
+        for step in range(1, 5):
+            with torch.no_grad():
+                # Large against the weights (about 0.06), so that the float32 running sum's own rounding
+                # stays well below the tolerance in the average's drift.
+                model.weight.add_(1e-2)
+                model.bias.add_(1e-2)
+            window.push(step, model.state_dict())
+            window.wait()
+            stored[step] = read_file(tmp_path, step)
+            previous, average = oracle(tmp_path, stored[step], stored.get(step - 1), window.steps)
+            got_previous, got_average = window.drift_of(step).relative()
+            assert got_previous == (None if previous is None else pytest.approx(previous, rel=RTOL))
+            assert got_average == pytest.approx(average, rel=RTOL, abs=0 if step > 1 else 1e-12)
+    finally:
+        window.release()
