@@ -22,6 +22,7 @@ from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.best_export import BestExport
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
+from checkpoint_stability.diagnostics import WeightDrift
 from checkpoint_stability.evaluation import SnapshotEvaluation
 from checkpoint_stability.evidence import SelectionEvidence
 from checkpoint_stability.faults import FaultPolicy, describe_error
@@ -132,6 +133,8 @@ class StabilityMonitor:
         self.export = BestExport(config, self.window, self.faults)
         self._last_step: int | None = None
         self._sharded = False
+        self._drift_due: list[int] = []
+        """Snapshot steps whose weight drift has not been published yet."""
         self._model: weakref.ReferenceType | None = None
         self._run_directory: RunDirectory | None = None
         self.series = LiveSeries(self.tasks, config, holdout=self.evaluation.holdout)
@@ -293,6 +296,7 @@ class StabilityMonitor:
                 logger.warning(
                     "checkpoint-stability: the last snapshot write failed: %s", describe_error(error)
                 )
+        self._drift_due = []  # no collective here: the drifts of the last snapshots are not published
         self._release()
         self._opened = False
 
@@ -399,6 +403,8 @@ class StabilityMonitor:
             self.window.parameter_names = parameter_names(model)
         self._model = weakref.ref(model)
         captured = self.window.push(step, live) if self._owns_buffer else None
+        # The push waited for the previous write, so the drifts measured before it are final.
+        self._publish_drifts(settled=True, pending=step)
         self._last_step = step
         self.series.snapshots_taken += 1
 
@@ -449,6 +455,7 @@ class StabilityMonitor:
         )
         self._update_evidence(step, before, results)
         self._announce_best(step, before)
+        self._publish_drifts(settled=False)
         # Rank 0 holds the series reloaded after a resume, so its records are the ones every rank sees.
         records = self.runtime.broadcast_object(records)
         self.faults.raise_held()
@@ -550,6 +557,7 @@ class StabilityMonitor:
         self.window.close()
         if self._sharded:
             self.window.agree(self.runtime)
+        self._publish_drifts(settled=True)
         if final:
             if not self.tasks:  # nothing to select on: the final window average is the run's model
                 before = self._best_snapshot()
@@ -568,6 +576,53 @@ class StabilityMonitor:
         self._release()
         self._opened = False
         self.faults.raise_held()
+
+    def _publish_drifts(self, *, settled: bool, pending: int | None = None) -> None:
+        """Send the weight drift of every snapshot whose write has finished to the history and sinks.
+
+        ``settled``: every write before now has finished (right after a push, which waits for the
+        previous write, or at close); only then can a sharded run gather its ranks' sums (a collective,
+        so every rank must reach it at the same point) or a missing drift be given up on. Otherwise
+        (end of a snapshot, full weights) a drift is sent as soon as its snapshot is committed, so it
+        shows with the snapshot's scores when the average evaluation already waited for the write.
+        ``pending``: a step just pushed, whose drift comes later.
+        """
+        if not self.config.drift or not self._owns_buffer:
+            return
+        due, self._drift_due = self._drift_due, []
+        if self._sharded:
+            if not settled:
+                self._drift_due = due
+            else:
+                mine = [self.window.drift_of(step) for step in due]
+                everyone = self.runtime.all_gather_object(mine)
+                for index in range(len(due)):
+                    parts = [drifts[index] for drifts in everyone]
+                    if all(part is not None for part in parts):
+                        self._send_drift(WeightDrift.combine(parts))
+        else:
+            committed = set(self.window.steps)
+            for step in due:
+                drift = self.window.drift_of(step)
+                if drift is not None and (settled or step in committed):
+                    self._send_drift(drift)
+                elif not settled:
+                    self._drift_due.append(step)
+        if pending is not None:
+            self._drift_due.append(pending)
+
+    def _send_drift(self, drift: WeightDrift) -> None:
+        """Rank 0: one snapshot's drift to ``drift.jsonl``, TensorBoard and W&B."""
+        if not self.runtime.is_main or self._publisher is None:
+            return
+        previous, average = drift.relative()
+        line = {
+            "previous_step": drift.previous_step,
+            "previous": previous,
+            "average": average,
+            "n_models": drift.n_models,
+        }
+        self._publisher.drift(drift.step, line)
 
     def _update_evidence(self, step: int, before: dict | None, results: dict) -> None:
         """Rank 0: the new best's bootstrap intervals (from this step's per-example results), and the
@@ -592,6 +647,8 @@ class StabilityMonitor:
         if not self.runtime.is_main or self._publisher is None or best is None:
             return
         if _identity(best) == _identity(before):  # evidence is rewritten every snapshot; the model is not
+            if best != before:
+                self._publisher.best_updated(dict(best))
             return
         self._publisher.best_changed(step, dict(best), self.best_model_path)
 

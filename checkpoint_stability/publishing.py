@@ -62,7 +62,11 @@ class RecordPublisher:
                 log_dir = Path(tensorboard_writer.get_logdir()) / "stability"
             self._own.append(
                 TensorBoardSink(
-                    log_dir, task_names=names, purge_step=purge_step, layout_writer=tensorboard_writer
+                    log_dir,
+                    task_names=names,
+                    purge_step=purge_step,
+                    layout_writer=tensorboard_writer,
+                    drift=config.drift,
                 )
             )
         if config.console:
@@ -97,6 +101,21 @@ class RecordPublisher:
             except Exception as error:
                 self.faults.report("sink", error, step=step, task=type(sink).__name__)
 
+    def drift(self, step: int, line: dict) -> None:
+        """How far the weights moved at snapshot ``step`` (``line``: :meth:`History.append_drift`'s
+        fields): to ``drift.jsonl``, then every sink with a ``drift`` hook (TensorBoard, W&B)."""
+        try:
+            self.history.append_drift(step, **line)
+        except Exception as error:
+            self.faults.report("history", error, step=step)
+        for sink in self.sinks:
+            hook = getattr(sink, "drift", None)
+            if callable(hook):
+                try:
+                    hook(step, {"previous": line["previous"], "average": line["average"]})
+                except Exception as error:
+                    self.faults.report("sink", error, step=step, task=type(sink).__name__)
+
     def best_changed(self, step: int, best: dict, export: Path | None) -> None:
         """The selected best model changed at ``step``: every sink with a ``best_changed`` hook hears
         it (TensorBoard's ``best`` run, W&B's summary), each on its own."""
@@ -107,6 +126,19 @@ class RecordPublisher:
                     hook(step, best, export)
                 except Exception as error:
                     self.faults.report("sink", error, step=step, task=type(sink).__name__)
+
+    def best_updated(self, best: dict) -> None:
+        """The best model is the same, but what ``best.json`` says about it changed (its evidence):
+        sinks with a ``best_updated`` hook keep the newest (W&B attaches it to the final artifact)."""
+        for sink in self.sinks:
+            hook = getattr(sink, "best_updated", None)
+            if callable(hook):
+                try:
+                    hook(best)
+                except Exception as error:
+                    self.faults.report(
+                        "sink", error, step=int(best.get("step") or 0), task=type(sink).__name__
+                    )
 
     def run_ended(self, step: int | None) -> Path | None:
         """The sinks' end-of-run work (the report) once a run has finished with records; a failure is a

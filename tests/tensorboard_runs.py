@@ -28,10 +28,20 @@ def read_runs(directory: Path, prefix: str = "") -> dict[str, dict[str, list[tup
     return runs
 
 
-def expected_runs(records: list[dict], window: int) -> dict[str, dict[str, dict[int, float]]]:
+def drift_lines(run_dir) -> list[dict]:
+    """The run directory's ``drift.jsonl`` lines, read as any reader would."""
+    from checkpoint_stability.history import History
+
+    return History(run_dir, read_only=True).drift()
+
+
+def expected_runs(
+    records: list[dict], window: int, drift: list[dict] = ()
+) -> dict[str, dict[str, dict[int, float]]]:
     """What the variant runs should hold, from the history's score records: the live series (raw over
     one snapshot, avg and ens over ``window``), ``stability/<task>/<metric>`` per variant run, and in
-    the avg and ens runs ``<metric>_ratio`` = the variant's MTV or IS over raw's at the same step."""
+    the avg and ens runs ``<metric>_ratio`` = the variant's MTV or IS over raw's at the same step; and
+    from ``drift.jsonl``'s lines, ``stability/drift/{previous,average}`` in the raw run."""
     live = [r for r in records if "score" in r and r["window"] == (1 if r["variant"] == "raw" else window)]
     runs: dict[str, dict[str, dict[int, float]]] = {}
     raw = {(r["task"], r["step"]): r for r in live if r["variant"] == "raw"}
@@ -47,6 +57,12 @@ def expected_runs(records: list[dict], window: int) -> dict[str, dict[str, dict[
             if record[metric] is not None and base[metric]:
                 ratio = record[metric] / base[metric]
                 tags.setdefault(f"stability/{record['task']}/{metric}_ratio", {})[record["step"]] = ratio
+    for line in drift:
+        for name in ("previous", "average"):
+            if line[name] is not None:
+                runs.setdefault("raw", {}).setdefault(f"stability/drift/{name}", {})[line["step"]] = line[
+                    name
+                ]
     return runs
 
 

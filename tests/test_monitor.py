@@ -166,9 +166,13 @@ def test_no_tasks_keeps_buffer_and_average_only(tmp_path):
     assert monitor.buffer.steps == [15, 20]
     assert monitor.average.count == 2
     assert not (tmp_path / "history.jsonl").exists() or (tmp_path / "history.jsonl").read_text() == ""
-    # No scores: TensorBoard has only the best run, whose one point is the final average's step.
+    # No scores: TensorBoard has the best run, whose one point is the final average's step, and the
+    # weights' drift in the raw run.
     runs = read_runs(tmp_path / "tensorboard")
-    assert runs == {"best": {"stability/best/step": [(20, 20.0)]}}
+    assert runs["best"] == {"stability/best/step": [(20, 20.0)]}
+    assert [line["step"] for line in monitor.history.drift()] == [5, 10, 15, 20]
+    assert sorted(runs) == ["best", "raw"]
+    assert_runs_match(runs, expected_runs([], window=2, drift=monitor.history.drift()))
     # Nothing to select on: the final window average is exported as the run's model.
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["path"] == "exports/step-00000020-avg" and best["score"] is None and best["steps"] == [15, 20]
@@ -204,7 +208,8 @@ def test_tensorboard_runs_per_variant_and_best_read_back_with_the_event_multiple
     monitor.close()
     runs = read_runs(tmp_path / "tensorboard")
     assert sorted(runs) == ["avg", "best", "ens", "raw"]
-    assert_runs_match(runs, expected_runs(monitor.history.records(), window=2))
+    assert_runs_match(runs, expected_runs(monitor.history.records(), window=2, drift=monitor.history.drift()))
+
     # The best run: a point exactly at the snapshots where best.json changed, with its step and score.
     # (The evidence inside best.json is rewritten at every snapshot; the model changes with its identity.)
     def identity(pointer):
@@ -343,7 +348,7 @@ def test_resume_drops_the_abandoned_trajectory(tmp_path):
     # TensorBoard shows one point per step in every run: the abandoned 25 and 30 were purged.
     runs = read_runs(tmp_path / "tensorboard")
     assert [step for step, _ in runs["raw"]["stability/cls/score"]] == [5, 10, 15, 20, 25, 30, 35]
-    assert_runs_match(runs, expected_runs(resumed.history.records(), window=3))
+    assert_runs_match(runs, expected_runs(resumed.history.records(), window=3, drift=resumed.history.drift()))
 
 
 def test_an_earlier_step_is_treated_as_a_resume(tmp_path, caplog):

@@ -96,7 +96,15 @@ def test_scalar_items_rejects_bad_variant_and_duplicates():
 
 def test_custom_scalars_layout_one_chart_per_task_and_metric_over_the_variant_runs():
     layout = custom_scalars_layout(TASKS)
-    assert list(layout) == ["stability: mean", "stability: hellaswag", "stability: arc_easy"]
+    assert list(layout) == [
+        "stability: mean",
+        "stability: hellaswag",
+        "stability: arc_easy",
+        "stability: weight drift",
+    ]
+    # The drift chart draws both drift tags of the raw run; drift=False leaves it out.
+    assert list(layout["stability: weight drift"].values()) == [["Multiline", ["^stability/drift/"]]]
+    assert "stability: weight drift" not in custom_scalars_layout(TASKS, drift=False)
     assert list(layout["stability: arc_easy"]) == [
         "score (raw, avg, ens)",
         "MTV (raw, avg, ens)",
@@ -107,8 +115,8 @@ def test_custom_scalars_layout_one_chart_per_task_and_metric_over_the_variant_ru
     # A tag regex: the chart draws one line per run holding it (raw, avg, ens).
     assert layout["stability: arc_easy"]["IS (raw, avg, ens)"] == ["Multiline", ["^stability/arc_easy/is$"]]
     # One task: the mean equals it, so it gets no charts of its own.
-    assert list(custom_scalars_layout(["hellaswag"])) == ["stability: hellaswag"]
-    assert list(custom_scalars_layout(["mean", "x"])) == ["stability: x"]
+    assert list(custom_scalars_layout(["hellaswag"], drift=False)) == ["stability: hellaswag"]
+    assert list(custom_scalars_layout(["mean", "x"], drift=False)) == ["stability: x"]
     assert custom_scalars_layout(["a.b"])["stability: a.b"]["score (raw, avg, ens)"][1] == [
         "^stability/a\\.b/score$"
     ]

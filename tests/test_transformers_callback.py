@@ -81,7 +81,9 @@ def test_snapshots_at_optimizer_steps_and_tensorboard(tmp_path, accumulation):
     assert not (tmp_path / "stability" / "tensorboard").exists()
     runs = read_runs(tmp_path / "runs" / "stability")
     assert sorted(runs) == ["avg", "best", "ens", "raw"]
-    assert_runs_match(runs, expected_runs(records, window=callback.config.window))
+    assert_runs_match(
+        runs, expected_runs(records, window=callback.config.window, drift=callback.monitor.history.drift())
+    )
 
 
 def test_best_model_on_a_stability_metric(tmp_path):

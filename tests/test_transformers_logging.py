@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
-from tensorboard_runs import assert_runs_match, expected_runs, read_runs
+from tensorboard_runs import assert_runs_match, drift_lines, expected_runs, read_runs
 from tiny_lm import tiny_gpt2, token_blocks
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -301,7 +301,7 @@ def test_resume_purges_the_abandoned_points_from_tensorboard(tmp_path):
 
     # TensorBoard's reader applies the purge: one point per step in every run, the kept values.
     shown = read_runs(log_dir)
-    assert_runs_match(shown, expected_runs(rows, window=2))
+    assert_runs_match(shown, expected_runs(rows, window=2, drift=drift_lines(output / "stability")))
     best_steps = [step for step, _ in shown["best"]["stability/best/step"]]
     assert len(best_steps) == len(set(best_steps))  # the abandoned best at 6 was purged with it
 
@@ -370,7 +370,10 @@ def test_tensorboard_logging_dir_from_the_environment(tmp_path, monkeypatch, spe
     # The stability run is a run of its own inside it.
     [run] = stability_runs(tmp_path)
     assert run == log_dir / "stability"
-    assert_runs_match(read_runs(run), expected_runs(history_file(output / "stability"), window=2))
+    assert_runs_match(
+        read_runs(run),
+        expected_runs(history_file(output / "stability"), window=2, drift=drift_lines(output / "stability")),
+    )
     # Nothing under the default places, nor in a literal "~" folder.
     assert not (output / "runs").exists()
     assert not (output / "stability" / "tensorboard").exists()
@@ -385,7 +388,7 @@ def test_tensorboard_logging_dir_from_the_environment(tmp_path, monkeypatch, spe
         category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
         for category in layout.category
     }
-    assert list(got) == ["stability: validation"]
+    assert list(got) == ["stability: validation", "stability: weight drift"]
     assert got["stability: validation"]["score (raw, avg, ens)"] == ["^stability/validation/score$"]
     assert got["stability: validation"]["IS / raw's (avg, ens)"] == ["^stability/validation/is_ratio$"]
 
@@ -408,7 +411,10 @@ def test_resume_in_a_shared_tensorboard_logging_dir_keeps_the_trainers_own_point
 
     # The stability run (wherever under $TENSORBOARD_LOGGING_DIR) shows the kept trajectory only.
     [run] = stability_runs(log_dir)
-    assert_runs_match(read_runs(run), expected_runs(history_file(output / "stability"), window=2))
+    assert_runs_match(
+        read_runs(run),
+        expected_runs(history_file(output / "stability"), window=2, drift=drift_lines(output / "stability")),
+    )
 
     # The Trainer's own loss curve still shows what the resumed run logged at steps 5 to 8.
     shown = [(e.step, e.value) for e in accumulated(log_dir).Scalars("train/loss")]
@@ -481,7 +487,10 @@ def test_a_run_starting_over_in_the_same_directory_hides_the_earlier_runs_points
     rows = history_file(tmp_path / "stability")
     assert sorted({r["step"] for r in rows}) == [2, 4]
     assert len(event_files(tmp_path / "runs" / "stability" / "raw")) == 2
-    assert_runs_match(read_runs(tmp_path / "runs" / "stability"), expected_runs(rows, window=2))
+    assert_runs_match(
+        read_runs(tmp_path / "runs" / "stability"),
+        expected_runs(rows, window=2, drift=drift_lines(tmp_path / "stability")),
+    )
 
 
 class BestPointers(TrainerCallback):
@@ -501,7 +510,13 @@ def test_the_best_run_changes_exactly_when_best_json_does(tmp_path):
     pointers = BestPointers(output / "stability")
     train(output, [stability(), pointers], max_steps=12, report_to=["tensorboard"])
     steps = sorted(pointers.seen)
-    changes = [s for i, s in enumerate(steps) if i == 0 or pointers.seen[s] != pointers.seen[steps[i - 1]]]
+
+    # best.json's evidence is rewritten at every snapshot; the model changes with its identity.
+    def model(pointer):
+        return pointer["step"], pointer["variant"], pointer["path"]
+
+    seen = pointers.seen
+    changes = [s for i, s in enumerate(steps) if i == 0 or model(seen[s]) != model(seen[steps[i - 1]])]
     assert len(changes) >= 2 and len(steps) > len(changes)  # it changed, and at some snapshots it did not
     runs = read_runs(output / "runs" / "stability")
     assert [s for s, _ in runs["best"]["stability/best/step"]] == changes
@@ -509,4 +524,7 @@ def test_the_best_run_changes_exactly_when_best_json_does(tmp_path):
     assert [v for _, v in runs["best"]["stability/best/score"]] == pytest.approx(
         [pointers.seen[s]["score"] for s in changes], rel=1e-6
     )
-    assert_runs_match(runs, expected_runs(history_file(output / "stability"), window=2))
+    assert_runs_match(
+        runs,
+        expected_runs(history_file(output / "stability"), window=2, drift=drift_lines(output / "stability")),
+    )

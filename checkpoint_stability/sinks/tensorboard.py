@@ -20,6 +20,10 @@ RATIOS = ("mtv", "is")
 BEST_TEXT_TAG = f"{SCALAR_PREFIX}/best"
 
 
+DRIFT_PREFIX = f"{SCALAR_PREFIX}/drift"
+"""Tags ``stability/drift/previous`` and ``stability/drift/average`` (in the ``raw`` run)."""
+
+
 def run_tag(task: str, metric: str) -> str:
     """The tag of one metric of one task inside a variant's run, e.g. ``stability/mean/score``.
 
@@ -68,14 +72,15 @@ def run_scalars(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     return {variant: runs[variant] for variant in VARIANTS if variant in runs}
 
 
-def custom_scalars_layout(task_names: Sequence[str]) -> dict:
+def custom_scalars_layout(task_names: Sequence[str], *, drift: bool = True) -> dict:
     """Custom Scalars layout over the per-variant runs: per task, one chart per metric whose lines are
     the runs (raw, avg, ens) holding that tag; ``"mean"`` first, left out when there is one task (it
     equals that task). The format ``SummaryWriter.add_custom_scalars`` takes:
-    ``{category: {chart title: ["Multiline", [tag regex, ...]]}}``.
+    ``{category: {chart title: ["Multiline", [tag regex, ...]]}}``. ``drift``: add the weight-drift
+    chart (``stability/drift/previous`` and ``average``, in the raw run).
 
     >>> sorted(custom_scalars_layout(["hellaswag"]))
-    ['stability: hellaswag']
+    ['stability: hellaswag', 'stability: weight drift']
     >>> custom_scalars_layout(["hellaswag"])["stability: hellaswag"]["score (raw, avg, ens)"]
     ['Multiline', ['^stability/hellaswag/score$']]
     """
@@ -89,12 +94,18 @@ def custom_scalars_layout(task_names: Sequence[str]) -> dict:
         ("MTV / raw's (avg, ens)", "mtv_ratio"),
         ("IS / raw's (avg, ens)", "is_ratio"),
     )
-    return {
+    layout = {
         f"stability: {task}": {
             title: ["Multiline", [f"^{re.escape(run_tag(task, metric))}$"]] for title, metric in charts
         }
         for task in tasks
     }
+    if not drift:
+        return layout
+    layout["stability: weight drift"] = {
+        "‖θ_t − θ_prev‖ / ‖θ_t‖ and ‖θ_t − θ̄‖ / ‖θ_t‖": ["Multiline", [f"^{re.escape(DRIFT_PREFIX)}/"]]
+    }
+    return layout
 
 
 def best_markdown(best: dict, export: Path | None) -> str:
@@ -106,6 +117,7 @@ def best_markdown(best: dict, export: Path | None) -> str:
         ("steps averaged" if best.get("variant") == "avg" else "window steps", ", ".join(map(str, steps))),
         (f"score ({best.get('metric') or 'mean'}, {best.get('mode') or 'max'})", best.get("score")),
         *((f"score of {task}", value) for task, value in (best.get("scores") or {}).items()),
+        *_evidence_rows(best),
         ("export", export if export is not None else "none (an ensemble is not one set of weights)"),
     ]
     lines = ["| | |", "| --- | --- |"]
@@ -113,6 +125,30 @@ def best_markdown(best: dict, export: Path | None) -> str:
         f"| {name} | {json.dumps(value) if isinstance(value, float) else value} |" for name, value in rows
     ]
     return "\n".join(lines)
+
+
+def _evidence_rows(best: dict) -> list[tuple[str, object]]:
+    """The selection-half score and, from ``evidence``, the confirmation comparison."""
+    rows: list[tuple[str, object]] = []
+    if best.get("selection_score") is not None:
+        rows.append(("selection-half score", best["selection_score"]))
+    evidence = best.get("evidence")
+    if not isinstance(evidence, dict):
+        return rows
+    half = "confirmation half" if evidence.get("holdout") is not None else "all examples, no holdout"
+    for key, label in (("chosen", "chosen"), ("naive", "naive pick (best raw by selection)")):
+        entry = evidence.get(key) or {}
+        if entry.get("confirmation_score") is not None:
+            rows.append((f"{label}, {half}", f"{entry['confirmation_score']:.4f} (step {entry['step']})"))
+    interval = (evidence.get("intervals") or {}).get("avg_minus_raw")
+    if interval:
+        rows.append(
+            (
+                "avg − raw, 95% CI",
+                f"{interval['estimate']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]",
+            )
+        )
+    return rows
 
 
 class TensorBoardSink:
@@ -152,6 +188,7 @@ class TensorBoardSink:
         task_names: Sequence[str],
         purge_step: int | None = None,
         layout_writer: Any = None,
+        drift: bool = True,
     ) -> None:
         if log_dir is None or not str(log_dir):
             raise ValueError(f"log_dir must be a directory path, got {log_dir!r}")
@@ -165,6 +202,7 @@ class TensorBoardSink:
         self.task_names = layout_task_names(task_names)
         self.purge_step = purge_step
         self._layout_writer = layout_writer
+        self._drift_chart = drift
         self._writers: dict[str, Any] = {}
         self._layout_written = False
         self._closed = False
@@ -195,7 +233,7 @@ class TensorBoardSink:
         if not self._layout_written:
             # The custom-scalars plugin reads one layout per run: written exactly once.
             target = self._layout_writer if self._layout_writer is not None else self._writer("raw")
-            target.add_custom_scalars(custom_scalars_layout(self.task_names))
+            target.add_custom_scalars(custom_scalars_layout(self.task_names, drift=self._drift_chart))
             self._layout_written = True
         for variant, scalars in runs.items():
             writer = self._writer(variant)
@@ -204,6 +242,16 @@ class TensorBoardSink:
             # Once per snapshot, so flushing every write is cheap and shows results at once rather
             # than after SummaryWriter's flush_secs (120 s by default).
             writer.flush()
+
+    def drift(self, step: int, values: dict) -> None:
+        """How far the weights moved at snapshot ``step``: ``stability/drift/{previous,average}`` in the
+        ``raw`` run (it is the raw weights that moved); a value that is None is not logged."""
+        self._check_open()
+        writer = self._writer("raw")
+        for name in ("previous", "average"):
+            if values.get(name) is not None:
+                writer.add_scalar(f"{DRIFT_PREFIX}/{name}", float(values[name]), global_step=step)
+        writer.flush()
 
     def best_changed(self, step: int, best: dict, export: Path | None) -> None:
         """The selected best model changed at ``step``: its score and step, and ``best.json`` as text."""

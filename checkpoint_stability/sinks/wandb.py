@@ -152,6 +152,29 @@ class WandbSink:
         payload[self.step_metric] = step
         run.log(payload)
 
+    def best_updated(self, best: Mapping[str, Any]) -> None:
+        """What ``best.json`` says about the same best model changed (its evidence): the final artifact's
+        metadata is the newest."""
+        if self._best is not None and best.get("step") == self._best.get("step"):
+            self._best = dict(best)
+
+    def drift(self, step: int, values: Mapping[str, float | None]) -> None:
+        """How far the weights moved at snapshot ``step``: ``stability/drift/{previous,average}`` on the
+        step axis (a value that is None is not logged)."""
+        if self._closed:
+            raise RuntimeError("WandbSink.drift called after close()")
+        step = require_int("step", step, 0)
+        payload = {f"stability/drift/{name}": float(v) for name, v in values.items() if v is not None}
+        if not payload:
+            return
+        run = self.run
+        self._define_step_axis(run)
+        for name in payload:
+            if name not in self._defined:
+                run.define_metric(name, step_metric=self.step_metric, summary="last")
+                self._defined.add(name)
+        run.log({**payload, self.step_metric: step})
+
     def best_changed(self, step: int, best: Mapping[str, Any], export: Path | None) -> None:
         """Record a new selected best (``best``: best.json's content) at snapshot ``step``.
 
