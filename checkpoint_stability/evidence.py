@@ -78,6 +78,7 @@ class SelectionEvidence:
     def reset(self) -> None:
         """Forget every observation (a new run, or before a rebuild)."""
         self._entries: dict[tuple[int, str], dict] = {}
+        self._steps: set[int] = set()
         self.naive: dict | None = None
         self.final_raw: dict | None = None
         self.best_candidate: dict | None = None
@@ -90,7 +91,13 @@ class SelectionEvidence:
     # ------------------------------------------------------------------ observing
 
     def observe(self, records: Sequence[Mapping]) -> None:
-        """Take one snapshot's records into account."""
+        """Take one snapshot's records into account.
+
+        A record is a candidate once the run has taken ``min_snapshots`` snapshots (or ``window``, if
+        smaller), as for the selector; the naive pick is any raw checkpoint, as a user's would be."""
+        self._steps.update(int(record["step"]) for record in records)
+        window = self.config.window
+        eligible = min(len(self._steps), window) >= min(self.config.min_snapshots, window)
         for record in records:
             if record["task"] != self.config.select_metric:
                 continue
@@ -104,7 +111,7 @@ class SelectionEvidence:
                     entry["selection_score"], self.naive["selection_score"]
                 ):
                     self.naive = entry
-            if variant in self._allowed:
+            if variant in self._allowed and eligible:
                 self._entries[(step, variant)] = entry
                 if entry["confirmation_score"] is not None and (
                     self.best_candidate is None
@@ -165,12 +172,18 @@ class SelectionEvidence:
             return
         chosen = self._groups(tasks, variant, results)
         if chosen is not None:
-            self._intervals["score"] = _json(stratified_interval(chosen, **_BOOTSTRAP))
+            self._intervals["score"] = _json(
+                stratified_interval(chosen, resamples=RESAMPLES, seed=SEED, confidence=CONFIDENCE)
+            )
         raw = self._groups(tasks, "raw", results)
         for name, other in _DIFFERENCES:
             groups = self._groups(tasks, other, results)
             if raw is not None and groups is not None:
-                self._intervals[name] = _json(paired_stratified_difference(groups, raw, **_BOOTSTRAP))
+                self._intervals[name] = _json(
+                    paired_stratified_difference(
+                        groups, raw, resamples=RESAMPLES, seed=SEED, confidence=CONFIDENCE
+                    )
+                )
 
     def _groups(
         self, tasks: Sequence[str], variant: str, results: Mapping[tuple[str, str], TaskResult]
@@ -221,9 +234,6 @@ class SelectionEvidence:
             },
             "unavailable": sorted(self.unavailable),
         }
-
-
-_BOOTSTRAP = {"resamples": RESAMPLES, "seed": SEED, "confidence": CONFIDENCE}
 
 
 def _json(interval: Interval) -> dict:
