@@ -638,3 +638,43 @@ def test_analyze_with_lm_eval_tasks(checkpoints, tmp_path, monkeypatch, capsys):
     empty.mkdir()
     code, _, err = run([*argv, "--include-path", empty, "--no-report"], capsys)
     assert code == 2 and "lm-eval knows no task 'cs_mc'" in err
+
+
+def test_analyze_with_a_holdout_writes_both_halves_as_a_live_run_does(
+    checkpoints, tmp_path, tasks_module, capsys
+):
+    import hashlib
+
+    run_dir = tmp_path / "held"
+    argv = analyze_argv(checkpoints[:3], run_dir, "1,2", "cli_tasks:build", "--holdout", "0.5", "--no-report")
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    records = history(run_dir)
+    assert records and all("selection_score" in r and "confirmation_score" in r for r in records)
+    for task in ("mc", "next"):
+        meta = json.loads((run_dir / "examples" / f"{task}.meta.json").read_text())
+        # DESIGN.md's rule, written out here: sha256("<task>/<id>")[:8] / 2**32 < 0.5 is held out.
+        held = {
+            i
+            for i, example_id in enumerate(meta["example_ids"])
+            if int(hashlib.sha256(f"{task}/{json.dumps(example_id)}".encode()).hexdigest()[:8], 16) / 2**32
+            < 0.5
+        }
+        lines = outputs_lines(run_dir, task)
+        for record in (r for r in records if r["task"] == task):
+            correct = lines[(record["step"], record["variant"], record["window"])]["correct"]
+            kept = [c for i, c in enumerate(correct) if i not in held]
+            confirmed = [c for i, c in enumerate(correct) if i in held]
+            assert record["selection_score"] == pytest.approx(math.fsum(kept) / len(kept), abs=1e-12)
+            assert record["confirmation_score"] == pytest.approx(
+                math.fsum(confirmed) / len(confirmed), abs=1e-12
+            )
+    # The same directory with another holdout would mix halves: refused, naming the setting.
+    code, _, err = run(
+        analyze_argv(checkpoints[:3], run_dir, "1,2", "cli_tasks:build", "--no-report"), capsys
+    )
+    assert code != 0 and "holdout=0.5" in err
+    code, _, err = run(
+        analyze_argv(checkpoints[:3], tmp_path / "bad", "1,2", "cli_tasks:build", "--holdout", "1.5"), capsys
+    )
+    assert code == 2 and "--holdout must be a number strictly between 0 and 1" in err

@@ -39,6 +39,7 @@ from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.ensemble import ensemble_result
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.history import EXAMPLES_DIR, HISTORY_FILE, History
+from checkpoint_stability.holdout import HoldoutScorer
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.records import CHOICE_KINDS, Evaluation, ScoreSeries
 from checkpoint_stability.storage.atomic_files import atomic_write_text
@@ -338,6 +339,7 @@ def analyze(
     similarity: str = "exact",
     progress: bool = True,
     report: bool = True,
+    holdout: float | None = None,
 ) -> AnalysisResult:
     """Evaluate raw checkpoints, window averages and window ensembles; write history and report.
 
@@ -357,6 +359,8 @@ def analyze(
         similarity: ``"exact"`` or ``"char_f1"`` for IS.
         progress: a tqdm bar on stderr over the model evaluations.
         report: write the report (``checkpoint_stability.reporting.report.write_report``) at the end.
+        holdout: as the live monitor's: every record also carries its score on the selection and the
+            confirmation half of each task's examples (``selection_score``, ``confirmation_score``).
 
     An average over a single checkpoint is that checkpoint, and windows that hold the same checkpoints
     (``min(w, k)`` equal) share one evaluation.
@@ -366,7 +370,7 @@ def analyze(
         AnalysisError: a run directory analysed with another series, tasks or ensemble settings.
     """
     windows = check_windows(windows)
-    config = StabilityConfig(ensemble=ensemble, horizon=horizon, similarity=similarity)
+    config = StabilityConfig(ensemble=ensemble, horizon=horizon, similarity=similarity, holdout=holdout)
     if config.ensemble is None:
         raise ValueError("ensemble must be 'vote' or 'mean_prob' for an analysis")
     tasks = config.check_tasks(tasks)
@@ -475,12 +479,13 @@ def _claim(run_dir: Path, series: Series, tasks: list[Task], windows: list[int],
         "ensemble": config.ensemble,
         "horizon": config.horizon,
         "similarity": config.similarity,
+        "holdout": config.holdout,
     }
     path = run_dir / ANALYSIS_FILE
     if path.exists():
         before = _read_analysis(path)
-        for key in ("tasks", "ensemble", "horizon", "similarity", "step_source"):
-            if before.get(key) != now[key]:
+        for key in ("tasks", "ensemble", "horizon", "similarity", "step_source", "holdout"):
+            if before.get(key) != now[key]:  # (an analysis.json from before holdouts has none: None)
                 raise AnalysisError(
                     f"{run_dir} was analysed with {key}={before.get(key)!r}, now {now[key]!r}; "
                     "use the same settings to resume, or a new run directory"
@@ -534,6 +539,9 @@ def _read_analysis(path: Path) -> dict:
             raise wrong(key, "a string")
     if not is_int(before.get("horizon"), 0):
         raise wrong("horizon", "an integer")
+    holdout = before.get("holdout")
+    if holdout is not None and (type(holdout) is not float or not 0 < holdout < 1):
+        raise wrong("holdout", "null or a number strictly between 0 and 1")
     windows = before.get("windows")
     if not (isinstance(windows, list) and all(is_int(w, 1) for w in windows)):
         raise wrong("windows", "a list of integers >= 1")
@@ -606,6 +614,7 @@ class _Run:
                 if line["variant"] == "avg":
                     self.stored_avg[(task.name, line["step"], min(line["window"], k + 1))] = result
         self.score_series = ScoreSeries(config.horizon, config.similarity)
+        self.holdout = HoldoutScorer(config.holdout) if config.holdout is not None else None
 
     # ------------------------------------------------------------------ planning
 
@@ -721,8 +730,13 @@ class _Run:
                 if (task.name, step, variant, window) not in self.stored:
                     self.history.append_result(task, step, variant, window, result)
                 targets = result.targets if task.kind in CHOICE_KINDS else None
+                halves = None
+                if self.holdout is not None:
+                    halves = self.holdout.scores(task.name, result.example_ids, result.correct)
                 evaluations.append(
-                    Evaluation(task.name, variant, window, n_models, result.score, result.outputs, targets)
+                    Evaluation(
+                        task.name, variant, window, n_models, result.score, result.outputs, targets, halves
+                    )
                 )
         known = {(t, v, w): r for (s, t, v, w), r in self.recorded.items() if s == step}
         step_records = self.score_series.step_records(

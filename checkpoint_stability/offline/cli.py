@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--similarity", choices=("exact", "char_f1"), default="exact", help="IS similarity (default: exact)"
     )
+    analyze.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        metavar="H",
+        help="hold out this share of every task's examples (0 < H < 1): each record also carries its score "
+        "on the selection and the confirmation half, as a live run with holdout=H does",
+    )
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
     analyze.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
@@ -299,6 +307,8 @@ def _analyze(args) -> int:
     windows = parse_windows(args.windows)
     if args.horizon < 2:
         raise CliError(f"--horizon must be at least 2, got {args.horizon}")
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        raise CliError(f"--holdout must be a number strictly between 0 and 1, got {args.holdout}")
     if not args.tasks and not args.lm_eval and not args.text:
         raise CliError("no tasks: pass --tasks MODULE:FUNCTION, --lm-eval NAMES and/or --text FILE")
     series = order_series(args.checkpoints)
@@ -331,6 +341,7 @@ def _analyze(args) -> int:
         similarity=args.similarity,
         progress=not args.no_progress,
         report=not args.no_report,
+        holdout=args.holdout,
     )
     steps = result.steps
     numbered = ", by position" if series.step_source == "positions" else ""
