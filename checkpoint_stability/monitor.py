@@ -598,8 +598,15 @@ class StabilityMonitor:
                 everyone = self.runtime.all_gather_object(mine)
                 for index in range(len(due)):
                     parts = [drifts[index] for drifts in everyone]
-                    if all(part is not None for part in parts):
-                        self._send_drift(WeightDrift.combine(parts))
+                    if any(part is None for part in parts):
+                        continue  # not measured on some rank (its write failed): no whole-model drift
+                    try:
+                        combined = WeightDrift.combine(parts)
+                    except ValueError as error:
+                        # Ranks disagree on the previous snapshot (a write failed on one rank only).
+                        self._fault("drift", error, step=due[index])
+                        continue
+                    self._send_drift(combined)
         else:
             committed = set(self.window.steps)
             for step in due:
