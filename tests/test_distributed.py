@@ -104,6 +104,27 @@ def test_fsdp2_shards_are_buffered_and_averaged_locally(tmp_path):
             torch.testing.assert_close(
                 torch.tensor(value, dtype=torch.float64), oracle[key], rtol=0, atol=1e-6
             )
+
+    # The weight drift of the whole model, added up from the ranks' shard sums, equals a float64
+    # recomputation from the gathered weights.
+    def flat(state):
+        return torch.cat([torch.tensor(state[key], dtype=torch.float64).reshape(-1) for key in sorted(state)])
+
+    drift = [json.loads(line) for line in (tmp_path / "run" / "drift.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in drift] == [1, 2, 3, 4, 5]
+    for index, line in enumerate(drift):
+        now = flat(states[index])
+        window = [flat(s) for s in states[max(0, index - 2) : index + 1]]
+        average = (now - sum(window) / len(window)).norm() / now.norm()
+        assert line["average"] == pytest.approx(float(average), rel=1e-5, abs=1e-9)
+        assert line["n_models"] == len(window)
+        if index == 0:
+            assert line["previous"] is None and line["previous_step"] is None
+        else:
+            previous = (now - flat(states[index - 1])).norm() / now.norm()
+            assert line["previous_step"] == index and line["previous"] == pytest.approx(
+                float(previous), rel=1e-5
+            )
     # A best export gathers the full averaged model once, to rank 0.
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["variant"] == "avg"
