@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-min demo bench install lint clean soak panels
+.PHONY: selection-evidence test test-min demo bench install lint clean soak panels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ panels: install
 # The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (5-10 minutes on 2 cores, depending on load).
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# The README's "Does it pick better checkpoints?" table: both tiny-GPT examples, 3 seeds (~25 minutes).
+selection-evidence: install
+	$(BIN)/python docs/selection_evidence.py --seeds 0 1 2 --table docs/selection_evidence.md
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) runs .pytest_cache

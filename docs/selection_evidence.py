@@ -55,7 +55,8 @@ def row(name: str, seed: int, evidence: dict) -> str:
         f"| {name} | {seed} | {chosen['variant']} @ {chosen['step']} | {chosen['confirmation_score']:.3f} "
         f"| raw @ {naive['step']}: {naive['confirmation_score']:.3f} "
         f"| raw @ {final['step']}: {final['confirmation_score']:.3f} | {evidence['regret']:.3f} "
-        f"| {interval_text(intervals.get('avg_minus_raw'))} | {interval_text(intervals.get('ens_minus_raw'))} |"
+        f"| {interval_text(intervals.get('avg_minus_raw'))} "
+        f"| {interval_text(intervals.get('ens_minus_raw'))} |"
     )
 
 
