@@ -329,3 +329,16 @@ def test_the_end_of_run_summary_prints_the_comparison(tmp_path):
         f"avg - raw at step {chosen['step']}: {evidence['intervals']['avg_minus_raw']['estimate']:+.3f}"
         in text
     )
+
+
+def test_the_best_command_shows_the_evidence(tmp_path, capsys):
+    from checkpoint_stability.offline.cli import main
+
+    x, y = make_data(9)
+    monitor = run(tmp_path, "cli", [classify_task(x, y)], steps=30)
+    best = json.loads((monitor.dirpath / "best.json").read_text())
+    assert main(["best", str(monitor.dirpath)]) == 0
+    out = capsys.readouterr().out
+    assert f"selection half: {best['selection_score']:.6g}" in out
+    assert "mean score on the confirmation half (holdout=0.5" in out
+    assert f"naive pick   step {best['evidence']['naive']['step']} raw" in out

@@ -378,6 +378,8 @@ def _best(args) -> int:
 
 
 def describe_best(best: dict, run_dir: Path) -> list[str]:
+    from checkpoint_stability.run_summary import evidence_lines
+
     """The lines ``checkpoint-stability best`` prints for a ``best.json``."""
     variant, n = best["variant"], len(best["steps"])
     what = {
@@ -412,6 +414,14 @@ def describe_best(best: dict, run_dir: Path) -> list[str]:
                 f"kept:     step {entry.get('step')} {entry.get('variant')}, selected under other "
                 f"settings: {where}"
             )
+    if best.get("selection_score") is not None:
+        lines.append(f"selection half: {best['selection_score']:.6g} (what selection compared; holdout)")
+    evidence = best.get("evidence")
+    if isinstance(evidence, dict):
+        try:
+            lines += [line.removeprefix("  ") for line in evidence_lines(evidence)]
+        except (KeyError, TypeError, ValueError):  # a hand-edited pointer: the rest still prints
+            lines.append("evidence: present but not readable")
     return lines
 
 
