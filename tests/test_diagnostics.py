@@ -355,3 +355,23 @@ def test_an_interval_from_the_bootstrap_module_is_accepted():
 
     better = paired_difference([1, 1, 1, 1, 0, 1], [1, 0, 1, 0, 0, 1], resamples=200).to_json()
     assert recommend_window([{"n": 5, "mtv": 0.1, "confirmation_diff": better}])["n"] == 5
+
+
+def test_balanced_accuracy_equals_torchmetrics_macro_accuracy():
+    """torchmetrics (the field's metric library) as a second oracle: macro-averaged multiclass accuracy
+    is the mean per-class recall. They agree whenever every class occurs among the targets; a class
+    that is predicted but never a target counts in torchmetrics' mean (with recall 0) and not in ours,
+    as in scikit-learn's ``balanced_accuracy_score``, whose definition we follow."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    import torch
+
+    from checkpoint_stability.diagnostics import balanced_accuracy as ours
+
+    generator = torch.Generator().manual_seed(0)
+    for classes, n in ((2, 7), (4, 50), (5, 300)):
+        targets = torch.cat([torch.arange(classes), torch.randint(0, classes, (n,), generator=generator)])
+        n = len(targets)
+        outputs = torch.randint(0, classes, (n,), generator=generator)
+        metric = torchmetrics.classification.MulticlassAccuracy(num_classes=classes, average="macro")
+        expected = float(metric(outputs, targets))
+        assert ours(outputs.tolist(), targets.tolist()) == pytest.approx(expected, abs=1e-6)
