@@ -126,8 +126,11 @@ class SelectionEvidence:
         ``best`` (the pointer on disk) already holds for itself."""
         self.reset()
         self.unavailable = set(unavailable)
-        for step in sorted({r["step"] for r in records}):
-            self.observe([r for r in records if r["step"] == step])
+        by_step: dict[int, list[Mapping]] = {}
+        for record in records:
+            by_step.setdefault(int(record["step"]), []).append(record)
+        for step in sorted(by_step):
+            self.observe(by_step[step])
         stored = (best or {}).get("evidence")
         if best is not None and isinstance(stored, Mapping) and isinstance(stored.get("intervals"), Mapping):
             self._intervals = dict(stored["intervals"])
