@@ -40,6 +40,7 @@ MANIFEST_FORMAT = 1
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 _TEMPORARY_NAME = re.compile(r"^\..+\.tmp-\d+$")
 _HASH_CHUNK = 8 << 20
+_MAX_DROPPED_LISTED = 10_000
 
 
 # safetensors' names for the dtypes a state dict holds; anything else goes through safetensors' own save.
@@ -263,11 +264,21 @@ class SnapshotBuffer:
         *,
         storage_dtype: torch.dtype | None = None,
         listener: WindowListener | None = None,
+        retain: Callable[[], int | None] | None = None,
+        max_pending: int = 0,
     ):
+        """``retain`` (background evaluation): returns the oldest step an evaluator still needs (None:
+        every step); a snapshot leaving the window from that step on is kept on disk as *pending*, at
+        most ``max_pending`` of them (the oldest beyond that are dropped: the evaluator records the gap)."""
         self.directory = Path(directory)
         self.window = require_int("window", window, 1)
         self.storage_dtype = storage_dtype
         self.listener = listener
+        self.retain = retain
+        self.max_pending = require_int("max_pending", max_pending, 0)
+        self._retained: list[SnapshotEntry] = []
+        # Steps dropped before an evaluator consumed them (newest last, bounded), for it to record.
+        self._dropped: list[int] = []
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -353,10 +364,14 @@ class SnapshotBuffer:
         with self._lock:
             keep = [e for e in self._entries if e.step <= step]
             dropped = [e for e in self._entries if e.step > step]
+            retained = [e for e in self._retained if e.step <= step]
+            dropped += [e for e in self._retained if e.step > step]
+            self._dropped = [s for s in self._dropped if s <= step]
             if not dropped:
                 return []
-            self._write_manifest(keep)
+            self._write_manifest(keep, retained)
             self._entries = keep
+            self._retained = retained
         for entry in dropped:
             self._remove(self.directory / entry.file)
         return [entry.step for entry in dropped]
@@ -436,17 +451,42 @@ class SnapshotBuffer:
                     [self._loader(e.step) for e in evicted],
                     lambda: self._window_with(keep, entry, captured),
                 )
+            retained, deleted = self._retention(evicted)
             with self._lock:
-                self._write_manifest(keep)
+                self._write_manifest(keep, retained)
                 self._entries = keep
+                self._retained = retained
             self._readers[name] = LazySnapshot(path, entry.aliases)
         except Exception as error:
             self._remove(path)
             if isinstance(error, SnapshotError):
                 raise
             raise SnapshotError(step, f"could not commit snapshot {path}: {error!r}") from error
-        for old in evicted:
+        for old in deleted:
             self._remove(self.directory / old.file)
+
+    def _retention(self, evicted: list[SnapshotEntry]) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
+        """Which snapshots outside the window stay on disk for the evaluator, and which go."""
+        if self.retain is None:
+            return [], evicted
+        needed = self.retain()
+        outside = [*self._retained, *evicted]
+        kept = [e for e in outside if needed is None or e.step >= needed]
+        deleted = [e for e in outside if e not in kept]
+        while len(kept) > self.max_pending:
+            # Training never waits for the evaluator: the oldest it has not consumed are dropped.
+            gone = kept.pop(0)
+            deleted.append(gone)
+            self._dropped.append(gone.step)
+            logger.warning(
+                "the evaluator is more than %d snapshots behind: dropping step %d unevaluated",
+                self.max_pending,
+                gone.step,
+            )
+        if needed is not None:
+            self._dropped = [step for step in self._dropped if step >= needed]
+        self._dropped = self._dropped[-_MAX_DROPPED_LISTED:]
+        return kept, deleted
 
     def _loader(self, step: int) -> Callable[[], Mapping[str, torch.Tensor]]:
         return lambda: self.open_lazy(step)
@@ -474,34 +514,22 @@ class SnapshotBuffer:
         return sources
 
     def _verify(self, entry: SnapshotEntry) -> None:
-        """Check a buffered file against its manifest entry, reading it in chunks (no full copy)."""
-        path = self.directory / entry.file
-        problem = _unsafe_entry_problem(self.directory, entry.file)
-        if problem:
-            raise CorruptSnapshotError(entry.step, f"{path}: {problem}")
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            with open(path, "rb") as handle:
-                while chunk := handle.read(_HASH_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-        except OSError as error:
-            raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
-        if size != entry.bytes:
-            raise CorruptSnapshotError(
-                entry.step, f"{path}: {size} bytes on disk, manifest says {entry.bytes} (truncated?)"
-            )
-        if digest.hexdigest() != entry.sha256:
-            raise CorruptSnapshotError(entry.step, f"{path}: sha256 does not match the manifest")
+        verify_snapshot(self.directory, entry)
 
-    def _write_manifest(self, entries: list[SnapshotEntry]) -> None:
+    def _write_manifest(
+        self, entries: list[SnapshotEntry], retained: list[SnapshotEntry] | None = None
+    ) -> None:
         manifest = {
             "format": MANIFEST_FORMAT,
             "window": self.window,
             "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype),
             "snapshots": [e.to_json() for e in entries],
         }
+        if self.retain is not None:
+            # Added keys: a reader of an older release reads "snapshots" and ignores them.
+            kept = self._retained if retained is None else retained
+            manifest["pending"] = [e.to_json() for e in kept]
+            manifest["dropped"] = list(self._dropped)
         atomic_write_bytes(
             self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), inside=self.directory
         )
@@ -521,10 +549,13 @@ class SnapshotBuffer:
             if _TEMPORARY_NAME.match(child.name) and not child.is_symlink() and child.is_file():
                 logger.info("removing stray temporary file %s", child)
                 self._remove(child)
-        entries, changed = self._read_manifest()
+        entries, retained, changed = self._read_manifest()
         if len(entries) > self.window:
             entries, changed = entries[-self.window :], True
-        named = {e.file for e in entries}
+        if self.retain is None and retained:
+            retained, changed = [], True  # nothing evaluates in the background any more: not kept
+        self._retained = retained
+        named = {e.file for e in [*entries, *retained]}
         for child in self.directory.iterdir():
             # Written but never committed (a crash before the manifest switch), or evicted and not yet
             # deleted: either way not part of the acknowledged window.
@@ -536,21 +567,38 @@ class SnapshotBuffer:
         if changed:
             self._write_manifest(entries)
 
-    def _read_manifest(self) -> tuple[list[SnapshotEntry], bool]:
+    def _read_manifest(self) -> tuple[list[SnapshotEntry], list[SnapshotEntry], bool]:
+        """The window's entries, the pending ones kept for an evaluator, and whether anything was wrong
+        (the manifest is then rewritten)."""
         path = self.directory / MANIFEST
         if path.is_symlink():
             logger.warning("manifest %s is a symlink; ignoring it and starting an empty buffer", path)
             path.unlink()
-            return [], True
+            return [], [], True
         if not path.exists():
-            return [], False
+            return [], [], False
         try:
-            snapshots = read_json_object(path, f"manifest {path}").get("snapshots")
+            manifest = read_json_object(path, f"manifest {path}")
+            snapshots = manifest.get("snapshots")
             if not isinstance(snapshots, list):
                 raise DamagedJSONError(f"manifest {path}: 'snapshots' is missing or not a list")
         except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
             logger.warning("%s; starting an empty buffer", error)
-            return [], True
+            return [], [], True
+        pending = manifest.get("pending") or []
+        dropped = manifest.get("dropped") or []
+        self._dropped = [
+            int(step) for step in dropped if isinstance(step, int) and not isinstance(step, bool)
+        ]
+        entries, changed = self._parse_entries(snapshots if isinstance(snapshots, list) else [], path)
+        retained, damaged = self._parse_entries(pending if isinstance(pending, list) else [], path)
+        if entries and retained and retained[-1].step >= entries[0].step:
+            logger.warning("manifest %s: pending snapshots overlap the window; dropping them", path)
+            retained, damaged = [], True
+        return entries, retained, changed or damaged or not isinstance(pending, list)
+
+    def _parse_entries(self, snapshots: list, path: Path) -> tuple[list[SnapshotEntry], bool]:
+        """Manifest items as checked entries (each file verified); whether any was dropped."""
         entries: list[SnapshotEntry] = []
         # A manifest edited by hand (or by a tool) may list its entries out of order: judge them by step,
         # so an early entry listed last does not push out the whole window as "not increasing".
@@ -589,6 +637,73 @@ class SnapshotBuffer:
                 continue
             entries.append(entry)
         return entries, changed
+
+
+def verify_snapshot(directory: Path, entry: SnapshotEntry) -> None:
+    """Check a buffered file against its manifest entry, reading it in chunks (no full copy).
+
+    Raises:
+        CorruptSnapshotError: the file is missing, not a plain file inside ``directory``, of another
+            size, or fails its checksum.
+    """
+    path = directory / entry.file
+    problem = _unsafe_entry_problem(directory, entry.file)
+    if problem:
+        raise CorruptSnapshotError(entry.step, f"{path}: {problem}")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as error:
+        raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
+    if size != entry.bytes:
+        raise CorruptSnapshotError(
+            entry.step, f"{path}: {size} bytes on disk, manifest says {entry.bytes} (truncated?)"
+        )
+    if digest.hexdigest() != entry.sha256:
+        raise CorruptSnapshotError(entry.step, f"{path}: sha256 does not match the manifest")
+
+
+def read_manifest(directory: str | os.PathLike) -> tuple[list[SnapshotEntry], list[int]]:
+    """What a buffer's ``manifest.json`` lists, read by another process (an evaluator) without changing
+    anything: every snapshot on disk, the window's and the ones pending for the evaluator, by step; and
+    the steps dropped before the evaluator consumed them. Files are not verified here (the reader
+    verifies what it loads). A missing or unreadable manifest lists nothing."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = read_json_object(path, f"manifest {path}")
+    except FileNotFoundError:
+        return [], []
+    except (OSError, ValueError) as error:  # the writer replaces it atomically: damage is real damage
+        logger.warning("%s; reading no snapshots from it", error)
+        return [], []
+    entries = []
+    for key in ("pending", "snapshots"):
+        items = manifest.get(key) or []
+        for item in items if isinstance(items, list) else []:
+            try:
+                entries.append(
+                    SnapshotEntry(
+                        step=int(item["step"]),
+                        file=str(item["file"]),
+                        sha256=str(item["sha256"]),
+                        bytes=int(item["bytes"]),
+                        time=float(item.get("time", 0.0)),
+                        aliases={str(k): str(v) for k, v in dict(item.get("aliases", {})).items()},
+                    )
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+    dropped = manifest.get("dropped") or []
+    steps = (
+        [s for s in dropped if isinstance(s, int) and not isinstance(s, bool)]
+        if isinstance(dropped, list)
+        else []
+    )
+    return sorted({entry.step: entry for entry in entries}.values(), key=lambda e: e.step), steps
 
 
 class LazySnapshot(Mapping):

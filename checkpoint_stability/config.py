@@ -17,6 +17,7 @@ from checkpoint_stability.validation import require_int
 
 ENSEMBLE_CHOICES = ("vote", "mean_prob")
 ON_ERROR_CHOICES = ("warn", "raise")
+EVALUATION_CHOICES = ("inline", "background")
 SELECT_CHOICES = ("avg", "raw", "any")
 SELECT_MODE_CHOICES = ("max", "min")
 ACCUMULATOR_CHOICES = ("float32", "float64")
@@ -124,6 +125,17 @@ class StabilityConfig:
     previous snapshot) and ``‖θ_t − θ̄‖ / ‖θ_t‖`` (from the window average), on the writer thread in the
     pass that adds the snapshot to the average, off the training path. Written to ``drift.jsonl``."""
 
+    evaluation: str = "inline"
+    """``"inline"``: every snapshot is evaluated in the training process. ``"background"``: the training
+    process only snapshots (no task runs there, ``tasks`` may be omitted) and an evaluator process
+    (``checkpoint-stability follow RUN_DIR``) evaluates every snapshot from the buffered files, writing
+    the same records, best model and export."""
+
+    max_pending: int | None = None
+    """Background evaluation: how many snapshots beyond the window the buffer keeps on disk for an
+    evaluator that lags behind (``None``: ``window``). Training never waits; past the bound the oldest
+    unevaluated snapshots are dropped and the evaluator records the gap."""
+
     overwrite: bool = False
     """A run that is not resuming from a training checkpoint refuses a run directory holding another run's
     results (history lines, ``best.json``, buffered snapshots), so nothing is deleted on a guess;
@@ -156,6 +168,9 @@ class StabilityConfig:
             self.exact_sum_every = require_int("exact_sum_every", self.exact_sum_every, 1)
         _require_choice("ensemble", self.ensemble, (*ENSEMBLE_CHOICES, None))
         _require_choice("on_error", self.on_error, ON_ERROR_CHOICES)
+        _require_choice("evaluation", self.evaluation, EVALUATION_CHOICES)
+        if self.max_pending is not None:
+            self.max_pending = require_int("max_pending", self.max_pending, 0)
         _require_choice("select", self.select, (*SELECT_CHOICES, None))
         _require_choice("select_mode", self.select_mode, SELECT_MODE_CHOICES)
         _require_choice("accumulator_dtype", self.accumulator_dtype, ACCUMULATOR_CHOICES)
@@ -173,6 +188,11 @@ class StabilityConfig:
         for name in ("console", "tensorboard", "report", "overwrite", "drift"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def pending_bound(self) -> int:
+        """How many evicted snapshots the buffer keeps for a lagging evaluator (background mode)."""
+        return self.window if self.max_pending is None else self.max_pending
 
     @property
     def exact_sum_interval(self) -> int:

@@ -24,8 +24,10 @@ from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.diagnostics import WeightDrift
 from checkpoint_stability.evaluation import SnapshotEvaluation
+from checkpoint_stability.evaluator_state import needed_from
 from checkpoint_stability.evidence import SelectionEvidence
 from checkpoint_stability.faults import FaultPolicy, describe_error
+from checkpoint_stability.followed_buffer import FollowedBuffer
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
@@ -92,6 +94,7 @@ class StabilityMonitor:
         processing_class: Any = None,
         printer: Callable[[str], None] | None = None,
         default_tasks: Sequence[str] = (),
+        follower: bool = False,
         **settings,
     ):
         """``sinks``: extra destinations for the records (e.g. a framework logger); the caller owns them and
@@ -105,14 +108,27 @@ class StabilityMonitor:
         ``printer``: how the console lines and the end-of-run summary reach the user (default:
         ``print``; a framework callback passes its progress bar's). ``default_tasks``: names of tasks
         the caller built by default (``tasks=None``); one that fails at its first evaluation raises
-        :class:`~checkpoint_stability.evaluation.DefaultTaskError` whatever ``on_error`` says. Other
-        keywords are ``StabilityConfig`` settings."""
+        :class:`~checkpoint_stability.evaluation.DefaultTaskError` whatever ``on_error`` says.
+        ``follower``: this monitor is a background evaluator's
+        (:class:`~checkpoint_stability.evaluator.BackgroundEvaluator`): it reads the snapshots the
+        training process buffered instead of writing them. Other keywords are ``StabilityConfig``
+        settings."""
         if config is None:
             config = StabilityConfig(**settings)
         elif settings:
             config = config.replace(**settings)
         self.config = config
+        self.role = (
+            "evaluator" if follower else ("trainer" if config.evaluation == "background" else "inline")
+        )
+        """``"inline"``: snapshots and evaluates; ``"trainer"``: the training side of background evaluation,
+        which only snapshots; ``"evaluator"``: a background evaluator, which evaluates what was buffered."""
+        if self.role == "trainer" and tasks:
+            logger.info("evaluation='background': the tasks are run by the evaluator, not in this process")
+            tasks = ()
         self.tasks: list[Task] = self.check_tasks(tasks, config)
+        self.follow_steps: list[int] = []
+        """Evaluator: its window's steps when it (re)opens (``evaluator.json``)."""
         self._runtime = runtime
         self._extra_sinks = list(sinks)
         self._tensorboard_writer = tensorboard_writer
@@ -141,7 +157,7 @@ class StabilityMonitor:
         self.evidence = SelectionEvidence(config, holdout=self.evaluation.holdout)
 
     @property
-    def buffer(self) -> SnapshotBuffer | None:
+    def buffer(self) -> SnapshotBuffer | FollowedBuffer | None:
         """The on-disk window of snapshots (None until the run directory opens)."""
         return self.window.buffer
 
@@ -197,7 +213,7 @@ class StabilityMonitor:
         steps = [
             (self._open_shared, self.runtime.is_main),
             (self._open_buffer, self._owns_buffer),
-            (self._open_series, self.runtime.is_main),
+            (self._open_series, self.runtime.is_main and self.role != "trainer"),
         ]
         for open_part, here in steps:
             error = None
@@ -219,6 +235,8 @@ class StabilityMonitor:
                 resume_step = self.runtime.broadcast_object(decided if self.runtime.is_main else None)
             if open_part == self._open_buffer and self._sharded:
                 self.window.agree(self.runtime)
+        if self.role == "trainer" and self.runtime.is_main and self.config.console:
+            self._print(self._background_notice())
         if not self._defaults_described and self.runtime.is_main and self.config.console:
             self._defaults_described = True
             for task in self.tasks:
@@ -403,10 +421,13 @@ class StabilityMonitor:
             self.window.parameter_names = parameter_names(model)
         self._model = weakref.ref(model)
         captured = self.window.push(step, live) if self._owns_buffer else None
-        # The push waited for the previous write, so the drifts measured before it are final.
-        self._publish_drifts(settled=True, pending=step)
         self._last_step = step
         self.series.snapshots_taken += 1
+        if self.role == "trainer":
+            self.faults.raise_held()
+            return []  # the evaluator does the rest, from the buffered files
+        # The push waited for the previous write, so the drifts measured before it are final.
+        self._publish_drifts(settled=True, pending=step)
 
         results: dict[tuple[str, str], TaskResult] = {}
         if self.tasks:
@@ -518,8 +539,9 @@ class StabilityMonitor:
             sharded=self._sharded,
             exporter=exporter,
             resume_step=resume_step,
+            role=self.role,
         )
-        self.history = self._run_directory.history
+        self.history = self._run_directory.history if self.role != "trainer" else None
         self.selector = self._run_directory.selector
         self.faults.history = self.history
 
@@ -551,12 +573,31 @@ class StabilityMonitor:
         directory = self._run / "buffer"
         if self._sharded:
             directory = directory / f"rank-{self.runtime.rank}"
-        self.window.open(directory, resume_step)
+        run = self._run
+        if self.role == "trainer":
+            self.window.open(directory, resume_step, retain=lambda: needed_from(run))
+        elif self.role == "evaluator":
+            self.window.open(directory, resume_step, follow=self.follow_steps)
+        else:
+            self.window.open(directory, resume_step)
 
     def _shutdown(self, *, final: bool) -> None:
         self.window.close()
         if self._sharded:
             self.window.agree(self.runtime)
+        if self.role == "trainer":
+            if final and self.runtime.is_main and self._run_directory is not None:
+                self._run_directory.mark_closed(self._last_step)
+                if self.config.console:
+                    self._print(
+                        f"[stability] training ended at step {self._last_step} after "
+                        f"{self.series.snapshots_taken} snapshots; the evaluator finishes what is buffered "
+                        f"in {self._run / 'buffer'}"
+                    )
+            self._release()
+            self._opened = False
+            self.faults.raise_held()
+            return
         self._publish_drifts(settled=True)
         if final:
             if not self.tasks:  # nothing to select on: the final window average is the run's model
@@ -630,6 +671,16 @@ class StabilityMonitor:
             "n_models": drift.n_models,
         }
         self._publisher.drift(drift.step, line)
+
+    def _background_notice(self) -> str:
+        """What the training side of background evaluation tells the user when it opens."""
+        files = self.config.window + self.config.pending_bound
+        return (
+            f"[stability] evaluation='background': this process only snapshots; evaluate with "
+            f"`checkpoint-stability follow {self._run} --tasks MODULE:FUNCTION --model MODULE:FUNCTION`. "
+            f"Disk: at most {files} snapshot files in {self._run / 'buffer'} (window {self.config.window} + "
+            f"max_pending {self.config.pending_bound} for an evaluator that lags)"
+        )
 
     def _update_evidence(self, step: int, before: dict | None, results: dict) -> None:
         """Rank 0: the new best's bootstrap intervals (from this step's per-example results), and the

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import describe_error
@@ -16,11 +17,12 @@ from checkpoint_stability.storage.atomic_files import atomic_write_text
 from checkpoint_stability.storage.confinement import UnsafePathError, writable_file
 from checkpoint_stability.storage.export import ModelExporter
 from checkpoint_stability.storage.json_files import read_json_object
-from checkpoint_stability.storage.run_lock import LOCK_FILE, LockingUnsupported, RunLock
+from checkpoint_stability.storage.run_lock import EVALUATOR_LOCK_FILE, LOCK_FILE, LockingUnsupported, RunLock
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+ROLES = ("inline", "trainer", "evaluator")
 _OWN_FOLDERS = ("buffer", "examples", "exports", "tensorboard")
 _OWN_FILES = ("history.jsonl", "drift.jsonl", "best.json", RUN_FILE, LOCK_FILE)
 
@@ -63,9 +65,18 @@ class RunDirectory:
         sharded: bool,
         exporter: ModelExporter | None = None,
         resume_step: int | None = None,
+        role: str = "inline",
     ):
+        """``role``: ``"inline"`` (a run that evaluates itself), ``"trainer"`` (the training side of a
+        background-evaluated run: it snapshots only, so the history and the best model are left to the
+        evaluator, which learns of a resume from ``run.json``'s ``generation``), or ``"evaluator"`` (the
+        background evaluator: it holds ``evaluator.lock.json`` and reads ``run.json``)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.path = Path(path)
+        self.role = role
         self.lock: RunLock | None = None
+        self.selector: BestModelSelector | None = None
         self.path.mkdir(parents=True, exist_ok=True)
         for name in _OWN_FOLDERS:
             if (self.path / name).is_symlink():
@@ -73,35 +84,46 @@ class RunDirectory:
                     f"{self.path / name} is a symlink; the run directory must hold its own files "
                     "(nothing outside it is read, written or deleted)"
                 )
-        for name in _OWN_FILES:
+        for name in (*_OWN_FILES, EVALUATOR_LOCK_FILE):
             writable_file(self.path, self.path / name)
-        self.lock = _lock(self.path)
+        self.lock = _lock(self.path, EVALUATOR_LOCK_FILE if role == "evaluator" else LOCK_FILE)
         try:
-            self._check_run_record({"world_size": world_size, "sharded": sharded})
-            self.history = History(self.path)
-            self.selector = BestModelSelector(
-                self.path,
-                select=config.select,
-                metric=config.select_metric,
-                mode=config.select_mode,
-                # A window never holds more than `window` snapshots, so a larger threshold would never pass.
-                min_snapshots=min(config.min_snapshots, config.window),
-                exporter=exporter,
-                holdout=config.holdout,
-            )
-            found = self._previous_results() if resume_step is None else []
+            self.history = History(self.path, read_only=role == "trainer")
+            if role != "trainer":
+                self.selector = BestModelSelector(
+                    self.path,
+                    select=config.select,
+                    metric=config.select_metric,
+                    mode=config.select_mode,
+                    # A window never holds more than `window` snapshots: a larger threshold never passes.
+                    min_snapshots=min(config.min_snapshots, config.window),
+                    exporter=exporter,
+                    holdout=config.holdout,
+                )
+            found = self._previous_results() if resume_step is None and role != "evaluator" else []
             if found:
                 resume_step = self._replace_or_refuse(config, found)
             self.resume_step = resume_step
             """The step the run continues from: the caller's, ``-1`` when replacing an earlier run."""
-            if resume_step is not None:
+            if role != "evaluator":
+                self._write_run_record(
+                    config, world_size=world_size, sharded=sharded, resume_step=resume_step
+                )
+            if resume_step is not None and role != "trainer":
                 dropped = self.history.truncate_after(resume_step)
-                self.selector.truncate_after(resume_step)
+                if self.selector is not None:
+                    self.selector.truncate_after(resume_step)
                 if dropped:
                     logger.info("resuming from step %d: dropped %d newer history lines", resume_step, dropped)
         except BaseException:
             self.release()
             raise
+
+    def mark_closed(self, last_step: int | None) -> None:
+        """Training has ended (background mode): the evaluator finishes what is buffered and stops."""
+        record = read_run_record(self.path) or {}
+        record.update(closed=True, last_step=last_step)
+        atomic_write_text(self.path / RUN_FILE, json.dumps(record) + "\n", inside=self.path)
 
     def release(self) -> None:
         """Let the directory go (the lock); safe to call twice."""
@@ -117,7 +139,7 @@ class RunDirectory:
             found.append(f"history.jsonl with {len(records)} records up to step {records[-1]['step']}")
         elif self.history.errors():
             found.append("history.jsonl with error lines")
-        if self.selector.best is not None:
+        if self.selector is not None and self.selector.best is not None:
             best = self.selector.best
             found.append(f"best.json naming the step-{best['step']} {best['variant']} model")
         buffer = self.path / "buffer"
@@ -137,33 +159,53 @@ class RunDirectory:
         logger.warning("overwrite=True: replacing the earlier run's results in %s (%s)", self.path, found)
         return -1
 
-    def _check_run_record(self, now: dict) -> None:
-        """A window of shards only makes sense with the same number of ranks: refuse anything else."""
-        path = self.path / RUN_FILE
-        if path.exists():
-            try:
-                before = read_json_object(path)
-            except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
-                logger.warning("ignoring unreadable %s (%s)", path, error)
-                before = None
+    def _write_run_record(self, config, *, world_size: int, sharded: bool, resume_step: int | None) -> None:
+        """``run.json``: how the run is split (a window of shards only makes sense with the same number of
+        ranks: anything else is refused), how it is evaluated, and, for a background evaluator, each
+        opening's ``generation`` with the step it resumed from."""
+        before = read_run_record(self.path)
+        now: dict[str, Any] = {"world_size": world_size, "sharded": sharded}
+        if before is not None:
             # Full weights resume under any world size (rank 0 holds them); shards need the same split.
-            involves_shards = isinstance(before, dict) and (before.get("sharded") or now["sharded"])
-            if before is not None and involves_shards and before != now:
+            involves_shards = before.get("sharded") or sharded
+            split = {key: before.get(key) for key in now}
+            if involves_shards and split != now:
                 raise ValueError(
                     f"{self.path} was written by {before.get('world_size')} ranks "
                     f"({'sharded' if before.get('sharded') else 'full'} weights); this run has "
-                    f"{now['world_size']} ({'sharded' if now['sharded'] else 'full'}). A window of "
+                    f"{world_size} ({'sharded' if sharded else 'full'}). A window of "
                     "sharded snapshots can only be resumed with the same world size and sharding; "
                     "use a new dirpath"
                 )
-            if before == now:
-                return
-        atomic_write_text(path, json.dumps(now) + "\n", inside=self.path)
+        if config.evaluation == "background":
+            generation = (before or {}).get("generation", 0)
+            now.update(
+                evaluation="background",
+                config=config.to_json(),
+                generation=(generation if isinstance(generation, int) else 0) + 1,
+                resumed_from=resume_step,
+                closed=False,
+            )
+        if before == now:
+            return
+        atomic_write_text(self.path / RUN_FILE, json.dumps(now) + "\n", inside=self.path)
 
 
-def _lock(path: Path) -> RunLock | None:
+def read_run_record(path: str | os.PathLike) -> dict | None:
+    """``<run dir>/run.json`` as a dict; None when missing or unreadable (warned)."""
+    record_path = Path(path) / RUN_FILE
+    if not record_path.exists():
+        return None
     try:
-        return RunLock(path)
+        return read_json_object(record_path)
+    except (OSError, ValueError) as error:  # DamagedJSONError is a ValueError
+        logger.warning("ignoring unreadable %s (%s)", record_path, error)
+        return None
+
+
+def _lock(path: Path, name: str = LOCK_FILE) -> RunLock | None:
+    try:
+        return RunLock(path, name)
     except (ImportError, LockingUnsupported) as error:
         # No fcntl (Windows) or a file system without flock (some network ones): go on unlocked. Any
         # other failure (read-only, no permission, lock.json a directory) is the directory's fault

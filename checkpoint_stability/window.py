@@ -18,6 +18,7 @@ from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.diagnostics import WeightDrift
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import FaultPolicy, describe_error
+from checkpoint_stability.followed_buffer import FollowedBuffer
 from checkpoint_stability.runtime import Runtime
 from checkpoint_stability.state_dicts import (
     CapturedState,
@@ -81,7 +82,9 @@ class SnapshotWindow:
         self.config = config
         self.faults = faults
         self.average = WindowAverage(config.accumulator_torch_dtype, config.exact_sum_interval)
-        self.buffer: SnapshotBuffer | None = None
+        self.buffer: SnapshotBuffer | FollowedBuffer | None = None
+        self.averaging = True
+        """Whether this side keeps the window average (not the training side of background evaluation)."""
         self.live_dtypes: dict[str, torch.dtype] = {}
         """The dtypes of the live tensors at the last push (exports are cast back to them)."""
         self.parameter_names: set[str] = set()
@@ -97,7 +100,7 @@ class SnapshotWindow:
         self._drift_warned = False
 
     @property
-    def files(self) -> SnapshotBuffer:
+    def files(self) -> SnapshotBuffer | FollowedBuffer:
         """The open buffer (a ``RuntimeError`` before :meth:`open`)."""
         if self.buffer is None:
             raise RuntimeError("the snapshot window is not open")
@@ -108,16 +111,36 @@ class SnapshotWindow:
         """The steps in the window, oldest first (a write still in flight is not among them)."""
         return [] if self.buffer is None else self.buffer.steps
 
-    def open(self, directory: str | os.PathLike, resume_step: int | None = None) -> None:
+    def open(
+        self,
+        directory: str | os.PathLike,
+        resume_step: int | None = None,
+        *,
+        retain: Callable[[], int | None] | None = None,
+        follow: Sequence[int] | None = None,
+    ) -> None:
         """Open the buffer in ``directory``; when resuming, drop snapshots newer than ``resume_step``;
-        re-sum the average from the files."""
-        self.buffer = SnapshotBuffer(
-            directory,
-            self.config.window,
-            storage_dtype=self.config.storage_torch_dtype,
-            # Weakly: the buffer's writer thread must not keep the window (and its monitor) alive.
-            listener=_weak_listener(self),
-        )
+        re-sum the average from the files.
+
+        ``retain`` (the training side of background evaluation): the buffer keeps what the evaluator
+        still needs (``SnapshotBuffer``'s ``retain``) and no average is kept here: the evaluator keeps
+        its own. ``follow`` (the evaluator): the window is the evaluator's over the trainer's files
+        (:class:`~checkpoint_stability.followed_buffer.FollowedBuffer`), starting from these steps."""
+        self.averaging = retain is None
+        if follow is not None:
+            self.buffer = FollowedBuffer(
+                directory, self.config.window, listener=_weak_listener(self), steps=list(follow)
+            )
+        else:
+            self.buffer = SnapshotBuffer(
+                directory,
+                self.config.window,
+                storage_dtype=self.config.storage_torch_dtype,
+                # Weakly: the buffer's writer thread must not keep the window (and its monitor) alive.
+                listener=_weak_listener(self) if self.averaging else None,
+                retain=retain,
+                max_pending=self.config.pending_bound if retain is not None else 0,
+            )
         self._admitted_non_finite = None  # judged afresh: the first snapshot admits how buffers are built
         if resume_step is not None:
             dropped = self.files.truncate_after(resume_step)
@@ -172,7 +195,9 @@ class SnapshotWindow:
                 self.average.invalidate()
 
     def rebuild_average(self) -> None:
-        """Rebuild the average exactly from the window's files."""
+        """Rebuild the average exactly from the window's files (nothing when this side keeps none)."""
+        if not self.averaging:
+            return
         sources = self.files.window_sources()
         aliases = self.files.entries[-1].aliases if self.files.entries else {}
         self.average.reset(sources, aliases=aliases)

@@ -43,6 +43,9 @@ CORE = {
     "publishing",
     "run_summary",
     "evidence",
+    "followed_buffer",
+    "evaluator_state",
+    "evaluator",
 }
 
 

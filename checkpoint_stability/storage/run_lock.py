@@ -15,6 +15,8 @@ from checkpoint_stability.storage.confinement import UnsafePathError, open_confi
 from checkpoint_stability.storage.json_files import read_json_object
 
 LOCK_FILE = "lock.json"
+EVALUATOR_LOCK_FILE = "evaluator.lock.json"
+"""Held by the background evaluator of a run (``checkpoint-stability follow``): one evaluator per run."""
 
 
 class RunDirectoryLocked(CheckpointStabilityError, RuntimeError):
@@ -52,10 +54,13 @@ class RunLock:
         refused
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, name: str = LOCK_FILE):
+        """``name``: the lock file (``lock.json`` for the training run, ``evaluator.lock.json`` for its
+        background evaluator)."""
         import fcntl
 
-        self.path = Path(directory) / LOCK_FILE
+        self.path = Path(directory) / name
+        self._role = "run" if name == LOCK_FILE else "evaluator"
         # A link, a directory or a FIFO at lock.json is refused (UnsafePathError), never taken for "this
         # file system cannot lock": that would silently let two runs share the directory.
         try:
@@ -71,10 +76,17 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(self.path)
             os.close(fd)
-            raise RunDirectoryLocked(
-                f"{self.path.parent} is in use by another run ({holder}); two runs cannot share a run "
-                "directory: give this one another dirpath, or stop the other"
-            ) from None
+            if self._role == "evaluator":
+                message = (
+                    f"{self.path.parent} is already being evaluated by another evaluator ({holder}); one "
+                    "evaluator follows a run: stop the other first"
+                )
+            else:
+                message = (
+                    f"{self.path.parent} is in use by another run ({holder}); two runs cannot share a run "
+                    "directory: give this one another dirpath, or stop the other"
+                )
+            raise RunDirectoryLocked(message) from None
         except OSError as error:
             os.close(fd)
             if error.errno in _NO_LOCKING:
