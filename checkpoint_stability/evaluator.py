@@ -137,7 +137,7 @@ class BackgroundEvaluator:
             printer=self.printer,
             follower=True,
         )
-        monitor.follow_steps = [s for s in state.window if consumed is not None and s <= consumed]
+        monitor.follow_steps = self._window_at(state, consumed)
         # Nothing acknowledged yet: drop whatever an evaluator killed before its first ack wrote.
         monitor.open(resume_step=consumed if consumed is not None else -1, model=self.model)
         evaluated: list[int] = []
@@ -156,8 +156,11 @@ class BackgroundEvaluator:
                         logger.warning(
                             "training resumed from step %d: dropping what was evaluated after it", resumed
                         )
-                        monitor.resume(resumed)
                         consumed = resumed if resumed >= 0 else None
+                        monitor.follow_steps = self._window_at(
+                            EvaluatorState(consumed, monitor.window.steps), consumed
+                        )
+                        monitor.resume(resumed)
                 followed = monitor.window.files
                 assert isinstance(followed, FollowedBuffer)
                 entries, gaps = followed.unconsumed(after=consumed)
@@ -247,6 +250,20 @@ class BackgroundEvaluator:
         if not followed and isinstance(resumed, int) and consumed is not None and resumed < consumed:
             consumed = resumed if resumed >= 0 else None
         return consumed
+
+    def _window_at(self, state: EvaluatorState, consumed: int | None) -> list[int]:
+        """The evaluator's window when it goes on after ``consumed``: the acknowledged one, or, when it
+        goes back (training resumed from an earlier step), the last ``window`` snapshots up to that step
+        still on disk: the trainer's own window there, as an inline resume keeps."""
+        if consumed is None:
+            return []
+        if state.consumed == consumed:
+            return list(state.window)
+        on_disk = [
+            entry.step
+            for entry in FollowedBuffer(self.run_dir / "buffer", self.config.window).unconsumed(None)[0]
+        ]
+        return [step for step in on_disk if step <= consumed][-self.config.window :]
 
     def _trainer_alive(self) -> bool:
         """Whether the training process still holds its lock, as far as this host can tell: a holder on

@@ -72,10 +72,13 @@ def write_evaluator_state(run_dir: str | os.PathLike, state: EvaluatorState) -> 
     atomic_write_text(root / EVALUATOR_FILE, json.dumps(state.to_json()) + "\n", inside=root)
 
 
-def needed_from(run_dir: str | os.PathLike) -> int | None:
-    """The oldest step the evaluator still reads (None: it has not started, so every step)."""
+def needed_from(run_dir: str | os.PathLike, generation: int | None = None) -> int | None:
+    """The oldest step the evaluator still reads (None: every step). ``generation``: the training side's
+    current one; an evaluator that has not followed it yet (training resumed from an earlier step) will
+    go back to that step and rebuild its window from the files before it, so until it acknowledges the
+    new generation every file is needed."""
     state = read_evaluator_state(run_dir)
-    if state is None:
+    if state is None or (generation is not None and state.generation != generation):
         return None
     if state.needed_from is not None:
         return state.needed_from

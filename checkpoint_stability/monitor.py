@@ -32,7 +32,7 @@ from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
 from checkpoint_stability.publishing import RecordPublisher
-from checkpoint_stability.run_directory import ExistingRunError, RunDirectory
+from checkpoint_stability.run_directory import ExistingRunError, RunDirectory, read_run_record
 from checkpoint_stability.run_summary import run_summary_lines
 from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
@@ -575,7 +575,9 @@ class StabilityMonitor:
             directory = directory / f"rank-{self.runtime.rank}"
         run = self._run
         if self.role == "trainer":
-            self.window.open(directory, resume_step, retain=lambda: needed_from(run))
+            record = read_run_record(run) or {}
+            generation = record.get("generation") if isinstance(record.get("generation"), int) else None
+            self.window.open(directory, resume_step, retain=lambda: needed_from(run, generation))
         elif self.role == "evaluator":
             self.window.open(directory, resume_step, follow=self.follow_steps)
         else:

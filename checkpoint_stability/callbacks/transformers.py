@@ -130,7 +130,10 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         trainer = _running_trainer(self)
         if trainer is not None:
             _log_before_the_progress_bar(self, trainer)
-        tasks = self.tasks if self.tasks is not None else self._default_tasks(args, trainer)
+        if self.config.evaluation == "background":
+            tasks = []  # the evaluator process runs the tasks (checkpoint-stability follow)
+        else:
+            tasks = self.tasks if self.tasks is not None else self._default_tasks(args, trainer)
         self._task_names = [t.name for t in tasks]
         self._check_best_metric(args)
         resume_step = state.global_step if state.global_step > 0 else None
@@ -190,6 +193,13 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         wanted = _stability_key(args.metric_for_best_model)
         if wanted is None:
             return
+        if self.config.evaluation == "background":
+            raise ValueError(
+                f"StabilityCallback: metric_for_best_model={args.metric_for_best_model!r} names a stability "
+                "value, but with evaluation='background' those are computed by the evaluator process and "
+                "arrive after the Trainer's evaluations: the Trainer cannot select on them. Let the "
+                "evaluator select and export the best model (best.json), or use evaluation='inline'"
+            )
         valid = self._stability_names()
         if wanted not in valid:
             close = difflib.get_close_matches(wanted, valid, n=3, cutoff=0.0)

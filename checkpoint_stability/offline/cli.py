@@ -1,4 +1,4 @@
-"""The ``checkpoint-stability`` command: ``report``, ``average``, ``analyze`` and ``best``.
+"""The ``checkpoint-stability`` command: ``report``, ``average``, ``analyze``, ``best`` and ``follow``.
 
 Errors a user can fix (a missing or mismatched checkpoint, a bad option, a run directory that holds
 another analysis) are one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} analyze out/checkpoint-* -o runs/offline --windows 1,2,5 --text heldout.txt\n"
             f"  {PROG} report runs/offline\n"
             f"  {PROG} best runs/exp/stability\n"
+            f"  {PROG} follow runs/exp/stability --tasks my_tasks:build --model my_model:build\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -122,60 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--windows", default="1,2,5,10,20", metavar="LIST", help="window sizes (default: 1,2,5,10,20)"
     )
-    analyze.add_argument(
-        "--tasks",
-        action="append",
-        default=[],
-        metavar="MODULE:FUNCTION",
-        help="a function returning a list of tasks, e.g. my_tasks:build (a module importable from the "
-        "current directory) or path/to/tasks.py:build; repeatable",
-    )
-    analyze.add_argument(
-        "--text",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="a held-out plain-text file (UTF-8): next-token accuracy on it, tokenized with the "
+    add_task_arguments(
+        analyze,
+        text_help="a held-out plain-text file (UTF-8): next-token accuracy on it, tokenized with the "
         "checkpoints' own tokenizer, is a task named after the file's stem; repeatable",
-    )
-    analyze.add_argument(
-        "--text-name",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="the task name for a --text file instead of its stem; repeatable, one per --text, in order",
-    )
-    analyze.add_argument(
-        "--text-block-size",
-        type=int,
-        metavar="N",
-        help=f"--text: tokens per sequence the text is cut into (default: {DEFAULT_TEXT_BLOCK_SIZE}, or the "
-        "model's context length if shorter; at most the context length)",
-    )
-    analyze.add_argument(
-        "--text-max-tokens",
-        type=int,
-        default=DEFAULT_TEXT_MAX_TOKENS,
-        metavar="N",
-        help=f"--text: predicted tokens kept, the text's first (default: {DEFAULT_TEXT_MAX_TOKENS})",
-    )
-    analyze.add_argument(
-        "--lm-eval", metavar="NAMES", help="comma-separated lm-evaluation-harness task names (needs lm-eval)"
-    )
-    analyze.add_argument(
-        "--include-path", action="append", default=[], metavar="DIR", help="a directory of lm-eval task YAMLs"
-    )
-    analyze.add_argument("--limit", type=float, help="lm-eval: first N documents (N < 1: a fraction)")
-    analyze.add_argument("--num-fewshot", type=int, help="lm-eval: number of few-shot examples")
-    analyze.add_argument(
-        "--batch-size", type=int, default=8, help="lm-eval and --text: sequences per batch (default: 8)"
-    )
-    analyze.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="tokenizer directory for lm-eval tasks (default: the first checkpoint, or --model-config) and "
-        "for --text (default: every checkpoint's own, which must agree; --model-config's for checkpoints "
-        "without one)",
+        tokenizer_help="tokenizer directory for lm-eval tasks (default: the first checkpoint, or "
+        "--model-config) and for --text (default: every checkpoint's own, which must agree; --model-config's "
+        "for checkpoints without one)",
     )
     analyze.add_argument(
         "--model-config",
@@ -216,7 +170,129 @@ def build_parser() -> argparse.ArgumentParser:
     )
     best.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the monitor's dirpath)")
     best.add_argument("--json", action="store_true", help="print best.json's content as JSON")
+
+    follow = commands.add_parser(
+        "follow",
+        usage=f"{PROG} follow RUN_DIR (--tasks MODULE:FUNCTION | --text FILE | --lm-eval NAMES ...)\n"
+        "           (--model MODULE:FUNCTION | --model-config DIR) [--device DEVICE] [--timeout SECONDS]\n"
+        "           [--poll SECONDS] [--export-prefix PREFIX] [--quiet]",
+        help="evaluate a background-evaluated run's snapshots as training writes them",
+        description=(
+            "The evaluator of a run trained with evaluation='background': training only snapshots into "
+            "RUN_DIR/buffer/, and this command, in another process (another core, GPU or machine that sees "
+            "RUN_DIR), evaluates every snapshot in step order -- raw, window average, ensemble, MTV and IS, "
+            "best model and export -- writing the same history, examples, best.json and export as an inline "
+            "run would. Use it to keep evaluation off the training path. It runs until training has ended "
+            "and every snapshot is evaluated (or --timeout); stopped or killed, rerunning it goes on from "
+            "the last step it finished (RUN_DIR/evaluator.json). One evaluator per run directory. The "
+            "window, ensemble, selection and other settings come from the training side (RUN_DIR/run.json)."
+        ),
+        epilog=(
+            "For Lightning and Hugging Face runs RUN_DIR is the 'stability' folder the callback writes. "
+            "--model must build the module that was trained (a LightningModule, say; --export-prefix names "
+            "the model inside it); --model-config fits runs whose trained module is the Hugging Face model "
+            "itself (the Hugging Face Trainer)."
+        ),
+    )
+    follow.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of a background-evaluated run")
+    add_task_arguments(
+        follow,
+        text_help="a held-out plain-text file (UTF-8): next-token accuracy on it, tokenized with --tokenizer "
+        "(or --model-config's tokenizer), is a task named after the file's stem; repeatable",
+        tokenizer_help="tokenizer directory for --text and lm-eval tasks (default: --model-config's, if "
+        "it holds one); also saved beside Hugging Face exports",
+    )
+    follow.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="a function returning the trained architecture as a torch.nn.Module (its weights are replaced)",
+    )
+    follow.add_argument(
+        "--model-config",
+        metavar="DIR",
+        help="instead of --model: a Hugging Face config directory (AutoModelForCausalLM.from_config)",
+    )
+    follow.add_argument("--device", default="cpu", help="device to evaluate on (default: cpu)")
+    follow.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this many seconds with no new snapshot (default: wait as long as training runs)",
+    )
+    follow.add_argument(
+        "--poll",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between looks at the buffer (default: 1)",
+    )
+    follow.add_argument(
+        "--export-prefix",
+        default="",
+        metavar="PREFIX",
+        help="state-dict prefix of the exported model inside the trained module, e.g. 'model.' "
+        "(default: all of it)",
+    )
+    follow.add_argument(
+        "--quiet", action="store_true", help="no line per snapshot: only the summary at the end"
+    )
     return parser
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, *, text_help: str, tokenizer_help: str) -> None:
+    """The options that say which tasks to run (``analyze`` and ``follow`` share them)."""
+    parser.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION",
+        help="a function returning a list of tasks, e.g. my_tasks:build (a module importable from the "
+        "current directory) or path/to/tasks.py:build; repeatable",
+    )
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=text_help,
+    )
+    parser.add_argument(
+        "--text-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the task name for a --text file instead of its stem; repeatable, one per --text, in order",
+    )
+    parser.add_argument(
+        "--text-block-size",
+        type=int,
+        metavar="N",
+        help=f"--text: tokens per sequence the text is cut into (default: {DEFAULT_TEXT_BLOCK_SIZE}, or the "
+        "model's context length if shorter; at most the context length)",
+    )
+    parser.add_argument(
+        "--text-max-tokens",
+        type=int,
+        default=DEFAULT_TEXT_MAX_TOKENS,
+        metavar="N",
+        help=f"--text: predicted tokens kept, the text's first (default: {DEFAULT_TEXT_MAX_TOKENS})",
+    )
+    parser.add_argument(
+        "--lm-eval", metavar="NAMES", help="comma-separated lm-evaluation-harness task names (needs lm-eval)"
+    )
+    parser.add_argument(
+        "--include-path", action="append", default=[], metavar="DIR", help="a directory of lm-eval task YAMLs"
+    )
+    parser.add_argument("--limit", type=float, help="lm-eval: first N documents (N < 1: a fraction)")
+    parser.add_argument("--num-fewshot", type=int, help="lm-eval: number of few-shot examples")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="lm-eval and --text: sequences per batch (default: 8)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help=tokenizer_help,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -243,7 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         RunDirectoryLocked,
     )
     try:
-        commands = {"report": _report, "average": _average, "analyze": _analyze, "best": _best}
+        commands = {
+            "report": _report,
+            "average": _average,
+            "analyze": _analyze,
+            "best": _best,
+            "follow": _follow,
+        }
         return commands[args.command](args)
     except user_errors as error:
         if args.debug:
@@ -251,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "; rerun the same command to resume" if args.command == "analyze" else ""
+        hint = "; rerun the same command to resume" if args.command in ("analyze", "follow") else ""
         print(f"{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
@@ -328,7 +410,7 @@ def _analyze(args) -> int:
     if args.text:
         tasks.extend(_text_tasks(args, series.checkpoints))
     if args.lm_eval:
-        tokenizer = _tokenizer(args, first)
+        tokenizer = _tokenizer(args, first.directory)
         tasks.extend(_lm_eval_tasks(args, tokenizer))
     result = analyze(
         series.checkpoints,
@@ -450,6 +532,150 @@ def _is_analysis(run_dir: Path) -> bool:
     return (run_dir / "analysis.json").exists() and not (run_dir / "run.json").exists()
 
 
+def _follow(args) -> int:
+    from checkpoint_stability.evaluator import BackgroundEvaluator
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CliError(f"{run_dir} is not a directory" if run_dir.exists() else f"no directory {run_dir}")
+    if args.timeout is not None and not args.timeout >= 0:  # `not >=`: NaN is refused too
+        raise CliError(f"--timeout must be a number of seconds >= 0, got {args.timeout}")
+    if not 0 < args.poll < float("inf"):
+        raise CliError(f"--poll must be a number of seconds > 0, got {args.poll}")
+    if args.model and args.model_config:
+        raise CliError("pass either --model MODULE:FUNCTION or --model-config DIR, not both")
+    if not args.model and not args.model_config:
+        raise CliError(
+            "no model: pass --model MODULE:FUNCTION (a function returning the trained architecture) or "
+            "--model-config DIR (a Hugging Face config directory); the snapshots' weights are loaded into it"
+        )
+    if not args.tasks and not args.lm_eval and not args.text:
+        raise CliError("no tasks: pass --tasks MODULE:FUNCTION, --lm-eval NAMES and/or --text FILE")
+    # Before building tasks and a model (an lm-eval download, a large model): is there anything to follow?
+    _check_background_run(run_dir)
+    if args.quiet:
+        logging.getLogger("checkpoint_stability").setLevel(logging.WARNING)
+    tasks = []
+    for spec in args.tasks:
+        tasks.extend(load_tasks(spec))
+    if args.text:
+        tasks.extend(_text_tasks(args, []))
+    if args.lm_eval:
+        tasks.extend(_lm_eval_tasks(args, _tokenizer(args, None)))
+    tokenizer_dir = args.tokenizer or args.model_config
+    processing_class = None  # saved beside Hugging Face exports; without it the monitor takes a task's
+    if tokenizer_dir and _has_tokenizer(Path(tokenizer_dir)):
+        processing_class = _load_tokenizer(Path(tokenizer_dir))
+    try:
+        evaluator = BackgroundEvaluator(
+            run_dir,
+            tasks,
+            _follow_model(args),  # built only once run.json is read and agreed with
+            console=not args.quiet,
+            export_prefix=args.export_prefix,
+            processing_class=processing_class,
+            poll_interval=args.poll,
+        )
+        result = evaluator.run(timeout=args.timeout)
+    except NotImplementedError as error:  # a sharded run: the evaluator says what to do instead
+        raise CliError(str(error)) from None
+    except (KeyError, ValueError) as error:
+        # state_dicts.write_into: the model built is not the architecture the snapshots are of.
+        message = str(error.args[0]) if error.args else ""
+        if not message.startswith(("snapshot has no tensor", "shape mismatch for")):
+            raise
+        flag = f"--model {args.model}" if args.model else f"--model-config {args.model_config}"
+        raise CliError(
+            f"{flag} builds a model the snapshots do not fit ({message}); it must build the module that "
+            "was trained"
+        ) from None
+    print(describe_follow(run_dir, result))
+    return 0
+
+
+def _check_background_run(run_dir: Path) -> None:
+    """Refuse, with what to do instead, a directory no ``evaluation="background"`` run wrote."""
+    from checkpoint_stability.evaluator import NotBackgroundRunError
+    from checkpoint_stability.run_directory import RUN_FILE, read_run_record
+
+    record = read_run_record(run_dir)
+    if record is not None and record.get("evaluation") == "background":
+        return
+    how = (
+        "start training with StabilityCallback(..., evaluation='background') or "
+        "StabilityMonitor(..., evaluation='background') and follow its run directory"
+    )
+    if record is not None:
+        raise NotBackgroundRunError(
+            f"{run_dir} is not a background-evaluated run: its {RUN_FILE} says it was evaluated inline, by "
+            f"the training process itself, so there is nothing to follow; {how}"
+        )
+    if (run_dir / "stability" / RUN_FILE).exists():
+        raise NotBackgroundRunError(
+            f"{run_dir} has no {RUN_FILE}; did you mean {run_dir / 'stability'}? (the callbacks' run "
+            "directory)"
+        )
+    raise NotBackgroundRunError(
+        f"{run_dir} is not a background-evaluated run directory (no readable {RUN_FILE}): {how}"
+    )
+
+
+def _follow_model(args):
+    """A function building the model the snapshots are loaded into, on ``--device``."""
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise CliError(f"--device {args.device}: {error}") from None
+    if args.model_config:
+        from checkpoint_stability.offline.analysis import huggingface_model_factory
+
+        return huggingface_model_factory(args.model_config, from_config=True, device=device)
+    spec = args.model
+    module_name, sep, function_name = spec.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise CliError(f"--model wants MODULE:FUNCTION (e.g. my_model:build), got {spec!r}")
+    function = getattr(_import(module_name, "--model"), function_name, None)
+    if not callable(function):
+        raise CliError(f"--model {spec}: {module_name} has no function {function_name!r}")
+
+    def build() -> torch.nn.Module:
+        model = function()
+        if not isinstance(model, torch.nn.Module):
+            raise CliError(
+                f"--model {spec}: {function_name}() returned {type(model).__name__}, not a torch.nn.Module"
+            )
+        try:
+            return model.to(device)
+        except (RuntimeError, AssertionError) as error:  # torch's "not compiled with CUDA" is an assert
+            raise CliError(f"--device {args.device}: {_one_line(error)}") from None
+
+    return build
+
+
+def describe_follow(run_dir: Path, result) -> str:
+    """The line ``checkpoint-stability follow`` ends with, for a :class:`FollowResult`."""
+    import statistics
+
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}" + ("" if n == 1 else "s")
+
+    evaluated = result.evaluated
+    line = f"followed {run_dir}: evaluated {count(len(evaluated), 'snapshot')}"
+    if len(evaluated) == 1:
+        line += f" (step {evaluated[0]})"
+    elif evaluated:
+        line += f" (steps {evaluated[0]}..{evaluated[-1]})"
+    line += f", skipped {count(len(result.skipped), 'dropped one')}"
+    if result.skipped:
+        line += f" (steps {_steps(result.skipped)})"
+    line += "; training closed" if result.closed else "; training not closed (rerun follow to go on)"
+    if result.lags:
+        line += f"; lag median {statistics.median(result.lags):.2f} s, max {max(result.lags):.2f} s"
+    return line
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -479,7 +705,7 @@ def load_tasks(spec: str) -> list:
     module_name, sep, function_name = spec.rpartition(":")
     if not sep or not module_name or not function_name:
         raise CliError(f"--tasks wants MODULE:FUNCTION (e.g. my_tasks:build), got {spec!r}")
-    module = _import(module_name)
+    module = _import(module_name, "--tasks")
     function = getattr(module, function_name, None)
     if not callable(function):
         raise CliError(f"--tasks {spec}: {module_name} has no function {function_name!r}")
@@ -494,14 +720,15 @@ def load_tasks(spec: str) -> list:
         raise CliError(f"--tasks {spec}: {error}") from None
 
 
-def _import(module_name: str):
+def _import(module_name: str, flag: str):
+    """The module a ``MODULE:FUNCTION`` spec of ``flag`` names (a dotted name or a .py path)."""
     if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
         path = Path(module_name)
         if not path.is_file():
-            raise CliError(f"--tasks: no file {path}")
+            raise CliError(f"{flag}: no file {path}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
-            raise CliError(f"--tasks: {path} cannot be imported as a Python module")
+            raise CliError(f"{flag}: {path} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -514,15 +741,17 @@ def _import(module_name: str):
         # module's own problem and keeps its traceback.
         if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
             raise CliError(
-                f"--tasks: cannot import {module_name!r} (searched the current directory and sys.path)"
+                f"{flag}: cannot import {module_name!r} (searched the current directory and sys.path)"
             ) from None
         raise
 
 
-def _tokenizer(args, first):
+def _tokenizer(args, first_directory: Path | None):
+    """The lm-eval tasks' tokenizer: --tokenizer, else the first checkpoint's (analyze), else
+    --model-config's."""
     candidates = [Path(args.tokenizer)] if args.tokenizer else []
     if not candidates:
-        candidates = [d for d in (first.directory, args.model_config) if d is not None]
+        candidates = [Path(d) for d in (first_directory, args.model_config) if d is not None]
     for directory in map(Path, candidates):
         if any((directory / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
@@ -530,7 +759,8 @@ def _tokenizer(args, first):
             return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if args.tokenizer:
         raise CliError(f"--tokenizer {args.tokenizer} holds no tokenizer files")
-    raise CliError("lm-eval tasks need a tokenizer: the first checkpoint has none; pass --tokenizer DIR")
+    where = "the first checkpoint has none" if first_directory is not None else "--model-config holds none"
+    raise CliError(f"lm-eval tasks need a tokenizer: {where}; pass --tokenizer DIR")
 
 
 def _text_tasks(args, checkpoints) -> list:
@@ -544,14 +774,17 @@ def _text_tasks(args, checkpoints) -> list:
         )
     if args.text_max_tokens < 1:
         raise CliError(f"--text-max-tokens must be at least 1, got {args.text_max_tokens}")
-    config_dir = Path(args.model_config) if args.model_config else checkpoints[0].directory
+    if args.model_config:
+        config_dir: Path | None = Path(args.model_config)
+    else:
+        config_dir = checkpoints[0].directory if checkpoints else None  # follow --model: no config
     context, vocab_size = _model_limits(config_dir)
     block_size = args.text_block_size
     if block_size is None:
         block_size = DEFAULT_TEXT_BLOCK_SIZE if context is None else min(DEFAULT_TEXT_BLOCK_SIZE, context)
     elif block_size < 2:
         raise CliError(f"--text-block-size must be at least 2 (one token to predict), got {block_size}")
-    elif context is not None and block_size > context:
+    elif context is not None and config_dir is not None and block_size > context:
         raise CliError(
             f"--text-block-size {block_size} is longer than the model's context ({context} tokens, from "
             f"{config_dir / 'config.json'}); use at most {context}"
@@ -599,13 +832,18 @@ def _text_tokenizers(args, checkpoints) -> list[tuple[str, object]]:
             sources.append((str(folder), folder))
         else:
             without.append(checkpoint)
-    if without and args.model_config and _has_tokenizer(Path(args.model_config)):
+    if (without or not checkpoints) and args.model_config and _has_tokenizer(Path(args.model_config)):
         sources.append((f"--model-config {args.model_config}", Path(args.model_config)))
     elif without and sources:
         logger.info(
             "%d checkpoint(s) without a tokenizer (e.g. %s) are evaluated on the tokens of the others'",
             len(without),
             without[0].path,
+        )
+    if not sources and not checkpoints:  # follow: no checkpoint directories to look in
+        raise CliError(
+            "--text needs a tokenizer: pass --tokenizer DIR (or a --model-config DIR that holds one: "
+            "tokenizer.json, tokenizer_config.json, ...)"
         )
     if not sources:
         raise CliError(

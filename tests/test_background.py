@@ -1,0 +1,277 @@
+"""Background evaluation: the training side only snapshots, an evaluator in another thread or process
+follows the run directory and writes what an inline run writes — compared line for line with one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_training import Net, classify_task, make_data, train
+
+from checkpoint_stability import StabilityMonitor
+from checkpoint_stability.evaluator import BackgroundEvaluator, NotBackgroundRunError
+from checkpoint_stability.evaluator_state import read_evaluator_state
+from checkpoint_stability.storage.run_lock import RunDirectoryLocked
+
+TESTS = Path(__file__).resolve().parent
+
+# An evaluator in its own process: run dir, tests dir, timeout; prints its FollowResult as JSON.
+CHILD = textwrap.dedent(
+    """
+    import dataclasses, json, os, sys, time
+    sys.path.insert(0, sys.argv[2])
+    from tiny_training import Net, classify_task, make_data
+    from checkpoint_stability.evaluator import BackgroundEvaluator
+    timeout = float(sys.argv[3])
+    while not os.path.exists(os.path.join(sys.argv[1], "run.json")):
+        time.sleep(0.01)
+    x, y = make_data(6)
+    task = classify_task(x, y)
+    evaluator = BackgroundEvaluator(sys.argv[1], [task], Net(), console=False, poll_interval=0.01)
+    print(json.dumps(dataclasses.asdict(evaluator.run(timeout=timeout))))
+    """
+)
+
+
+def lines(path: Path, drop=("time",)) -> list[dict]:
+    if not path.exists():
+        return []
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()
+    ]
+
+
+def inline_run(run_dir, x, y, steps=40, **settings):
+    monitor = StabilityMonitor(
+        [classify_task(x, y)], dirpath=run_dir, window=3, every_n_steps=5, console=False, **settings
+    )
+    train(steps, monitor)
+    monitor.close()
+    return monitor
+
+
+def background_training(run_dir, steps=40, **settings):
+    monitor = StabilityMonitor(
+        [], dirpath=run_dir, window=3, every_n_steps=5, console=False, evaluation="background", **settings
+    )
+    train(steps, monitor)
+    monitor.close()
+    return monitor
+
+
+def assert_same_results(inline: Path, background: Path) -> None:
+    for name in ("history.jsonl", "examples/cls.jsonl", "examples/cls.meta.json", "drift.jsonl"):
+        assert lines(inline / name) == lines(background / name), name
+    best = json.loads((inline / "best.json").read_text())
+    assert json.loads((background / "best.json").read_text()) == best
+    path = f"{best['path']}/model.safetensors"
+    with safe_open(inline / path, "pt") as left, safe_open(background / path, "pt") as right:
+        assert sorted(left.keys()) == sorted(right.keys())
+        assert all(torch.equal(left.get_tensor(k), right.get_tensor(k)) for k in left.keys())
+
+
+def test_the_training_side_only_snapshots_and_the_evaluator_writes_what_inline_writes(tmp_path, capsys):
+    x, y = make_data(3)
+    inline_run(tmp_path / "inline", x, y)
+    trainer = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path / "bg", window=3, every_n_steps=5, evaluation="background"
+    )
+    train(40, trainer)
+    trainer.close()
+    printed = capsys.readouterr().out
+    assert "this process only snapshots" in printed and "at most 6 snapshot files" in printed
+    # Nothing was evaluated in training: no history, and every snapshot waits in the buffer for the
+    # evaluator, which has not started (window 3 + max_pending 3: the 2 oldest were dropped).
+    assert not (tmp_path / "bg" / "history.jsonl").exists()
+    manifest = json.loads((tmp_path / "bg" / "buffer" / "manifest.json").read_text())
+    assert [e["step"] for e in manifest["pending"]] == [15, 20, 25]
+    assert [e["step"] for e in manifest["snapshots"]] == [30, 35, 40]
+    assert manifest["dropped"] == [5, 10]
+    run = json.loads((tmp_path / "bg" / "run.json").read_text())
+    assert run["evaluation"] == "background" and run["closed"] is True and run["last_step"] == 40
+
+
+def test_records_examples_drift_best_and_export_equal_an_inline_run(tmp_path):
+    x, y = make_data(3)
+    inline_run(tmp_path / "inline", x, y)
+    background_training(tmp_path / "bg", max_pending=10)
+    result = BackgroundEvaluator(tmp_path / "bg", [classify_task(x, y)], Net(), console=False).run(timeout=0)
+    assert result.evaluated == [5, 10, 15, 20, 25, 30, 35, 40] and result.skipped == [] and result.closed
+    assert_same_results(tmp_path / "inline", tmp_path / "bg")
+    state = read_evaluator_state(tmp_path / "bg")
+    assert (state.consumed, state.window, state.needed_from) == (40, [30, 35, 40], 30)
+
+
+def test_the_evaluator_follows_a_run_while_it_trains(tmp_path):
+    x, y = make_data(6)
+    inline_run(tmp_path / "inline", x, y)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    # Another process, as in use (an evaluator thread would share, and rewind, training's RNG). It
+    # starts before training does: it waits for run.json, then follows the snapshots as they come.
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "bg"), str(TESTS), "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    background_training(tmp_path / "bg", max_pending=10)
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["closed"] and result["evaluated"] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert len(result["lags"]) == 8 and all(lag >= 0 for lag in result["lags"])
+    assert_same_results(tmp_path / "inline", tmp_path / "bg")
+
+
+def test_a_second_evaluator_is_refused_naming_the_first(tmp_path):
+    background_training(tmp_path)
+    x, y = make_data(0)
+    first = StabilityMonitor(
+        [classify_task(x, y)], dirpath=tmp_path, window=3, every_n_steps=5, follower=True, console=False
+    )
+    first.open(resume_step=-1, model=Net())
+    try:
+        with pytest.raises(
+            RunDirectoryLocked, match=rf"already being evaluated by another evaluator \(pid {os.getpid()}"
+        ):
+            BackgroundEvaluator(tmp_path, [classify_task(x, y)], Net(), console=False).run(timeout=0)
+    finally:
+        first.abandon()
+
+
+def test_an_inline_run_directory_is_not_followed(tmp_path):
+    x, y = make_data(0)
+    inline_run(tmp_path, x, y, steps=10)
+    with pytest.raises(NotBackgroundRunError, match="evaluation='background'"):
+        BackgroundEvaluator(tmp_path, [classify_task(x, y)], Net())
+
+
+def test_a_lagging_evaluator_records_the_gap_and_averages_what_is_on_disk(tmp_path):
+    x, y = make_data(5)
+    background_training(tmp_path, max_pending=1)  # window 3 + 1 pending: steps 5..20 are dropped
+    result = BackgroundEvaluator(tmp_path, [classify_task(x, y)], Net(), console=False).run(timeout=0)
+    assert result.skipped == [5, 10, 15, 20] and result.evaluated == [25, 30, 35, 40]
+    errors = [line for line in lines(tmp_path / "history.jsonl") if "error" in line]
+    assert [(e["step"], e["phase"]) for e in errors] == [(s, "skipped") for s in (5, 10, 15, 20)]
+    assert all("max_pending=1" in e["error"] for e in errors)
+    records = [r for r in lines(tmp_path / "history.jsonl") if "error" not in r]
+    assert sorted({r["step"] for r in records}) == [25, 30, 35, 40]
+    # Its average is the float64 mean of the files of its window (the last 3 it evaluated).
+    avg = [r for r in records if r["variant"] == "avg" and r["task"] == "cls"]
+    assert [r["n_models"] for r in avg] == [1, 2, 3, 3]
+
+    # Its running average is the float64 mean of the files of its window: the drift from it at step 40,
+    # recomputed from the buffered files.
+    def flat(step):
+        with safe_open(tmp_path / "buffer" / f"step-{step:08d}.safetensors", "pt") as handle:
+            return torch.cat(
+                [
+                    handle.get_tensor(k).double().reshape(-1)
+                    for k in sorted(handle.keys())
+                    if handle.get_tensor(k).is_floating_point()
+                ]
+            )
+
+    now = flat(40)
+    mean = (flat(30) + flat(35) + now) / 3
+    drift = {line["step"]: line for line in lines(tmp_path / "drift.jsonl")}
+    assert drift[40]["n_models"] == 3
+    assert drift[40]["average"] == pytest.approx(float((now - mean).norm() / now.norm()), rel=1e-5)
+    assert drift[25]["previous"] is None  # nothing evaluated before it: no previous snapshot
+
+
+def test_an_evaluator_killed_at_random_moments_goes_on_without_a_duplicate_or_missing_record(tmp_path):
+    x, y = make_data(6)
+    background_training(tmp_path / "bg", steps=60, max_pending=20)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    rng = random.Random(0)
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "bg"), str(TESTS), "0"])
+        time.sleep(rng.uniform(0.5, 2.5))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "bg"), str(TESTS), "0"], timeout=300, check=False
+    )
+    assert done.returncode == 0
+    records = [r for r in lines(tmp_path / "bg" / "history.jsonl") if "error" not in r]
+    keys = [(r["step"], r["task"], r["variant"]) for r in records]
+    assert len(keys) == len(set(keys)), "a record was written twice"
+    assert sorted({r["step"] for r in records}) == list(range(5, 61, 5))
+    assert {(t, v) for _, t, v in keys} == {(t, v) for t in ("cls", "mean") for v in ("raw", "avg", "ens")}
+    examples = [(e["step"], e["variant"]) for e in lines(tmp_path / "bg" / "examples" / "cls.jsonl")]
+    assert len(examples) == len(set(examples)) == 36
+    # Raw results do not depend on the average, so they equal an inline run's whatever the kills did.
+    inline_run(tmp_path / "inline", x, y, steps=60)
+    raw = [r for r in records if r["variant"] == "raw"]
+    assert raw == [r for r in lines(tmp_path / "inline" / "history.jsonl") if r["variant"] == "raw"]
+
+
+def test_a_trainer_resumed_from_an_earlier_step_makes_the_evaluator_drop_what_came_after(tmp_path):
+    x, y = make_data(7)
+
+    def run(run_dir, **settings):
+        first = StabilityMonitor(
+            [classify_task(x, y)], dirpath=run_dir, window=3, every_n_steps=5, console=False, **settings
+        )
+        train(40, first)
+        first.close()
+        resumed = StabilityMonitor(
+            [classify_task(x, y)], dirpath=run_dir, window=3, every_n_steps=5, console=False, **settings
+        )
+        resumed.open(resume_step=20)
+        model = train(20, seed=1)  # another trajectory from step 20 on
+        for step in (25, 30, 35, 40):
+            resumed.on_snapshot(model, step)
+        resumed.close()
+
+    run(tmp_path / "inline")
+    bg = tmp_path / "bg"
+    first = StabilityMonitor(
+        [], dirpath=bg, window=3, every_n_steps=5, console=False, evaluation="background", max_pending=20
+    )
+    train(40, first)
+    first.close()
+    BackgroundEvaluator(bg, [classify_task(x, y)], Net(), console=False).run(timeout=0)
+    resumed = StabilityMonitor(
+        [], dirpath=bg, window=3, every_n_steps=5, console=False, evaluation="background", max_pending=20
+    )
+    resumed.open(resume_step=20)
+    model = train(20, seed=1)
+    for step in (25, 30, 35, 40):
+        resumed.on_snapshot(model, step)
+    resumed.close()
+    result = BackgroundEvaluator(bg, [classify_task(x, y)], Net(), console=False).run(timeout=0)
+    assert result.evaluated == [25, 30, 35, 40]
+    history = lines(bg / "history.jsonl")
+    keys = [(r["step"], r["task"], r["variant"]) for r in history]
+    assert len(keys) == len(set(keys)), "a record was written twice"
+    inline = lines(tmp_path / "inline" / "history.jsonl")
+    # What came before the resume is kept as it was, what came after is the new trajectory's: its raw
+    # records equal the inline run's (they do not depend on the average).
+    assert [r for r in history if r["step"] <= 20] == [r for r in inline if r["step"] <= 20]
+    assert [r for r in history if r["variant"] == "raw"] == [r for r in inline if r["variant"] == "raw"]
+    # The inline run had already deleted the files before step 30 when it resumed, so its average
+    # restarted from one model; the evaluator's were still on disk (it had not consumed them when
+    # training went on), so its average at step 25 holds the window 15, 20, 25 as if nothing happened.
+    avg = {r["step"]: r["n_models"] for r in history if r["variant"] == "avg" and r["task"] == "cls"}
+    assert [avg[s] for s in (25, 30, 35, 40)] == [3, 3, 3, 3]
+    assert [
+        r["n_models"] for r in inline if r["variant"] == "avg" and r["task"] == "cls" and r["step"] > 20
+    ] == [
+        1,
+        2,
+        3,
+        3,
+    ]
