@@ -69,7 +69,7 @@ test-min: $(STAMP_MIN)
 
 # The long reliability runs (10,000 snapshots, 24 kill -9 trials): about a quarter of an hour.
 soak: install
-	$(BIN)/pytest -m soak -s -p no:cacheprovider tests/test_soak.py tests/test_crash.py
+	$(BIN)/pytest -m soak -s -p no:cacheprovider tests/test_soak.py tests/test_crash.py tests/test_background.py
 
 demo: install
 	$(BIN)/python examples/pretrain_tiny_gpt.py

@@ -25,7 +25,8 @@ from checkpoint_stability.storage.run_lock import RunDirectoryLocked
 
 TESTS = Path(__file__).resolve().parent
 
-# An evaluator in its own process: run dir, tests dir, timeout; prints its FollowResult as JSON.
+# An evaluator in its own process: run dir, tests dir, timeout[, seconds per evaluation]; prints its
+# FollowResult as JSON.
 CHILD = textwrap.dedent(
     """
     import dataclasses, json, os, sys, time
@@ -37,6 +38,9 @@ CHILD = textwrap.dedent(
         time.sleep(0.01)
     x, y = make_data(6)
     task = classify_task(x, y)
+    if len(sys.argv) > 4:  # seconds each evaluation takes, so that a kill can land mid-run
+        evaluate, delay = task.evaluate, float(sys.argv[4])
+        task.evaluate = lambda model: (time.sleep(delay), evaluate(model))[1]
     evaluator = BackgroundEvaluator(sys.argv[1], [task], Net(), console=False, poll_interval=0.01)
     print(json.dumps(dataclasses.asdict(evaluator.run(timeout=timeout))))
     """
@@ -190,21 +194,33 @@ def test_a_lagging_evaluator_records_the_gap_and_averages_what_is_on_disk(tmp_pa
     assert drift[25]["previous"] is None  # nothing evaluated before it: no previous snapshot
 
 
-def test_an_evaluator_killed_at_random_moments_goes_on_without_a_duplicate_or_missing_record(tmp_path):
+def kill_and_restart(tmp_path, trials: int, seed: int) -> None:
+    """Kill the evaluator ``trials`` times at random moments (seeded), restart it to the end, and check
+    that every step has its records exactly once."""
     x, y = make_data(6)
     background_training(tmp_path / "bg", steps=60, max_pending=20)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    rng = random.Random(0)
-    for _ in range(3):
-        child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "bg"), str(TESTS), "0"])
-        time.sleep(rng.uniform(0.5, 2.5))
+    rng = random.Random(seed)
+    reached: list[int | None] = []  # the last acknowledged step at each kill
+    for _ in range(trials):
+        before = read_evaluator_state(tmp_path / "bg")
+        child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "bg"), str(TESTS), "0", "0.1"])
+        # Once it has made progress (whatever the load), at a random moment of the next snapshot's work.
+        while child.poll() is None and read_evaluator_state(tmp_path / "bg") == before:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
         child.send_signal(signal.SIGKILL)
         child.wait()
+        state = read_evaluator_state(tmp_path / "bg")
+        reached.append(None if state is None else state.consumed)
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "bg"), str(TESTS), "0"], timeout=300, check=False
     )
     assert done.returncode == 0
+    print(f"kill -9 of the evaluator: acknowledged step at each kill {reached}")
+    # The kills landed mid-run, not only before or after the work (else this would test nothing).
+    assert any(step is not None and step < 60 for step in reached), reached
     records = [r for r in lines(tmp_path / "bg" / "history.jsonl") if "error" not in r]
     keys = [(r["step"], r["task"], r["variant"]) for r in records]
     assert len(keys) == len(set(keys)), "a record was written twice"
@@ -216,6 +232,15 @@ def test_an_evaluator_killed_at_random_moments_goes_on_without_a_duplicate_or_mi
     inline_run(tmp_path / "inline", x, y, steps=60)
     raw = [r for r in records if r["variant"] == "raw"]
     assert raw == [r for r in lines(tmp_path / "inline" / "history.jsonl") if r["variant"] == "raw"]
+
+
+def test_an_evaluator_killed_at_random_moments_goes_on_without_a_duplicate_or_missing_record(tmp_path):
+    kill_and_restart(tmp_path, trials=3, seed=0)
+
+
+@pytest.mark.soak
+def test_soak_an_evaluator_killed_twelve_times(tmp_path):
+    kill_and_restart(tmp_path, trials=12, seed=1)
 
 
 def test_a_trainer_resumed_from_an_earlier_step_makes_the_evaluator_drop_what_came_after(tmp_path):
