@@ -3,7 +3,8 @@
 Errors a user can fix (a missing or mismatched checkpoint, a bad option, a run directory that holds
 another analysis) are one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 Anything else (a bug in a task, say) keeps its traceback. ``best`` exits 1 when the run has no best
-model yet, so a script can tell "not yet" from a mistake.
+model yet, so a script can tell "not yet" from a mistake. ``follow`` exits 0 when it stops, whether
+training had ended or ``--timeout`` passed; its last line says which.
 """
 
 from __future__ import annotations
@@ -533,8 +534,6 @@ def _is_analysis(run_dir: Path) -> bool:
 
 
 def _follow(args) -> int:
-    from checkpoint_stability.evaluator import BackgroundEvaluator
-
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CliError(f"{run_dir} is not a directory" if run_dir.exists() else f"no directory {run_dir}")
@@ -553,8 +552,22 @@ def _follow(args) -> int:
         raise CliError("no tasks: pass --tasks MODULE:FUNCTION, --lm-eval NAMES and/or --text FILE")
     # Before building tasks and a model (an lm-eval download, a large model): is there anything to follow?
     _check_background_run(run_dir)
-    if args.quiet:
-        logging.getLogger("checkpoint_stability").setLevel(logging.WARNING)
+    library = logging.getLogger("checkpoint_stability")
+    level = library.level
+    if args.quiet:  # warnings still show; the notes (the report written, ...) do not
+        library.setLevel(logging.WARNING)
+    try:
+        result = _run_evaluator(args, run_dir)
+    finally:
+        library.setLevel(level)  # main() may be called again in this process (tests, notebooks)
+    print(describe_follow(run_dir, result))
+    return 0
+
+
+def _run_evaluator(args, run_dir: Path):
+    """Build the tasks and the model, then follow ``run_dir`` until it is done (or ``--timeout``)."""
+    from checkpoint_stability.evaluator import BackgroundEvaluator
+
     tasks = []
     for spec in args.tasks:
         tasks.extend(load_tasks(spec))
@@ -576,7 +589,7 @@ def _follow(args) -> int:
             processing_class=processing_class,
             poll_interval=args.poll,
         )
-        result = evaluator.run(timeout=args.timeout)
+        return evaluator.run(timeout=args.timeout)
     except NotImplementedError as error:  # a sharded run: the evaluator says what to do instead
         raise CliError(str(error)) from None
     except (KeyError, ValueError) as error:
@@ -589,8 +602,6 @@ def _follow(args) -> int:
             f"{flag} builds a model the snapshots do not fit ({message}); it must build the module that "
             "was trained"
         ) from None
-    print(describe_follow(run_dir, result))
-    return 0
 
 
 def _check_background_run(run_dir: Path) -> None:
