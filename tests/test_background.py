@@ -300,3 +300,21 @@ def test_a_trainer_resumed_from_an_earlier_step_makes_the_evaluator_drop_what_ca
         3,
         3,
     ]
+
+
+def test_a_trainer_that_died_leaves_the_run_not_closed_and_the_evaluator_finishes_what_is_on_disk(tmp_path):
+    x, y = make_data(8)
+    trainer = StabilityMonitor(
+        [],
+        dirpath=tmp_path,
+        window=3,
+        every_n_steps=5,
+        console=False,
+        evaluation="background",
+        max_pending=10,
+    )
+    train(20, trainer)
+    trainer.abandon()  # as a crash leaves it: the lock let go, run.json not closed
+    assert json.loads((tmp_path / "run.json").read_text())["closed"] is False
+    result = BackgroundEvaluator(tmp_path, [classify_task(x, y)], Net(), console=False).run()  # no timeout
+    assert result.evaluated == [5, 10, 15, 20] and result.closed is False
