@@ -54,6 +54,10 @@ class NotBackgroundRunError(ValueError):
     """The run directory was not written by a run with ``evaluation="background"``."""
 
 
+class ModelMismatchError(ValueError):
+    """The evaluator's model is not the architecture the snapshots were taken of."""
+
+
 @dataclass(frozen=True)
 class FollowResult:
     """What one :meth:`BackgroundEvaluator.run` did."""
@@ -213,8 +217,15 @@ class BackgroundEvaluator:
             monitor.faults.report("snapshot", error, step=entry.step)
             return
         live = live_tensors(self.model)
-        with torch.no_grad():
-            write_into(live, captured)
+        try:
+            with torch.no_grad():
+                write_into(live, captured)
+        except (KeyError, ValueError, RuntimeError) as error:
+            detail = error.args[0] if error.args else error
+            raise ModelMismatchError(
+                f"the snapshot of step {entry.step} ({followed.directory / entry.file}) does not fit the "
+                f"evaluator's model: {detail}; the model must be the module that was trained"
+            ) from error
         # In the model's order, as an inline snapshot is: the average's rolling exact re-sum walks its
         # tensors in the order it first saw them, so another order would round other slices first.
         ordered = {name: captured.tensors[name] for name in live if name in captured.tensors}
@@ -298,4 +309,4 @@ def follow(
     return BackgroundEvaluator(run_dir, tasks, model, **options).run(timeout=timeout)
 
 
-__all__ = ["BackgroundEvaluator", "FollowResult", "NotBackgroundRunError", "follow"]
+__all__ = ["BackgroundEvaluator", "FollowResult", "ModelMismatchError", "NotBackgroundRunError", "follow"]

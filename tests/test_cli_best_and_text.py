@@ -78,7 +78,8 @@ def test_best_prints_what_best_json_says(run_dir, capsys):
     best = json.loads((run_dir / "best.json").read_text())
     assert main(["best", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    lines = dict(line.split(":", 1) for line in out.strip().splitlines())
+    # "key: value" lines; the evidence block below them is indented.
+    lines = dict(line.split(":", 1) for line in out.strip().splitlines() if ":" in line and line[0] != " ")
     assert lines["step"].strip() == str(best["step"])
     assert lines["variant"].split()[0] == best["variant"] == "avg"
     assert lines["steps"].strip() == ", ".join(map(str, best["steps"]))

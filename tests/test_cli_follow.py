@@ -293,7 +293,7 @@ def test_follow_wants_exactly_one_of_model_and_model_config(tmp_path, follow_mod
         ("no_such_module:model", "--model: cannot import 'no_such_module'"),
         ("follow_tasks", "--model wants MODULE:FUNCTION"),
         ("follow_tasks:not_a_model", "not_a_model() returned str, not a torch.nn.Module"),
-        ("follow_tasks:wrong_model", "builds a model the snapshots do not fit (snapshot has no tensor for"),
+        ("follow_tasks:wrong_model", "builds a model the snapshots do not fit: the snapshot of step 5"),
     ],
 )
 def test_follow_names_a_bad_model(tmp_path, follow_module, model, message, capsys):

@@ -566,7 +566,7 @@ def _follow(args) -> int:
 
 def _run_evaluator(args, run_dir: Path):
     """Build the tasks and the model, then follow ``run_dir`` until it is done (or ``--timeout``)."""
-    from checkpoint_stability.evaluator import BackgroundEvaluator
+    from checkpoint_stability.evaluator import BackgroundEvaluator, ModelMismatchError
 
     tasks = []
     for spec in args.tasks:
@@ -592,16 +592,9 @@ def _run_evaluator(args, run_dir: Path):
         return evaluator.run(timeout=args.timeout)
     except NotImplementedError as error:  # a sharded run: the evaluator says what to do instead
         raise CliError(str(error)) from None
-    except (KeyError, ValueError) as error:
-        # state_dicts.write_into: the model built is not the architecture the snapshots are of.
-        message = str(error.args[0]) if error.args else ""
-        if not message.startswith(("snapshot has no tensor", "shape mismatch for")):
-            raise
+    except ModelMismatchError as error:
         flag = f"--model {args.model}" if args.model else f"--model-config {args.model_config}"
-        raise CliError(
-            f"{flag} builds a model the snapshots do not fit ({message}); it must build the module that "
-            "was trained"
-        ) from None
+        raise CliError(f"{flag} builds a model the snapshots do not fit: {error}") from None
 
 
 def _check_background_run(run_dir: Path) -> None:
