@@ -136,9 +136,8 @@ def main() -> None:
             f"best model (chosen by the evaluator): step {best['step']}, {best['variant']} of steps "
             f"{best['steps'][0]}-{best['steps'][-1]}, exported to {best_model_path(run_dir)}"
         )
-    print(
-        f"report: {run_dir / 'report' / 'report.md'}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
-    )
+    print(f"report: {run_dir / 'report' / 'report.md'}")
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
 
 
 if __name__ == "__main__":
