@@ -318,3 +318,19 @@ def test_a_trainer_that_died_leaves_the_run_not_closed_and_the_evaluator_finishe
     assert json.loads((tmp_path / "run.json").read_text())["closed"] is False
     result = BackgroundEvaluator(tmp_path, [classify_task(x, y)], Net(), console=False).run()  # no timeout
     assert result.evaluated == [5, 10, 15, 20] and result.closed is False
+
+
+def test_a_corrupt_snapshot_file_is_skipped_with_an_error_line_as_inline(tmp_path):
+    x, y = make_data(9)
+    background_training(tmp_path, max_pending=10)
+    path = tmp_path / "buffer" / "step-00000015.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor: the checksum no longer matches
+    path.write_bytes(bytes(data))
+    result = BackgroundEvaluator(tmp_path, [classify_task(x, y)], Net(), console=False).run(timeout=0)
+    assert result.evaluated == [5, 10, 15, 20, 25, 30, 35, 40]  # consumed, 15 without records
+    history = lines(tmp_path / "history.jsonl")
+    errors = [e for e in history if "error" in e]
+    assert [(e["step"], e["phase"]) for e in errors] == [(15, "snapshot")]
+    assert "sha256 does not match" in errors[0]["error"]
+    assert sorted({r["step"] for r in history if "error" not in r}) == [5, 10, 20, 25, 30, 35, 40]
