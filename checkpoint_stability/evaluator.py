@@ -50,6 +50,11 @@ from checkpoint_stability.tasks.base import Task
 logger = logging.getLogger(__name__)
 
 
+TRAINER_GRACE_SECONDS = 5.0
+"""How long the training process must stay gone (its lock let go, or its process dead on this host)
+before the evaluator stops: a trainer that crashes and is restarted at once is followed on."""
+
+
 class NotBackgroundRunError(ValueError):
     """The run directory was not written by a run with ``evaluation="background"``."""
 
@@ -150,6 +155,7 @@ class BackgroundEvaluator:
         generation = record.get("generation", 0)
         idle_since = time.monotonic()
         finished = False
+        gone_since: float | None = None  # when the training process was first seen gone
         try:
             while True:
                 record = read_run_record(self.run_dir) or {}
@@ -161,9 +167,8 @@ class BackgroundEvaluator:
                             "training resumed from step %d: dropping what was evaluated after it", resumed
                         )
                         consumed = resumed if resumed >= 0 else None
-                        monitor.follow_steps = self._window_at(
-                            EvaluatorState(consumed, monitor.window.steps), consumed
-                        )
+                        # Its window at that step: the snapshots up to it still on disk.
+                        monitor.follow_steps = self._window_at(EvaluatorState(), consumed)
                         monitor.resume(resumed)
                 followed = monitor.window.files
                 assert isinstance(followed, FollowedBuffer)
@@ -187,7 +192,11 @@ class BackgroundEvaluator:
                 if record.get("closed"):
                     finished = True
                     return FollowResult(evaluated, skipped, True, lags)
-                if not self._trainer_alive():
+                if self._trainer_alive():
+                    gone_since = None
+                elif gone_since is None:
+                    gone_since = time.monotonic()
+                if gone_since is not None and time.monotonic() - gone_since >= TRAINER_GRACE_SECONDS:
                     logger.warning(
                         "the training process of %s is gone and the run is not closed: everything buffered "
                         "is evaluated; stopping",

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from tiny_training import Net, classify_task, make_data, train
 
-from checkpoint_stability import StabilityMonitor
+from checkpoint_stability import FunctionTask, StabilityMonitor
 from checkpoint_stability.evaluator import BackgroundEvaluator, NotBackgroundRunError
 from checkpoint_stability.evaluator_state import read_evaluator_state
 from checkpoint_stability.storage.run_lock import RunDirectoryLocked
@@ -334,3 +334,56 @@ def test_a_corrupt_snapshot_file_is_skipped_with_an_error_line_as_inline(tmp_pat
     assert [(e["step"], e["phase"]) for e in errors] == [(15, "snapshot")]
     assert "sha256 does not match" in errors[0]["error"]
     assert sorted({r["step"] for r in history if "error" not in r}) == [5, 10, 20, 25, 30, 35, 40]
+
+
+def test_an_evaluator_following_live_drops_what_came_after_a_trainer_resume(tmp_path):
+    """The trainer crashes and resumes from an earlier step while the evaluator follows it (in a thread:
+    training here draws no random numbers, so sharing the process cannot change it)."""
+    import threading
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    task = FunctionTask("cls", lambda m: m(x).argmax(-1).tolist(), targets=y.tolist(), kind="multiple_choice")
+
+    def trained(model, steps, start=0, lr=0.1):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for step in range(start + 1, start + steps + 1):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            yield step
+
+    settings = dict(window=3, every_n_steps=5, console=False, evaluation="background", max_pending=20)
+    model = torch.nn.Linear(6, 4)
+    first = StabilityMonitor([], dirpath=tmp_path, **settings)
+    results = []
+    for step in trained(model, 20):
+        first.step(model, step)
+    follower = BackgroundEvaluator(tmp_path, [task], torch.nn.Linear(6, 4), console=False, poll_interval=0.01)
+    at_20 = {k: v.clone() for k, v in model.state_dict().items()}
+    thread = threading.Thread(target=lambda: results.append(follower.run(timeout=30)))
+    thread.start()
+    for step in trained(model, 20, start=20):
+        first.step(model, step)
+    while getattr(read_evaluator_state(tmp_path), "consumed", None) != 40:
+        time.sleep(0.01)
+    first.abandon()  # a crash at step 40; the trainer comes back at once from its step-20 checkpoint
+    resumed = StabilityMonitor([], dirpath=tmp_path, **settings)
+    resumed.open(resume_step=20)
+    model.load_state_dict(at_20)
+    for step in trained(model, 20, start=20, lr=0.05):  # another trajectory after the resume
+        resumed.step(model, step)
+    resumed.close()
+    thread.join(timeout=120)
+    assert results and results[0].closed
+    assert results[0].evaluated == [5, 10, 15, 20, 25, 30, 35, 40, 25, 30, 35, 40]
+    history = lines(tmp_path / "history.jsonl")
+    keys = [(r["step"], r["task"], r["variant"]) for r in history]
+    assert len(keys) == len(set(keys)), "a record was written twice"
+    assert sorted({r["step"] for r in history}) == [5, 10, 15, 20, 25, 30, 35, 40]
+    # The records after step 20 are the second trajectory's: its raw step-40 score, computed here.
+    with torch.no_grad():
+        expected = (model(x).argmax(-1) == y).double().mean().item()
+    raw_40 = next(r for r in history if (r["step"], r["task"], r["variant"]) == (40, "cls", "raw"))
+    assert raw_40["score"] == pytest.approx(expected, abs=1e-12)
