@@ -277,6 +277,9 @@ class SnapshotBuffer:
         self.retain = retain
         self.max_pending = require_int("max_pending", max_pending, 0)
         self._retained: list[SnapshotEntry] = []
+        self.layout: dict | None = None
+        """How this rank's tensors make up the full ones (``state_dicts.shard_layout``), for a background
+        evaluator that assembles them; written into the manifest when set."""
         # Steps dropped before an evaluator consumed them (newest last, bounded), for it to record.
         self._dropped: list[int] = []
         self._lock = threading.Lock()
@@ -530,6 +533,8 @@ class SnapshotBuffer:
             kept = self._retained if retained is None else retained
             manifest["pending"] = [e.to_json() for e in kept]
             manifest["dropped"] = list(self._dropped)
+        if self.layout is not None:
+            manifest["layout"] = self.layout
         atomic_write_bytes(
             self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), inside=self.directory
         )
@@ -665,6 +670,15 @@ def verify_snapshot(directory: Path, entry: SnapshotEntry) -> None:
         )
     if digest.hexdigest() != entry.sha256:
         raise CorruptSnapshotError(entry.step, f"{path}: sha256 does not match the manifest")
+
+
+def read_layout(directory: str | os.PathLike) -> dict | None:
+    """The shard layout a sharded run's rank manifest records (``SnapshotBuffer.layout``), or None."""
+    try:
+        layout = read_json_object(Path(directory) / MANIFEST).get("layout")
+    except (OSError, ValueError):
+        return None
+    return layout if isinstance(layout, dict) and isinstance(layout.get("tensors"), dict) else None
 
 
 def read_manifest(directory: str | os.PathLike) -> tuple[list[SnapshotEntry], list[int]]:

@@ -111,11 +111,15 @@ class BackgroundEvaluator:
                 "StabilityCallback(..., evaluation='background') or StabilityMonitor(..., "
                 "evaluation='background'), then follow its run directory)"
             )
+        self.shards = 0
         if record.get("sharded"):
-            raise NotImplementedError(
-                f"{self.run_dir} holds sharded snapshots (buffer/rank-R/): following a sharded run is not "
-                "supported yet; use evaluation='inline' for FSDP2 runs"
-            )
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise NotImplementedError(
+                    f"{self.run_dir} holds sharded snapshots: an evaluator under torch.distributed (each "
+                    "rank following its own shards) is not supported yet; run the evaluator as one "
+                    "process, which puts the full tensors together from every rank's files"
+                )
+            self.shards = int(record.get("world_size") or 1)
         settings = {k: v for k, v in record["config"].items() if k in StabilityConfig.field_names()}
         settings.pop("resum_every", None)
         settings["dirpath"] = str(self.run_dir)
@@ -147,6 +151,7 @@ class BackgroundEvaluator:
             follower=True,
         )
         monitor.follow_steps = self._window_at(state, consumed)
+        monitor.follow_shards = self.shards
         # Nothing acknowledged yet: drop whatever an evaluator killed before its first ack wrote.
         monitor.open(resume_step=consumed if consumed is not None else -1, model=self.model)
         evaluated: list[int] = []

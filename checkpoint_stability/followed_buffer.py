@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -34,10 +34,11 @@ from checkpoint_stability.buffer import (
     LazySnapshot,
     SnapshotEntry,
     WindowListener,
+    read_layout,
     read_manifest,
     verify_snapshot,
 )
-from checkpoint_stability.state_dicts import CapturedState
+from checkpoint_stability.state_dicts import CapturedState, assemble_shards
 from checkpoint_stability.validation import require_int
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,14 @@ class FollowedBuffer:
         *,
         listener: WindowListener | None = None,
         steps: list[int] = (),  # type: ignore[assignment]  # a default nobody mutates
+        shards: Sequence[str | os.PathLike] = (),
     ):
-        """``steps``: the window the evaluator had when it stopped (``evaluator.json``), to go on from."""
+        """``steps``: the window the evaluator had when it stopped (``evaluator.json``), to go on from.
+        ``shards``: a sharded run's rank directories, in rank order (``directory`` is rank 0's): each
+        snapshot is then the full tensors put together from every rank's file, as their manifests'
+        ``layout`` says."""
         self.directory = Path(directory)
+        self.shards = [Path(shard) for shard in shards]
         self.window = require_int("window", window, 1)
         self.listener = listener
         self._entries: list[SnapshotEntry] = []
@@ -86,9 +92,29 @@ class FollowedBuffer:
         return fresh, gaps
 
     def load(self, entry: SnapshotEntry) -> CapturedState:
-        """One snapshot file's tensors, verified against the trainer's checksum first."""
+        """One snapshot file's tensors, verified against the trainer's checksum first (every rank's
+        file, put together, for a sharded run)."""
+        if self.shards:
+            return CapturedState(self._assembled(entry, verify=True), dict(entry.aliases))
         verify_snapshot(self.directory, entry)
         return CapturedState(load_file(str(self.directory / entry.file)), dict(entry.aliases))
+
+    def _assembled(self, entry: SnapshotEntry, *, verify: bool) -> dict[str, torch.Tensor]:
+        pieces = []
+        layout = None
+        for directory in self.shards:
+            mine = next((e for e in read_manifest(directory)[0] if e.step == entry.step), None)
+            if mine is None:
+                raise CorruptSnapshotError(entry.step, f"step {entry.step} is missing from {directory}")
+            if verify:
+                verify_snapshot(directory, mine)
+            pieces.append(load_file(str(directory / mine.file)))
+            layout = layout or read_layout(directory)
+        if layout is None:
+            raise CorruptSnapshotError(
+                entry.step, f"{self.directory} records no shard layout: this run cannot be put together"
+            )
+        return assemble_shards(pieces, layout)
 
     def stage(self, step: int, captured: CapturedState) -> None:
         """The tensors the next ``push(step, ...)`` admits (the file's, as stored)."""
@@ -139,14 +165,16 @@ class FollowedBuffer:
             logger.warning("leaving step %d out of the evaluator's window: %s", step, reason)
             self._entries = [entry for entry in self._entries if entry.step != step]
 
-    def open_lazy(self, step: int) -> LazySnapshot:
+    def open_lazy(self, step: int) -> Mapping[str, torch.Tensor]:
         entry = next((e for e in self._entries if e.step == step), None)
         if entry is None:
             raise KeyError(f"no snapshot at step {step} in the evaluator's window {self.steps}")
+        if self.shards:
+            return CapturedState(self._assembled(entry, verify=True), dict(entry.aliases))
         verify_snapshot(self.directory, entry)
         return LazySnapshot(self.directory / entry.file, entry.aliases)
 
-    def window_sources(self) -> list[LazySnapshot]:
+    def window_sources(self) -> list[Mapping[str, torch.Tensor]]:
         """Verified readers of the window's files; a corrupt or vanished one leaves the window."""
         sources = []
         for entry in list(self._entries):
@@ -159,6 +187,9 @@ class FollowedBuffer:
     # ------------------------------------------------------------------ internals
 
     def _loader(self, entry: SnapshotEntry) -> Callable[[], Mapping[str, torch.Tensor]]:
+        if self.shards:
+            return lambda: self._assembled(entry, verify=True)
+
         def load() -> Mapping[str, torch.Tensor]:
             verify_snapshot(self.directory, entry)
             return LazySnapshot(self.directory / entry.file, entry.aliases)
@@ -171,6 +202,8 @@ class FollowedBuffer:
         for entry in keep:
             if entry.step == newest:
                 sources.append(captured)
+            elif self.shards:
+                sources.append(self._assembled(entry, verify=False))
             else:
                 # Verified when it was admitted; the rolling re-sum reads slices of it (as inline).
                 sources.append(LazySnapshot(self.directory / entry.file, entry.aliases))

@@ -41,6 +41,7 @@ from checkpoint_stability.state_dicts import (
     is_sharded,
     live_tensors,
     parameter_names,
+    shard_layout,
 )
 from checkpoint_stability.storage.export import ModelExporter
 from checkpoint_stability.tasks.base import Task, TaskResult
@@ -129,6 +130,8 @@ class StabilityMonitor:
         self.tasks: list[Task] = self.check_tasks(tasks, config)
         self.follow_steps: list[int] = []
         """Evaluator: its window's steps when it (re)opens (``evaluator.json``)."""
+        self.follow_shards = 0
+        """Evaluator of a sharded run in one process: how many rank directories to put together."""
         self._runtime = runtime
         self._extra_sinks = list(sinks)
         self._tensorboard_writer = tensorboard_writer
@@ -420,6 +423,11 @@ class StabilityMonitor:
             # Once per model, not per snapshot: a second state_dict walk on the training thread.
             self.window.parameter_names = parameter_names(model)
         self._model = weakref.ref(model)
+        if self.role == "trainer" and self._sharded and self.window.buffer is not None:
+            buffer = self.window.buffer
+            if isinstance(buffer, SnapshotBuffer) and buffer.layout is None:
+                # Once: how this rank's shards make up the full tensors, for an evaluator to put together.
+                buffer.layout = shard_layout(model)
         captured = self.window.push(step, live) if self._owns_buffer else None
         self._last_step = step
         self.series.snapshots_taken += 1
@@ -578,6 +586,10 @@ class StabilityMonitor:
             record = read_run_record(run) or {}
             generation = record.get("generation") if isinstance(record.get("generation"), int) else None
             self.window.open(directory, resume_step, retain=lambda: needed_from(run, generation))
+        elif self.role == "evaluator" and self.follow_shards:
+            # A sharded run followed by one process: rank 0's directory leads, every rank's is read.
+            shards = [directory / f"rank-{rank}" for rank in range(self.follow_shards)]
+            self.window.open(shards[0], resume_step, follow=self.follow_steps, shards=shards)
         elif self.role == "evaluator":
             self.window.open(directory, resume_step, follow=self.follow_steps)
         else:

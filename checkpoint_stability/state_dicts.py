@@ -7,7 +7,7 @@ shared storage, and averaging a tied tensor twice would be wasted work.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +79,63 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether any state-dict tensor of ``model`` is a DTensor (sharded across ranks)."""
     return any(hasattr(value, "to_local") for value in model.state_dict(keep_vars=True).values())
+
+
+def shard_layout(model: torch.nn.Module) -> dict:
+    """How this rank's local tensors make up the full ones: ``{"ranks", "rank", "tensors": {name:
+    {"shape": global shape, "dim": the dimension split across ranks, or None for a full copy}}}``.
+
+    Written into each rank's buffer manifest so that a process without the process group (a background
+    evaluator) can put full tensors back together. Only what FSDP2 makes is described: a 1-D device mesh
+    whose tensors are split along one dimension (``Shard(d)``, chunks in rank order as ``torch.chunk``
+    cuts them) or replicated; anything else raises ``ValueError`` naming the tensor.
+    """
+    ranks, rank = 1, 0
+    tensors: dict[str, dict] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not hasattr(value, "to_local"):
+            tensors[name] = {"shape": list(value.shape), "dim": None}
+            continue
+        mesh, placements = value.device_mesh, value.placements  # a DTensor's
+        if mesh.ndim != 1 or len(placements) != 1:
+            raise ValueError(
+                f"{name!r} is spread over a {mesh.ndim}-D device mesh; only 1-D meshes are described"
+            )
+        placement = placements[0]
+        if placement.is_shard():
+            dim = placement.dim  # type: ignore[union-attr]  # a Shard placement has one
+        elif placement.is_replicate():
+            dim = None
+        else:
+            raise ValueError(f"{name!r} has placement {placement}; only Shard(d) and Replicate are described")
+        ranks, rank = mesh.size(), mesh.get_local_rank()
+        tensors[name] = {"shape": list(value.shape), "dim": dim}
+    return {"ranks": ranks, "rank": rank, "tensors": tensors}
+
+
+def assemble_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mapping) -> dict[str, torch.Tensor]:
+    """Full tensors from the ranks' local tensors (``shards`` in rank order), as ``shard_layout`` says.
+
+    >>> layout = {"tensors": {"w": {"shape": [3, 2], "dim": 0}, "b": {"shape": [2], "dim": None}}}
+    >>> full = assemble_shards([{"w": torch.zeros(2, 2), "b": torch.ones(2)},
+    ...                         {"w": torch.ones(1, 2), "b": torch.ones(2)}], layout)
+    >>> full["w"].tolist(), full["b"].tolist()
+    ([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]], [1.0, 1.0])
+    """
+    full = {}
+    for name, spec in layout["tensors"].items():
+        if spec["dim"] is None:
+            full[name] = shards[0][name]
+        else:
+            full[name] = torch.cat([shard[name] for shard in shards], dim=int(spec["dim"]))
+        if list(full[name].shape) != list(spec["shape"]):
+            raise ValueError(
+                f"{name!r}: the ranks' pieces make shape {list(full[name].shape)}, "
+                f"the layout says {spec['shape']}"
+            )
+    return full
 
 
 def gather_full_state(model: torch.nn.Module, is_main: bool) -> CapturedState | None:

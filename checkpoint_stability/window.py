@@ -118,6 +118,7 @@ class SnapshotWindow:
         *,
         retain: Callable[[], int | None] | None = None,
         follow: Sequence[int] | None = None,
+        shards: Sequence[str | os.PathLike] = (),
     ) -> None:
         """Open the buffer in ``directory``; when resuming, drop snapshots newer than ``resume_step``;
         re-sum the average from the files.
@@ -125,11 +126,16 @@ class SnapshotWindow:
         ``retain`` (the training side of background evaluation): the buffer keeps what the evaluator
         still needs (``SnapshotBuffer``'s ``retain``) and no average is kept here: the evaluator keeps
         its own. ``follow`` (the evaluator): the window is the evaluator's over the trainer's files
-        (:class:`~checkpoint_stability.followed_buffer.FollowedBuffer`), starting from these steps."""
+        (:class:`~checkpoint_stability.followed_buffer.FollowedBuffer`), starting from these steps;
+        ``shards``: the rank directories of a sharded run it puts together."""
         self.averaging = retain is None
         if follow is not None:
             self.buffer = FollowedBuffer(
-                directory, self.config.window, listener=_weak_listener(self), steps=list(follow)
+                directory,
+                self.config.window,
+                listener=_weak_listener(self),
+                steps=list(follow),
+                shards=shards,
             )
         else:
             self.buffer = SnapshotBuffer(

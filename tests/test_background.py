@@ -387,3 +387,46 @@ def test_an_evaluator_following_live_drops_what_came_after_a_trainer_resume(tmp_
         expected = (model(x).argmax(-1) == y).double().mean().item()
     raw_40 = next(r for r in history if (r["step"], r["task"], r["variant"]) == (40, "cls", "raw"))
     assert raw_40["score"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_sharded_run_is_put_together_from_every_ranks_files(tmp_path):
+    """FSDP2 under torchrun (2 CPU ranks): each rank buffers its own shards; one evaluator process puts
+    the full tensors together from both ranks' files, as the manifests' layout says."""
+    from test_distributed import torchrun
+
+    from checkpoint_stability.followed_buffer import FollowedBuffer
+
+    torchrun("background_fsdp2.py", tmp_path)
+    saved = json.loads((tmp_path / "states.json").read_text())
+    states = [{k: torch.tensor(v) for k, v in state.items()} for state in saved["states"]]
+    x, y = torch.tensor(saved["x"]), torch.tensor(saved["y"])
+    run = tmp_path / "run"
+    shards = [run / "buffer" / f"rank-{r}" for r in (0, 1)]
+    # Every buffered step, put together, is the gathered model of that step, exactly.
+    followed = FollowedBuffer(shards[0], 3, shards=shards)
+    entries, _ = followed.unconsumed(None)
+    assert [e.step for e in entries] == [1, 2, 3, 4, 5]
+    for entry, state in zip(entries, states, strict=True):
+        full = followed.load(entry)
+        assert sorted(full.tensors) == sorted(state)
+        assert all(torch.equal(full[k], state[k]) for k in state)
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    task = FunctionTask("cls", lambda m: m(x).argmax(-1).tolist(), targets=y.tolist())
+    result = BackgroundEvaluator(run, [task], model, console=False).run(timeout=0)
+    assert result.evaluated == [1, 2, 3, 4, 5] and result.closed
+    history = lines(run / "history.jsonl")
+    for step, state in enumerate(states, start=1):
+        model.load_state_dict(state)
+        with torch.no_grad():
+            expected = (model(x).argmax(-1) == y).double().mean().item()
+        raw = next(r for r in history if (r["step"], r["task"], r["variant"]) == (step, "cls", "raw"))
+        assert raw["score"] == pytest.approx(expected, abs=1e-12)
+    # Its window average is the float64 mean of the gathered weights of the window.
+    best = json.loads((run / "best.json").read_text())
+    with safe_open(run / best["path"] / "model.safetensors", "pt") as handle:
+        window = [states[s - 1] for s in best["steps"]]
+        for key in handle.keys():
+            mean = sum(state[key].double() for state in window) / len(window)
+            want = mean if best["variant"] == "avg" else states[best["step"] - 1][key].double()
+            torch.testing.assert_close(handle.get_tensor(key).double(), want, rtol=0, atol=1e-6)
