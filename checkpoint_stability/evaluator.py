@@ -64,6 +64,16 @@ class ModelMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
+class _FollowState:
+    """What the deciding rank remembers between looks at the run directory."""
+
+    consumed: int | None
+    generation: int
+    idle_since: float
+    gone_since: float | None = None
+
+
+@dataclass(frozen=True)
 class FollowResult:
     """What one :meth:`BackgroundEvaluator.run` did."""
 
@@ -112,14 +122,20 @@ class BackgroundEvaluator:
                 "evaluation='background'), then follow its run directory)"
             )
         self.shards = 0
+        self.distributed_rank: int | None = None
+        """Under torch.distributed (a sharded run followed by as many ranks as trained it): this rank."""
         if record.get("sharded"):
+            world = int(record.get("world_size") or 1)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                raise NotImplementedError(
-                    f"{self.run_dir} holds sharded snapshots: an evaluator under torch.distributed (each "
-                    "rank following its own shards) is not supported yet; run the evaluator as one "
-                    "process, which puts the full tensors together from every rank's files"
-                )
-            self.shards = int(record.get("world_size") or 1)
+                if torch.distributed.get_world_size() != world:
+                    raise ValueError(
+                        f"{self.run_dir} was trained on {world} ranks; an evaluator under torch.distributed "
+                        f"must run on as many (it has {torch.distributed.get_world_size()}), each following "
+                        "its own shards, or run as one process, which puts the full tensors together"
+                    )
+                self.distributed_rank = torch.distributed.get_rank()
+            else:
+                self.shards = world
         settings = {k: v for k, v in record["config"].items() if k in StabilityConfig.field_names()}
         settings.pop("resum_every", None)
         settings["dirpath"] = str(self.run_dir)
@@ -154,64 +170,43 @@ class BackgroundEvaluator:
         monitor.follow_shards = self.shards
         # Nothing acknowledged yet: drop whatever an evaluator killed before its first ack wrote.
         monitor.open(resume_step=consumed if consumed is not None else -1, model=self.model)
+        runtime = monitor.runtime
         evaluated: list[int] = []
         skipped: list[int] = []
         lags: list[float] = []
-        generation = record.get("generation", 0)
-        idle_since = time.monotonic()
+        follow = _FollowState(consumed, record.get("generation", 0), time.monotonic())
         finished = False
-        gone_since: float | None = None  # when the training process was first seen gone
         try:
             while True:
-                record = read_run_record(self.run_dir) or {}
-                if record.get("generation", 0) != generation:
-                    generation = record.get("generation", 0)
-                    resumed = record.get("resumed_from")
-                    if isinstance(resumed, int) and (consumed is None or resumed < consumed):
-                        logger.warning(
-                            "training resumed from step %d: dropping what was evaluated after it", resumed
-                        )
-                        consumed = resumed if resumed >= 0 else None
-                        # Its window at that step: the snapshots up to it still on disk.
-                        monitor.follow_steps = self._window_at(EvaluatorState(), consumed)
-                        monitor.resume(resumed)
-                followed = monitor.window.files
-                assert isinstance(followed, FollowedBuffer)
-                entries, gaps = followed.unconsumed(after=consumed)
-                for step in gaps:
-                    if entries and step > entries[0].step:
-                        continue  # recorded when its turn comes
-                    self._record_gap(monitor, step)
+                # Rank 0 decides (one reading of run.json and of its manifest); under torch.distributed
+                # every rank then does the same, collectively.
+                decision = self._decide(monitor, follow, timeout) if runtime.is_main else None
+                decision = runtime.broadcast_object(decision)
+                follow = decision["follow"]
+                if decision["resume"] is not None:
+                    # Its window at that step: the snapshots up to it still on disk.
+                    monitor.follow_steps = self._window_at(EvaluatorState(), follow.consumed)
+                    monitor.resume(decision["resume"])
+                for step in decision["gaps"]:
+                    if runtime.is_main:
+                        self._record_gap(monitor, step)
+                        self._acknowledge(monitor, step, follow.generation)
                     skipped.append(step)
-                    consumed = max(consumed or 0, step)
-                    self._acknowledge(monitor, consumed, generation)
-                if entries:
-                    entry = entries[0]
-                    self._evaluate(monitor, followed, entry)
-                    consumed = entry.step
-                    self._acknowledge(monitor, consumed, generation)
-                    evaluated.append(entry.step)
-                    lags.append(max(0.0, time.time() - entry.time))
-                    idle_since = time.monotonic()
+                if decision["step"] is not None:
+                    step = decision["step"]
+                    followed = monitor.window.files
+                    assert isinstance(followed, FollowedBuffer)
+                    entry = followed.entry_at(step)
+                    self._evaluate(monitor, followed, entry, step)
+                    if runtime.is_main:
+                        self._acknowledge(monitor, step, follow.generation)
+                    evaluated.append(step)
+                    if entry is not None:
+                        lags.append(max(0.0, time.time() - entry.time))
                     continue
-                if record.get("closed"):
+                if decision["stop"] is not None:
                     finished = True
-                    return FollowResult(evaluated, skipped, True, lags)
-                if self._trainer_alive():
-                    gone_since = None
-                elif gone_since is None:
-                    gone_since = time.monotonic()
-                if gone_since is not None and time.monotonic() - gone_since >= TRAINER_GRACE_SECONDS:
-                    logger.warning(
-                        "the training process of %s is gone and the run is not closed: everything buffered "
-                        "is evaluated; stopping",
-                        self.run_dir,
-                    )
-                    finished = True
-                    return FollowResult(evaluated, skipped, False, lags)
-                if timeout is not None and time.monotonic() - idle_since > timeout:
-                    finished = True
-                    return FollowResult(evaluated, skipped, False, lags)
+                    return FollowResult(evaluated, skipped, decision["stop"] == "closed", lags)
                 time.sleep(self.poll_interval)
         finally:
             # Ended as planned: the report and the summary, as an inline close. Interrupted: only let the
@@ -221,15 +216,68 @@ class BackgroundEvaluator:
             else:
                 monitor.abandon()
 
+    def _decide(self, monitor: StabilityMonitor, follow: _FollowState, timeout: float | None) -> dict:
+        """Rank 0: what to do next — follow a trainer that resumed, record the gaps it left, evaluate the
+        next snapshot, stop, or wait."""
+        decision: dict = {"resume": None, "gaps": [], "step": None, "stop": None}
+        record = read_run_record(self.run_dir) or {}
+        consumed, generation = follow.consumed, follow.generation
+        if record.get("generation", 0) != generation:
+            generation = record.get("generation", 0)
+            resumed = record.get("resumed_from")
+            if isinstance(resumed, int) and (consumed is None or resumed < consumed):
+                logger.warning("training resumed from step %d: dropping what was evaluated after it", resumed)
+                consumed = resumed if resumed >= 0 else None
+                decision["resume"] = resumed
+        followed = monitor.window.files
+        assert isinstance(followed, FollowedBuffer)
+        entries, gaps = followed.unconsumed(after=consumed)
+        first = entries[0].step if entries else None
+        decision["gaps"] = [step for step in gaps if first is None or step < first]
+        if decision["gaps"]:
+            consumed = max([consumed or 0, *decision["gaps"]])
+        idle_since, gone_since = follow.idle_since, follow.gone_since
+        if first is not None:
+            decision["step"] = first
+            consumed, idle_since = first, time.monotonic()
+        elif record.get("closed"):
+            decision["stop"] = "closed"
+        else:
+            if self._trainer_alive():
+                gone_since = None
+            elif gone_since is None:
+                gone_since = time.monotonic()
+            if gone_since is not None and time.monotonic() - gone_since >= TRAINER_GRACE_SECONDS:
+                logger.warning(
+                    "the training process of %s is gone and the run is not closed: everything buffered is "
+                    "evaluated; stopping",
+                    self.run_dir,
+                )
+                decision["stop"] = "gone"
+            elif timeout is not None and time.monotonic() - idle_since > timeout:
+                decision["stop"] = "timeout"
+        decision["follow"] = _FollowState(consumed, generation, idle_since, gone_since)
+        return decision
+
     # ------------------------------------------------------------------ steps
 
-    def _evaluate(self, monitor: StabilityMonitor, followed: FollowedBuffer, entry: SnapshotEntry) -> None:
-        """One snapshot: its file into the model, then the inline pipeline on it."""
+    def _evaluate(
+        self, monitor: StabilityMonitor, followed: FollowedBuffer, entry: SnapshotEntry | None, step: int
+    ) -> None:
+        """One snapshot: its file into the model, then the inline pipeline on it. Under torch.distributed
+        every rank loads its own shard file; if any rank cannot, every rank skips the step together."""
+        captured, error = None, None
         try:
+            if entry is None:
+                raise CorruptSnapshotError(step, f"step {step} is not in {followed.directory}")
             captured = followed.load(entry)
-        except CorruptSnapshotError as error:
-            monitor.faults.report("snapshot", error, step=entry.step)
+        except CorruptSnapshotError as caught:
+            error = caught
+        if monitor.runtime.any_rank(error is not None):
+            error = error or CorruptSnapshotError(step, f"step {step} could not be read on another rank")
+            monitor.faults.report("snapshot", error, step=step, agreed=True)
             return
+        assert captured is not None and entry is not None
         live = live_tensors(self.model)
         try:
             with torch.no_grad():
@@ -286,9 +334,17 @@ class BackgroundEvaluator:
             return list(state.window)
         on_disk = [
             entry.step
-            for entry in FollowedBuffer(self.run_dir / "buffer", self.config.window).unconsumed(None)[0]
+            for entry in FollowedBuffer(self._leading_buffer(), self.config.window).unconsumed(None)[0]
         ]
         return [step for step in on_disk if step <= consumed][-self.config.window :]
+
+    def _leading_buffer(self) -> Path:
+        """The buffer directory whose manifest this process reads: its rank's under torch.distributed,
+        rank 0's for a sharded run followed by one process, else the buffer itself."""
+        buffer = self.run_dir / "buffer"
+        if self.distributed_rank is not None:
+            return buffer / f"rank-{self.distributed_rank}"
+        return buffer / "rank-0" if self.shards else buffer
 
     def _trainer_alive(self) -> bool:
         """Whether the training process still holds its lock, as far as this host can tell: a holder on

@@ -91,6 +91,10 @@ class FollowedBuffer:
         gaps = [step for step in dropped if after is None or step > after]
         return fresh, gaps
 
+    def entry_at(self, step: int) -> SnapshotEntry | None:
+        """The trainer's manifest entry of ``step`` in this directory, if it is on disk."""
+        return next((entry for entry in read_manifest(self.directory)[0] if entry.step == step), None)
+
     def load(self, entry: SnapshotEntry) -> CapturedState:
         """One snapshot file's tensors, verified against the trainer's checksum first (every rank's
         file, put together, for a sharded run)."""

@@ -98,7 +98,7 @@ def shard_layout(model: torch.nn.Module) -> dict:
         if not hasattr(value, "to_local"):
             tensors[name] = {"shape": list(value.shape), "dim": None}
             continue
-        mesh, placements = value.device_mesh, value.placements  # a DTensor's
+        mesh, placements = value.device_mesh, value.placements  # type: ignore[attr-defined]  # a DTensor
         if mesh.ndim != 1 or len(placements) != 1:
             raise ValueError(
                 f"{name!r} is spread over a {mesh.ndim}-D device mesh; only 1-D meshes are described"

@@ -430,3 +430,13 @@ def test_a_sharded_run_is_put_together_from_every_ranks_files(tmp_path):
             mean = sum(state[key].double() for state in window) / len(window)
             want = mean if best["variant"] == "avg" else states[best["step"] - 1][key].double()
             torch.testing.assert_close(handle.get_tensor(key).double(), want, rtol=0, atol=1e-6)
+
+
+def test_an_evaluator_under_torchrun_follows_each_ranks_shards_and_equals_inline(tmp_path):
+    """FSDP2 on 2 CPU ranks: the evaluator itself runs on the two ranks, each reading its own shard
+    files and averaging them locally, and evaluates collectively, as inline sharded evaluation does."""
+    from test_distributed import torchrun
+
+    torchrun("background_fsdp2_follow.py", tmp_path)
+    assert_same_results(tmp_path / "inline", tmp_path / "bg")
+    assert read_evaluator_state(tmp_path / "bg").consumed == 8
