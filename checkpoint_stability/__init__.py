@@ -13,6 +13,7 @@ from checkpoint_stability.buffer import SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.evaluation import DefaultTaskError
+from checkpoint_stability.evaluator import BackgroundEvaluator, FollowResult
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.run_directory import ExistingRunError
 from checkpoint_stability.selection import best_model_path, load_best, read_best
@@ -30,10 +31,12 @@ from checkpoint_stability.tasks import (
 )
 
 __all__ = [
+    "BackgroundEvaluator",
     "CheckpointStabilityError",
     "ClassificationTask",
     "DefaultTaskError",
     "ExistingRunError",
+    "FollowResult",
     "FunctionTask",
     "GenerationTask",
     "LmEvalTask",

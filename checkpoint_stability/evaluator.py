@@ -94,6 +94,22 @@ class BackgroundEvaluator:
     architecture (or a function building one); each snapshot's weights are copied into it.
     ``sinks``: extra destinations for the records. Settings come from the training side's
     ``run.json``; ``console`` overrides whether per-snapshot lines are printed here.
+
+    Example (the training side, then its evaluator; in use they run at the same time)::
+
+        >>> import tempfile, torch
+        >>> from checkpoint_stability import BackgroundEvaluator, FunctionTask, StabilityMonitor
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+        >>> task = FunctionTask("toy", lambda m: m(x).argmax(-1).tolist(), targets=y.tolist())
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with StabilityMonitor(dirpath=d, window=2, every_n_steps=1, evaluation="background",
+        ...                           console=False) as trainer:
+        ...         for step in (1, 2, 3):
+        ...             _ = trainer.step(model, step)
+        ...     result = BackgroundEvaluator(d, [task], torch.nn.Linear(4, 2), console=False).run()
+        >>> result.evaluated, result.closed
+        ([1, 2, 3], True)
     """
 
     def __init__(
