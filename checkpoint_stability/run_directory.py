@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 ROLES = ("inline", "trainer", "evaluator")
 _OWN_FOLDERS = ("buffer", "examples", "exports", "tensorboard")
-_OWN_FILES = ("history.jsonl", "drift.jsonl", "best.json", RUN_FILE, LOCK_FILE)
+_OWN_FILES = ("history.jsonl", "drift.jsonl", "best.json", "evaluator.json", RUN_FILE, LOCK_FILE)
 
 
 class ExistingRunError(CheckpointStabilityError, FileExistsError):
