@@ -32,9 +32,9 @@ def test_quick_benchmark_run_writes_every_item(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     text = output.read_text()
-    rows = [line for line in text.splitlines() if re.match(r"\| \d \| ", line)]
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \| ", line)]
     items = {row.split("|")[1].strip() for row in rows}
-    assert items == {str(i) for i in range(1, 10)}, items
+    assert items == {str(i) for i in range(1, 11)}, items
     for row in rows:
         value = row.split("|")[3].strip().rstrip("%").split()[0]
         assert math.isfinite(float(value)), row
