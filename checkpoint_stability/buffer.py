@@ -282,6 +282,7 @@ class SnapshotBuffer:
         evaluator that assembles them; written into the manifest when set."""
         # Steps dropped before an evaluator consumed them (newest last, bounded), for it to record.
         self._dropped: list[int] = []
+        self._drops = 0
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
@@ -481,11 +482,16 @@ class SnapshotBuffer:
             gone = kept.pop(0)
             deleted.append(gone)
             self._dropped.append(gone.step)
-            logger.warning(
-                "the evaluator is more than %d snapshots behind: dropping step %d unevaluated",
-                self.max_pending,
-                gone.step,
-            )
+            self._drops += 1
+            # Once, then every 100th: a run whose evaluator is not (yet) running drops at every snapshot.
+            if self._drops % 100 == 1:
+                logger.warning(
+                    "the evaluator is more than %d snapshots behind (or not running): dropping step %d "
+                    "unevaluated (%d dropped so far; the evaluator records each gap in the history)",
+                    self.max_pending,
+                    gone.step,
+                    self._drops,
+                )
         if needed is not None:
             self._dropped = [step for step in self._dropped if step >= needed]
         self._dropped = self._dropped[-_MAX_DROPPED_LISTED:]

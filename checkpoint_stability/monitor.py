@@ -411,7 +411,9 @@ class StabilityMonitor:
         Collective under torch.distributed: every rank calls it at the same steps.
         """
         step = require_int("step", step, 0)
-        if self._opened and is_sharded(model) != self._sharded:
+        # A model already snapshotted keeps its sharding: the check (a state-dict walk on the training
+        # thread) is made for a model seen for the first time only.
+        if self._opened and self._trained_model() is not model and is_sharded(model) != self._sharded:
             raise ValueError(
                 "the model's weights are sharded but the monitor was opened for full weights (or the "
                 "other way round): pass the model to open(model=...)"
