@@ -82,7 +82,7 @@ panels: install
 	test -d runs/pretrain_tiny_gpt/runs/stability || $(BIN)/python examples/pretrain_tiny_gpt.py
 	$(BIN)/python docs/panels.py runs/pretrain_tiny_gpt/runs
 
-# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (5-10 minutes on 2 cores, depending on load).
+# The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (10-15 minutes on 2 cores, depending on load).
 bench: install
 	$(BIN)/python benchmarks/run.py
 

@@ -1,6 +1,6 @@
 """Run every benchmark, print the table and write benchmarks/RESULTS.md (``make bench``).
 
-    python benchmarks/run.py            # the full run, about 5-10 minutes on 2 CPU cores
+    python benchmarks/run.py            # the full run, about 10-15 minutes on 2 CPU cores
     python benchmarks/run.py --quick    # a smoke run on small models (its figures mean little)
 
 Each figure is a ratio of two things measured side by side in this run (or a count, or a size), next
