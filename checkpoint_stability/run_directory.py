@@ -88,6 +88,9 @@ class RunDirectory:
             writable_file(self.path, self.path / name)
         self.lock = _lock(self.path, EVALUATOR_LOCK_FILE if role == "evaluator" else LOCK_FILE)
         try:
+            if role != "evaluator":
+                # First: a window of shards cannot continue under another split, whatever else is here.
+                self._check_split(world_size=world_size, sharded=sharded)
             self.history = History(self.path, read_only=role == "trainer")
             if role != "trainer":
                 self.selector = BestModelSelector(
@@ -159,24 +162,29 @@ class RunDirectory:
         logger.warning("overwrite=True: replacing the earlier run's results in %s (%s)", self.path, found)
         return -1
 
+    def _check_split(self, *, world_size: int, sharded: bool) -> None:
+        """A window of shards only makes sense with the same number of ranks: anything else is refused."""
+        before = read_run_record(self.path)
+        if before is None:
+            return
+        # Full weights resume under any world size (rank 0 holds them); shards need the same split.
+        if (before.get("sharded") or sharded) and (before.get("world_size"), bool(before.get("sharded"))) != (
+            world_size,
+            sharded,
+        ):
+            raise ValueError(
+                f"{self.path} was written by {before.get('world_size')} ranks "
+                f"({'sharded' if before.get('sharded') else 'full'} weights); this run has "
+                f"{world_size} ({'sharded' if sharded else 'full'}). A window of "
+                "sharded snapshots can only be resumed with the same world size and sharding; "
+                "use a new dirpath"
+            )
+
     def _write_run_record(self, config, *, world_size: int, sharded: bool, resume_step: int | None) -> None:
-        """``run.json``: how the run is split (a window of shards only makes sense with the same number of
-        ranks: anything else is refused), how it is evaluated, and, for a background evaluator, each
-        opening's ``generation`` with the step it resumed from."""
+        """``run.json``: how the run is split, how it is evaluated, and, for a background evaluator,
+        each opening's ``generation`` with the step it resumed from."""
         before = read_run_record(self.path)
         now: dict[str, Any] = {"world_size": world_size, "sharded": sharded}
-        if before is not None:
-            # Full weights resume under any world size (rank 0 holds them); shards need the same split.
-            involves_shards = before.get("sharded") or sharded
-            split = {key: before.get(key) for key in now}
-            if involves_shards and split != now:
-                raise ValueError(
-                    f"{self.path} was written by {before.get('world_size')} ranks "
-                    f"({'sharded' if before.get('sharded') else 'full'} weights); this run has "
-                    f"{world_size} ({'sharded' if sharded else 'full'}). A window of "
-                    "sharded snapshots can only be resumed with the same world size and sharding; "
-                    "use a new dirpath"
-                )
         if config.evaluation == "background":
             generation = (before or {}).get("generation", 0)
             now.update(
