@@ -218,6 +218,18 @@ class SnapshotEntry:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, item: Mapping) -> SnapshotEntry:
+        """An entry from a manifest item. Raises KeyError, TypeError or ValueError for a malformed one."""
+        return cls(
+            step=int(item["step"]),
+            file=str(item["file"]),
+            sha256=str(item["sha256"]),
+            bytes=int(item["bytes"]),
+            time=float(item.get("time", 0.0)),
+            aliases={str(k): str(v) for k, v in dict(item.get("aliases", {})).items()},
+        )
+
 
 # Called by the writer thread after a snapshot's file is durable and before the manifest commits it:
 # (added snapshot, loaders of the evicted snapshots, loader of the whole new window). The window
@@ -618,14 +630,7 @@ class SnapshotBuffer:
         snapshots = ordered
         for item in snapshots:
             try:
-                entry = SnapshotEntry(
-                    step=int(item["step"]),
-                    file=str(item["file"]),
-                    sha256=str(item["sha256"]),
-                    bytes=int(item["bytes"]),
-                    time=float(item.get("time", 0.0)),
-                    aliases={str(k): str(v) for k, v in dict(item.get("aliases", {})).items()},
-                )
+                entry = SnapshotEntry.from_json(item)
             except (KeyError, TypeError, ValueError) as error:
                 logger.warning("manifest %s: dropping malformed entry %r (%s)", path, item, error)
                 changed = True
@@ -705,16 +710,7 @@ def read_manifest(directory: str | os.PathLike) -> tuple[list[SnapshotEntry], li
         items = manifest.get(key) or []
         for item in items if isinstance(items, list) else []:
             try:
-                entries.append(
-                    SnapshotEntry(
-                        step=int(item["step"]),
-                        file=str(item["file"]),
-                        sha256=str(item["sha256"]),
-                        bytes=int(item["bytes"]),
-                        time=float(item.get("time", 0.0)),
-                        aliases={str(k): str(v) for k, v in dict(item.get("aliases", {})).items()},
-                    )
-                )
+                entries.append(SnapshotEntry.from_json(item))
             except (KeyError, TypeError, ValueError):
                 continue
     dropped = manifest.get("dropped") or []

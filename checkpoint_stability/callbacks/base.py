@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,13 @@ class StabilityCallbackBase:
         if self.monitor is None:
             raise RuntimeError(f"{CALLBACK_NAME}: no training run has started")
         return self.monitor
+
+    def _tasks_here(self, default: Callable[[], list[Task]]) -> list[Task]:
+        """The tasks this training process evaluates: none with ``evaluation="background"`` (the evaluator
+        process runs them; not even a default task is built), else the given ones or ``default()``."""
+        if self.config.evaluation == "background":
+            return []
+        return list(self.tasks) if self.tasks is not None else default()
 
     def _configured_dirpath(self, default_parent: str | os.PathLike) -> Path:
         """``dirpath=`` if given, else ``<default_parent>/stability``; absolute, so the path saved in a

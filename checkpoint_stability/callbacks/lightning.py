@@ -148,10 +148,7 @@ class StabilityCallback(StabilityCallbackBase, Callback):
                 )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.config.evaluation == "background":
-            tasks = []  # the evaluator process runs the tasks (checkpoint-stability follow)
-        else:
-            tasks = self.tasks if self.tasks is not None else [self._default_task(trainer)]
+        tasks = self._tasks_here(lambda: [self._default_task(trainer)])
         self._export_prefix = self._resolve_model_attribute(pl_module)
         writer, self._sinks = self._destinations(trainer, [t.name for t in tasks])
         config = self.config.replace(dirpath=self._configured_dirpath(trainer.default_root_dir))

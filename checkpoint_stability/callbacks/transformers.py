@@ -130,10 +130,7 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         trainer = _running_trainer(self)
         if trainer is not None:
             _log_before_the_progress_bar(self, trainer)
-        if self.config.evaluation == "background":
-            tasks = []  # the evaluator process runs the tasks (checkpoint-stability follow)
-        else:
-            tasks = self.tasks if self.tasks is not None else self._default_tasks(args, trainer)
+        tasks = self._tasks_here(lambda: self._default_tasks(args, trainer))
         self._task_names = [t.name for t in tasks]
         self._check_best_metric(args)
         resume_step = state.global_step if state.global_step > 0 else None

@@ -590,8 +590,6 @@ def _run_evaluator(args, run_dir: Path):
             poll_interval=args.poll,
         )
         return evaluator.run(timeout=args.timeout)
-    except NotImplementedError as error:  # a sharded run: the evaluator says what to do instead
-        raise CliError(str(error)) from None
     except ModelMismatchError as error:
         flag = f"--model {args.model}" if args.model else f"--model-config {args.model_config}"
         raise CliError(f"{flag} builds a model the snapshots do not fit: {error}") from None
