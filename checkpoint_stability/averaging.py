@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from checkpoint_stability.state_dicts import (
     CapturedState,
     copy_into_tensor,
     is_plain_layout,
-    non_finite_names,
+    non_finite_counts,
 )
 from checkpoint_stability.validation import require_int
 
@@ -115,52 +115,51 @@ class WindowAverage:
         """Mark the running sum untrustworthy (a commit failed half-way); the next update re-sums."""
         self._stale = True
 
+    @property
+    def stale(self) -> bool:
+        """Whether the running sum must be rebuilt before it is used (see :meth:`invalidate`)."""
+        return self._stale
+
     def update(
         self,
         added: CapturedState,
         evicted: Sequence[Callable[[], Mapping[str, torch.Tensor]]] = (),
         window: Callable[[], Sequence[Mapping[str, torch.Tensor]]] | None = None,
-        non_finite: Collection[str] | None = None,
+        judge: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         """Add ``added`` and subtract the snapshots produced by the ``evicted`` loaders.
 
         ``window`` loads the whole new window (``added`` last): the rolling exact re-sum reads its
-        slices from it, and it rebuilds the whole sum when the sum is stale. ``non_finite``: the names of
-        ``added``'s tensors holding NaN or infinity, when the caller has already looked (else computed).
+        slices from it, and it rebuilds the whole sum when the sum is stale.
+
+        ``judge`` sees how many NaN or infinite elements each floating tensor of ``added`` holds (only
+        those holding some) before anything is subtracted, and may refuse the snapshot by raising: the
+        sum is then stale (it holds part of ``added``) until the next re-sum. Finiteness is checked in
+        the pass that adds, a slice at a time while the slice is in the cache, not in a pass of its own.
+
+        An evicted loader may return a :class:`~checkpoint_stability.buffer.StreamedSnapshot`: it is then
+        subtracted from the same single read that verifies the file; if the file turns out not to be
+        what the manifest says, the window is re-summed from ``window`` instead (the subtraction is
+        undone).
         """
         added.synchronize()
         if window is not None and self._stale:
+            if judge is not None:
+                judge(non_finite_counts(added.tensors))
             self.reset(window(), aliases=added.aliases)
             return
         if self._stale:
             raise RuntimeError("the window average is stale and no window loader was given to re-sum it")
         self._check_keys(added.tensors)
-        if non_finite is None:
-            non_finite = non_finite_names(added.tensors)
-        for name in non_finite:
-            if name not in self._held:
-                # A causal mask of -inf cannot be averaged by adding and subtracting (-inf - -inf is NaN):
-                # it is taken from the newest snapshot until the next full re-sum finds it finite.
-                self._held.add(name)
-                self._sum.pop(name, None)
-                self._slices, self._cursor = None, 0
-        for name, tensor in added.tensors.items():
-            if name in self._held:
-                self._newest[name] = tensor.clone()
-            elif tensor.is_floating_point():
-                if name in self._sum:
-                    _in_slices(self._sum[name], tensor, torch.Tensor.add_)
-                else:
-                    self._sum[name] = tensor.to(self.accumulator_dtype, copy=True)
-                    self._dtypes[name] = tensor.dtype
-            else:
-                # A copy: a snapshot taken from a GPU lives in pinned buffers the next snapshot reuses.
-                self._newest[name] = tensor.clone()
+        self._stale = True  # until the snapshot is in and the evicted ones are out
+        counts = self._add(added)
+        if judge is not None:
+            judge(counts)
         self._aliases = dict(added.aliases)
         self._count += 1
         for load in evicted:
             try:
-                old = load()
+                self._subtract(load())
             except Exception as error:
                 # An evicted file that cannot be read back (corrupt on disk) cannot be subtracted;
                 # without this the window would stay stuck on it. The exact path needs only the window.
@@ -169,12 +168,74 @@ class WindowAverage:
                 logger.warning("could not read back an evicted snapshot (%s); re-summing the window", error)
                 self.reset(window(), aliases=added.aliases)
                 return
+            self._count -= 1
+        self._stale = False
+        if window is not None and self.exact_sum_every is not None:
+            self._rebuild_next_slices(window, added.aliases)
+
+    def _add(self, added: CapturedState) -> dict[str, int]:
+        """Add ``added``'s floating tensors into the sum, checking each slice for NaN and infinity just
+        before it is added; returns the non-finite counts (tensors holding some). A tensor holding some
+        is taken from the newest snapshot from then on (``_held``)."""
+        counts: dict[str, int] = {}
+        for name, tensor in added.tensors.items():
+            if not tensor.is_floating_point() or name in self._held:
+                # A copy: a snapshot taken from a GPU lives in pinned buffers the next snapshot reuses.
+                self._newest[name] = tensor.clone()
+                if tensor.is_floating_point() and (count := _non_finite_count(tensor)):
+                    counts[name] = count
+                continue
+            total = self._sum.get(name)
+            fresh = total is None
+            if total is None:
+                total = torch.empty(tensor.shape, dtype=self.accumulator_dtype)
+            flat_total, flat = total.view(-1), tensor.reshape(-1)
+            wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+            suspect = False
+            for begin in range(0, flat_total.numel(), _SLICE_ELEMENTS):
+                end = begin + _SLICE_ELEMENTS
+                piece = flat[begin:end]
+                # A sum is finite unless an element is not (or the sum overflows: counted exactly below).
+                if not suspect and not math.isfinite(float(piece.sum(dtype=wide))):
+                    suspect = True
+                if fresh:
+                    flat_total[begin:end].copy_(piece)
+                else:
+                    flat_total[begin:end].add_(piece)
+            count = _non_finite_count(tensor) if suspect else 0
+            if count:
+                # A causal mask of -inf cannot be averaged by adding and subtracting (-inf - -inf is NaN):
+                # it is taken from the newest snapshot until the next full re-sum finds it finite.
+                counts[name] = count
+                self._held.add(name)
+                self._sum.pop(name, None)
+                self._newest[name] = tensor.clone()
+                self._slices, self._cursor = None, 0
+            elif fresh:
+                self._sum[name] = total
+                self._dtypes[name] = tensor.dtype
+        return counts
+
+    def _subtract(self, old: Mapping[str, torch.Tensor]) -> None:
+        """Subtract an evicted snapshot: streamed (read once, verified by that read) when it can be."""
+        pieces = getattr(old, "pieces", None)
+        if pieces is None:
             tensors = old.tensors if isinstance(old, CapturedState) else old
             for name, total in self._sum.items():
                 _in_slices(total, tensors[name], torch.Tensor.sub_)
-            self._count -= 1
-        if window is not None and self.exact_sum_every is not None:
-            self._rebuild_next_slices(window, added.aliases)
+            return
+        covered = dict.fromkeys(self._sum, 0)
+        for name, first, values in pieces():
+            if name not in self._sum:
+                continue
+            if not values.dtype.is_floating_point:
+                raise ValueError(f"the evicted snapshot's {name!r} is {values.dtype}, not floating")
+            target = self._sum[name].view(-1)[first : first + values.numel()]
+            _in_slices(target, values, torch.Tensor.sub_)
+            covered[name] += values.numel()
+        short = [name for name, total in self._sum.items() if covered[name] != total.numel()]
+        if short:
+            raise ValueError(f"the evicted snapshot does not hold the window's {short[:5]} in full")
 
     def _rebuild_next_slices(
         self, window: Callable[[], Sequence[Mapping[str, torch.Tensor]]], aliases: Mapping[str, str]
@@ -380,6 +441,10 @@ class WindowAverage:
                     f"the new snapshot's {name!r} has shape {tuple(tensors[name].shape)}, "
                     f"the window's has {tuple(total.shape)}"
                 )
+
+
+def _non_finite_count(tensor: torch.Tensor) -> int:
+    return tensor.numel() - int(torch.isfinite(tensor).sum())
 
 
 def _sum_of_squares(block: torch.Tensor, scratch: torch.Tensor) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -12,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from checkpoint_stability.state_dicts import (
     stored_dtype,
     tied_groups,
 )
-from checkpoint_stability.storage.atomic_files import atomic_write_bytes
+from checkpoint_stability.storage.atomic_files import WRITE_CHUNK, atomic_write_bytes
+from checkpoint_stability.storage.checksums import ALGORITHMS, DEFAULT_ALGORITHM, Checksum
 from checkpoint_stability.storage.json_files import DamagedJSONError, read_json_object
 from checkpoint_stability.validation import require_int
 
@@ -40,6 +41,10 @@ MANIFEST_FORMAT = 1
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 _TEMPORARY_NAME = re.compile(r"^\..+\.tmp-\d+$")
 _HASH_CHUNK = 8 << 20
+# An evicted snapshot is read back this many bytes at a time, as files are written: a chunk is still in
+# the CPU's cache when the checksum that reads it first hands it on to the subtraction. A multiple of 8
+# bytes, so that no element of any dtype straddles two chunks.
+_IO_CHUNK = WRITE_CHUNK
 _MAX_DROPPED_LISTED = 10_000
 
 
@@ -210,24 +215,34 @@ class SnapshotEntry:
 
     step: int
     file: str
-    sha256: str
+    checksum: str
+    """The file's checksum (hex digits) in ``algorithm``."""
     bytes: int
     time: float
     aliases: dict[str, str] = field(default_factory=dict)
+    algorithm: str = DEFAULT_ALGORITHM
+    """Which checksum (``storage.checksums.ALGORITHMS``): ``"blake3"``, or ``"sha256"`` in manifests
+    written before. The manifest names it by its key: ``{"blake3": "<hex>", ...}``."""
 
     def to_json(self) -> dict:
-        return asdict(self)
+        item = asdict(self)
+        item[item.pop("algorithm")] = item.pop("checksum")
+        return item
 
     @classmethod
     def from_json(cls, item: Mapping) -> SnapshotEntry:
         """An entry from a manifest item. Raises KeyError, TypeError or ValueError for a malformed one."""
+        algorithm = next((name for name in ALGORITHMS if name in item), None)
+        if algorithm is None:
+            raise KeyError(f"no checksum (one of {', '.join(ALGORITHMS)})")
         return cls(
             step=int(item["step"]),
             file=str(item["file"]),
-            sha256=str(item["sha256"]),
+            checksum=str(item[algorithm]),
             bytes=int(item["bytes"]),
             time=float(item.get("time", 0.0)),
             aliases={str(k): str(v) for k, v in dict(item.get("aliases", {})).items()},
+            algorithm=algorithm,
         )
 
 
@@ -243,7 +258,7 @@ class SnapshotBuffer:
     """The last ``window`` snapshots of a model, on disk, crash-safe.
 
     Each snapshot is a safetensors file written to a temporary name, fsynced and renamed; then
-    ``manifest.json`` (step, file name, sha256, size, tied-tensor aliases of each snapshot) is
+    ``manifest.json`` (step, file name, checksum (BLAKE3), size, tied-tensor aliases of each snapshot) is
     rewritten the same way. The manifest is the truth: on open, files it does not name are removed,
     and entries whose file is missing, truncated, a symlink, not a plain ``step-*.safetensors`` name, or
     fails its checksum are dropped with one warning each.
@@ -297,9 +312,10 @@ class SnapshotBuffer:
         self._drops = 0
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._io_executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._entries: list[SnapshotEntry] = []
-        # File name -> reader of a window file already known good: written by this buffer (its sha256
+        # File name -> reader of a window file already known good: written by this buffer (its checksum
         # taken from the very bytes written) or verified once since. The window average's rolling re-sum
         # reads a slice of every window file at each update; hashing the whole window each time would
         # cost O(window x P). An evicted file is still verified in full before it is subtracted.
@@ -323,6 +339,12 @@ class SnapshotBuffer:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes on disk of the snapshots kept beyond the window for a background evaluator."""
+        with self._lock:
+            return sum(entry.bytes for entry in self._retained)
 
     def entry(self, step: int) -> SnapshotEntry:
         for entry in self.entries:
@@ -409,9 +431,10 @@ class SnapshotBuffer:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for executor in (self._executor, self._io_executor):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._executor = self._io_executor = None
             self._image.release()
 
     def window_sources(self) -> list[LazySnapshot]:
@@ -430,43 +453,62 @@ class SnapshotBuffer:
     # ------------------------------------------------------------------ internals
 
     def _commit(self, step: int, captured: CapturedState) -> None:
+        """Write the snapshot's file and, at the same time, let the listener (the window average) take it
+        in; then commit both with the manifest and delete what left the window.
+
+        The durable write runs on the I/O thread, checksumming each chunk just before writing it, while
+        this thread runs the listener: the average's passes over memory and over the evicted file overlap
+        the disk's work instead of following it. Neither commits anything until both are done: a failed
+        write after the average took the snapshot in is reported, and the window re-sums from its files.
+        """
         name = snapshot_file_name(step)
         path = self.directory / name
+        with self._lock:
+            committed = list(self._entries)
+        leaving = max(0, len(committed) + 1 - self.window)
+        evicted, kept = committed[:leaving], committed[leaving:]
+        writing: Future | None = None
         try:
-            # On a GPU the copy to host may still be in flight on its side stream.
-            captured.synchronize()
-            data = captured.file_image
-            if data is None:
-                data = serialize_safetensors(
-                    captured.tensors, metadata={"step": str(step), "aliases": json.dumps(captured.aliases)}
-                )
-            # The checksum is computed on another thread while this one writes and waits for fsync
-            # (hashlib releases the GIL), so the hashing hides behind the disk (benchmarks/RESULTS.md).
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-hash") as hasher:
-                digest = hasher.submit(_sha256_hex, data)
-                atomic_write_bytes(path, data, inside=self.directory)
-                sha256 = digest.result()
+            try:
+                # On a GPU the copy to host may still be in flight on its side stream.
+                captured.synchronize()
+                data = captured.file_image
+                if data is None:
+                    data = serialize_safetensors(
+                        captured.tensors,
+                        metadata={"step": str(step), "aliases": json.dumps(captured.aliases)},
+                    )
+                writing = self._io().submit(_write_snapshot_file, path, data, self.directory)
+                size = len(data)
+                del data
+                if self.listener is not None:
+                    self.listener(
+                        captured,
+                        [self._loader(e) for e in evicted],
+                        lambda: self._window_with(kept, captured),
+                    )
+                checksum = writing.result()
+            except BaseException:
+                if writing is not None:
+                    # The file must be complete (or failed) before it can be removed.
+                    futures_wait([writing])
+                raise
         except Exception as error:
-            raise SnapshotError(step, f"could not write snapshot {path}: {error!r}") from error
+            self._remove(path)
+            if isinstance(error, SnapshotError):
+                raise
+            what = "write" if writing is None or writing.exception() is not None else "commit"
+            raise SnapshotError(step, f"could not {what} snapshot {path}: {error!r}") from error
         entry = SnapshotEntry(
             step=step,
             file=name,
-            sha256=sha256,
-            bytes=len(data),
+            checksum=checksum,
+            bytes=size,
             time=time.time(),
             aliases=dict(captured.aliases),
         )
-        del data
-        with self._lock:
-            window = [*self._entries, entry]
-        keep, evicted = window[-self.window :], window[: -self.window]
+        keep = [*kept, entry]
         try:
-            if self.listener is not None:
-                self.listener(
-                    captured,
-                    [self._loader(e.step) for e in evicted],
-                    lambda: self._window_with(keep, entry, captured),
-                )
             retained, deleted = self._retention(evicted)
             with self._lock:
                 self._write_manifest(keep, retained)
@@ -475,11 +517,15 @@ class SnapshotBuffer:
             self._readers[name] = LazySnapshot(path, entry.aliases)
         except Exception as error:
             self._remove(path)
-            if isinstance(error, SnapshotError):
-                raise
             raise SnapshotError(step, f"could not commit snapshot {path}: {error!r}") from error
         for old in deleted:
             self._remove(self.directory / old.file)
+
+    def _io(self) -> ThreadPoolExecutor:
+        """The thread that writes snapshot files, so that the writer thread can average meanwhile."""
+        if self._io_executor is None:
+            self._io_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-io")
+        return self._io_executor
 
     def _retention(self, evicted: list[SnapshotEntry]) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
         """Which snapshots outside the window stay on disk for the evaluator, and which go."""
@@ -509,29 +555,27 @@ class SnapshotBuffer:
         self._dropped = self._dropped[-_MAX_DROPPED_LISTED:]
         return kept, deleted
 
-    def _loader(self, step: int) -> Callable[[], Mapping[str, torch.Tensor]]:
-        return lambda: self.open_lazy(step)
+    def _loader(self, entry: SnapshotEntry) -> Callable[[], StreamedSnapshot]:
+        """The evicted file, read once: verified by the same read that subtracts it (``StreamedSnapshot``)."""
+        return lambda: StreamedSnapshot(self.directory, entry)
 
-    def _window_with(
-        self, keep: list[SnapshotEntry], new: SnapshotEntry, captured: CapturedState
-    ) -> list[Mapping]:
+    def _window_with(self, keep: list[SnapshotEntry], captured: CapturedState) -> list[Mapping]:
+        """The window the snapshot being written joins: readers of ``keep``'s files, then ``captured``. A
+        file found corrupt leaves ``keep`` (the window the manifest is about to commit)."""
         sources: list[Mapping] = []
         for entry in list(keep):
-            if entry.step == new.step:
-                sources.append(captured)
-                continue
             reader = self._readers.get(entry.file)
             if reader is None:
                 try:
                     reader = self.open_lazy(entry.step)
                 except CorruptSnapshotError as error:
-                    # Leaves the window that the manifest is about to commit.
                     keep.remove(entry)
                     logger.warning("dropping buffered snapshot %s: %s", self.directory / entry.file, error)
                     self._remove(self.directory / entry.file)
                     continue
                 self._readers[entry.file] = reader
             sources.append(reader)
+        sources.append(captured)
         return sources
 
     def _verify(self, entry: SnapshotEntry) -> None:
@@ -666,21 +710,35 @@ def verify_snapshot(directory: Path, entry: SnapshotEntry) -> None:
     problem = _unsafe_entry_problem(directory, entry.file)
     if problem:
         raise CorruptSnapshotError(entry.step, f"{path}: {problem}")
-    digest = hashlib.sha256()
+    checksum = Checksum.new(entry.algorithm)
     size = 0
     try:
         with open(path, "rb") as handle:
             while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
+                checksum.update(chunk)
                 size += len(chunk)
     except OSError as error:
         raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
+    _check_read(entry, path, size, checksum)
+
+
+def _check_read(entry: SnapshotEntry, path: Path, size: int, checksum: Checksum) -> None:
     if size != entry.bytes:
         raise CorruptSnapshotError(
             entry.step, f"{path}: {size} bytes on disk, manifest says {entry.bytes} (truncated?)"
         )
-    if digest.hexdigest() != entry.sha256:
-        raise CorruptSnapshotError(entry.step, f"{path}: sha256 does not match the manifest")
+    if checksum.hexdigest() != entry.checksum:
+        raise CorruptSnapshotError(
+            entry.step, f"{path}: {entry.algorithm} checksum does not match the manifest"
+        )
+
+
+def _write_snapshot_file(path: Path, data: memoryview, directory: Path) -> str:
+    """Write a snapshot's bytes durably, each chunk checksummed just before it is written, while it is in
+    the CPU's cache; returns the checksum."""
+    checksum = Checksum.new()
+    atomic_write_bytes(path, data, inside=directory, on_chunk=checksum.update)
+    return checksum.hexdigest()
 
 
 def read_layout(directory: str | os.PathLike) -> dict | None:
@@ -764,8 +822,108 @@ class LazySnapshot(Mapping):
         return list(self._keys)
 
 
-def _sha256_hex(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+class StreamedSnapshot(LazySnapshot):
+    """A buffered file read once, front to back: every chunk checksummed and handed out as the pieces of
+    tensors it holds, so that the read that uses the file is also the one that verifies it.
+
+    The window average subtracts an evicted snapshot this way: one sequential read of the file instead of
+    a verifying pass followed by a second read of every tensor. The pieces are used before the checksum
+    is known, so whoever used them must undo that if :meth:`pieces` raises at the end (the average then
+    re-sums the window from its files). Once :meth:`pieces` has run to its end, the file is verified and
+    its tensors can be read as a :class:`LazySnapshot`'s.
+    """
+
+    def __init__(self, directory: Path, entry: SnapshotEntry, chunk_bytes: int = _IO_CHUNK):
+        self.entry = entry
+        self.chunk_bytes = chunk_bytes - chunk_bytes % 8
+        problem = _unsafe_entry_problem(directory, entry.file)
+        if problem:
+            raise CorruptSnapshotError(entry.step, f"{directory / entry.file}: {problem}")
+        super().__init__(directory / entry.file, entry.aliases)
+
+    def pieces(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """``(name, first element, flat values)`` for every tensor of the file, in file order, a chunk at a
+        time; the values are valid until the next piece is asked for (the chunk's memory is reused).
+
+        Raises:
+            CorruptSnapshotError: the file cannot be read, is not what the manifest says (size,
+                checksum), or its header does not describe aligned tensors; possibly after pieces
+                were handed out.
+        """
+        entry, path = self.entry, self.path
+        checksum = Checksum.new(entry.algorithm)
+        size = 0
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                prefix = handle.read(8)
+                length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+                if not 0 < length <= min(entry.bytes, 100 << 20):
+                    raise CorruptSnapshotError(entry.step, f"{path}: not a safetensors header")
+                header = handle.read(length)
+                checksum.update(prefix)
+                checksum.update(header)
+                size = 8 + len(header)
+                spans = _tensor_spans(entry.step, path, header)
+                chunk = torch.empty(self.chunk_bytes, dtype=torch.uint8)
+                view = memoryview(chunk.numpy())  # type: ignore[arg-type]  # the buffer protocol
+                position = 0  # bytes of the data section read so far
+                next_span = 0
+                while True:
+                    got = _fill(handle, view)
+                    if got == 0:
+                        break
+                    checksum.update(view[:got])
+                    size += got
+                    end = position + got
+                    while next_span < len(spans) and spans[next_span][1] <= position:
+                        next_span += 1
+                    index = next_span
+                    while index < len(spans) and spans[index][0] < end:
+                        begin, stop, name, dtype = spans[index]
+                        first, last = max(begin, position), min(stop, end)
+                        if dtype is not None and last > first:
+                            values = chunk[first - position : last - position].view(dtype)
+                            yield name, (first - begin) // dtype.itemsize, values
+                        index += 1
+                    position = end
+        except OSError as error:
+            raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
+        _check_read(entry, path, size, checksum)
+
+
+def _fill(handle, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the file ends; how many bytes came."""
+    got = 0
+    while got < len(view):
+        count = handle.readinto(view[got:])
+        if not count:
+            break
+        got += count
+    return got
+
+
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
+def _tensor_spans(step: int, path: Path, header: bytes) -> list[tuple[int, int, str, torch.dtype | None]]:
+    """``(first byte, end byte, name, dtype)`` of each tensor in a safetensors header, in data order; dtype
+    None for one this reader does not hand out (an exotic dtype: the average holds no such tensor)."""
+    try:
+        items = json.loads(header)
+        spans = []
+        for name, item in items.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (int(offset) for offset in item["data_offsets"])
+            spans.append((begin, end, name, _DTYPES_BY_NAME.get(item["dtype"])))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CorruptSnapshotError(step, f"{path}: unreadable safetensors header ({error})") from error
+    spans.sort()
+    for begin, end, name, dtype in spans:
+        itemsize = 1 if dtype is None else dtype.itemsize
+        if begin % itemsize or (end - begin) % itemsize or end < begin:
+            raise CorruptSnapshotError(step, f"{path}: tensor {name!r} is not aligned to its element size")
+    return spans
 
 
 def _entry_step_or_last(item: object) -> tuple[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,6 @@ from checkpoint_stability.state_dicts import (
     CapturedState,
     capture_state,
     gather_full_state,
-    non_finite_counts,
     write_into,
 )
 
@@ -37,6 +37,18 @@ its snapshot, so a few cover a caller that reads late, and memory stays bounded 
 
 class NonFiniteWeightsError(CheckpointStabilityError, ValueError):
     """A snapshot holds NaN or infinite weights."""
+
+
+class InsufficientDiskError(CheckpointStabilityError, OSError):
+    """The run directory's disk cannot hold the snapshot buffer at its fullest."""
+
+
+def _bytes_of(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size < 100e9 else f"{size / 1e9:.0f} GB"
 
 
 class SnapshotWindow:
@@ -95,6 +107,9 @@ class SnapshotWindow:
         # Non-finite element counts per tensor in the last admitted snapshot (None: none admitted yet).
         self._admitted_non_finite: dict[str, int] | None = None
         self._storage_range_checked = False
+        self.storage_note: str | None = None
+        """After the first snapshot: what one snapshot costs in memory and on disk, and whether the disk
+        holds the buffer at its fullest (one line, for the console)."""
         # Written by the writer thread, read after wait(): the drift of the last few admitted snapshots.
         self._drifts: OrderedDict[int, WeightDrift | None] = OrderedDict()
         self._drift_warned = False
@@ -173,10 +188,15 @@ class SnapshotWindow:
             self._check_storage_range(step, live)
         self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
         try:
-            return self.files.push(step, live)
+            captured = self.files.push(step, live)
         except Exception as error:
             self.faults.report("snapshot", error, step=step)
+            if self.average.stale:  # the snapshot was refused half-way into the sum
+                self.rebuild_average()
             return None
+        if self.storage_note is None:
+            self._check_disk_budget(step, captured, live)
+        return captured
 
     def drift_of(self, step: int) -> WeightDrift | None:
         """How far the weights moved at the snapshot of ``step`` (valid after :meth:`wait`).
@@ -306,30 +326,74 @@ class SnapshotWindow:
                 )
                 return
 
+    def _check_disk_budget(
+        self, step: int, captured: CapturedState, live: Mapping[str, torch.Tensor]
+    ) -> None:
+        """At the first snapshot: the memory it keeps allocated, and whether the run directory's disk holds
+        the buffer at its fullest: the window, the snapshots kept for a background evaluator, one more being
+        written, and one export (in the live dtypes). A shortfall is reported with the figures (fatal with
+        ``on_error="raise"``): it would otherwise surface, much later, as snapshots failing for lack of
+        space."""
+        buffer = self.files
+        if not isinstance(buffer, SnapshotBuffer):
+            return
+        image = captured.file_image
+        snapshot = len(image) if image is not None else _bytes_of(captured.tensors.values())
+        distinct = {tensor.data_ptr(): tensor for tensor in live.values() if tensor.numel()}
+        export = _bytes_of(distinct.values())
+        pending = buffer.max_pending if buffer.retain is not None else 0
+        needed = (self.config.window + pending + 1) * snapshot + export
+        held = sum(entry.bytes for entry in buffer.entries) + buffer.pending_bytes
+        try:
+            free = shutil.disk_usage(buffer.directory).free
+        except OSError as error:  # nothing to compare with: the check is a courtesy, never a failure
+            logger.info("could not read the free space of %s: %s", buffer.directory, error)
+            free = None
+        parts = f"window {self.config.window}" + (f" + {pending} pending" if pending else "")
+        available = "" if free is None else f", {_gb(free + held)} available"
+        self.storage_note = (
+            f"checkpoint-stability: each snapshot is {_gb(snapshot)} (the same again stays allocated in "
+            f"memory for the next copy, and the window sum takes about as much); the buffer needs up to "
+            f"{_gb(needed)} on disk ({parts} + 1 being written + 1 export){available}"
+        )
+        logger.info("%s", self.storage_note)
+        if free is not None and needed > free + held:
+            self.faults.report(
+                "config",
+                InsufficientDiskError(
+                    f"the disk of {buffer.directory} has {_gb(free)} free (plus {_gb(held)} already "
+                    f"buffered), and the snapshot buffer needs up to {_gb(needed)}: {parts} snapshots of "
+                    f"{_gb(snapshot)}, 1 more being written and 1 export of {_gb(export)}. Snapshots will "
+                    "fail once the disk "
+                    "is full: free space, lower `window`, or store snapshots in half the space with "
+                    "storage_dtype='bfloat16'"
+                ),
+                step=step,
+            )
+
     def admit(self, added: CapturedState, evicted, window) -> None:
         """The buffer's listener (writer thread): a snapshot with NaN or infinite weights that training
         made is kept out of the window, so it cannot poison the average; the others join the average,
         and then their drift is measured (``config.drift``)."""
-        added.synchronize()
-        non_finite = non_finite_counts(added.tensors)
-        before = self._admitted_non_finite
-        made = sorted(
-            name
-            for name, count in non_finite.items()
-            if name in self.parameter_names or (before is not None and count > before.get(name, 0))
-        )
-        if made:
-            self.non_finite_steps.add(self._writing_step or 0)
-            raise NonFiniteWeightsError(
-                f"the weights at step {self._writing_step or 0} are not finite ({made[0]!r} holds NaN or "
-                "infinity); the snapshot is kept out of the window average and of selection"
-            )
         step = self._writing_step or 0
+        before = self._admitted_non_finite
+
+        def judge(non_finite: dict[str, int]) -> None:
+            made = sorted(
+                name
+                for name, count in non_finite.items()
+                if name in self.parameter_names or (before is not None and count > before.get(name, 0))
+            )
+            if made:
+                self.non_finite_steps.add(step)
+                raise NonFiniteWeightsError(
+                    f"the weights at step {step} are not finite ({made[0]!r} holds NaN or infinity); the "
+                    "snapshot is kept out of the window average and of selection"
+                )
+            self._admitted_non_finite = non_finite
+
         previous = _PreviousSnapshot(self, evicted, window) if self.config.drift else None
-        self.average.update(
-            added, evicted if previous is None else previous.evicted, window, non_finite=set(non_finite)
-        )
-        self._admitted_non_finite = non_finite
+        self.average.update(added, evicted if previous is None else previous.evicted, window, judge=judge)
         if previous is not None:
             self._measure_drift(step, added, previous)
 

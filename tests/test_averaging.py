@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability import buffer as buffer_module
 from checkpoint_stability.buffer import SnapshotBuffer
 from checkpoint_stability.state_dicts import CapturedState
 
@@ -255,17 +258,29 @@ class _CountingSource:
 
 
 def test_window_files_are_hashed_once_not_at_every_update(tmp_path, monkeypatch):
-    calls = []
-    original = SnapshotBuffer._verify
+    checked, read, data_bytes = [], {}, {}
+    original_check, original_fill = buffer_module._check_read, buffer_module._fill
 
-    def counting_verify(self, entry):
-        calls.append(entry.step)
-        return original(self, entry)
+    def counting_check(entry, path, size, checksum):
+        checked.append(entry.step)
+        return original_check(entry, path, size, checksum)
 
-    monkeypatch.setattr(SnapshotBuffer, "_verify", counting_verify)
+    def counting_fill(handle, view):
+        if handle.name not in data_bytes:  # what one pass over the data section reads
+            header = int.from_bytes(os.pread(handle.fileno(), 8, 0), "little")
+            data_bytes[handle.name] = os.fstat(handle.fileno()).st_size - 8 - header
+        got = original_fill(handle, view)
+        read[handle.name] = read.get(handle.name, 0) + got
+        return got
+
+    monkeypatch.setattr(buffer_module, "_check_read", counting_check)
+    monkeypatch.setattr(buffer_module, "_fill", counting_fill)
     _, average, buffer = run_window(tmp_path, pushes=20, window=5)
-    # Only the evicted files are read back in full and verified (steps 1..15), each once.
-    assert calls == list(range(1, 16))
+    # Only the evicted files are read back in full and verified (steps 1..15), each once, and by one
+    # read: the one that subtracts them streams every data byte exactly once.
+    assert checked == list(range(1, 16))
+    assert len(read) == 15
+    assert read == data_bytes
     oracle = float64_average_of_files(tmp_path, buffer.steps, buffer.entries[-1].aliases)
     for key, value in oracle.items():
         if value.is_floating_point():

@@ -332,7 +332,7 @@ def test_a_corrupt_snapshot_file_is_skipped_with_an_error_line_as_inline(tmp_pat
     history = lines(tmp_path / "history.jsonl")
     errors = [e for e in history if "error" in e]
     assert [(e["step"], e["phase"]) for e in errors] == [(15, "snapshot")]
-    assert "sha256 does not match" in errors[0]["error"]
+    assert "checksum does not match" in errors[0]["error"]
     assert sorted({r["step"] for r in history if "error" not in r}) == [5, 10, 20, 25, 30, 35, 40]
 
 

@@ -1,16 +1,16 @@
-"""SnapshotBuffer: files read back with safetensors' own reader, checksums with hashlib."""
+"""SnapshotBuffer: files read back with safetensors' own reader, checksums with the reference blake3."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import tempfile
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -66,7 +66,7 @@ def test_window_files_manifest_and_checksums(tmp_path):
     assert [e["step"] for e in manifest["snapshots"]] == [30, 40, 50]
     for entry in manifest["snapshots"]:
         data = (tmp_path / entry["file"]).read_bytes()
-        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["blake3"] == blake3.blake3(data).hexdigest()
         assert entry["bytes"] == len(data)
         tensors, metadata = read_file(tmp_path / entry["file"])
         # The tie is stored once: only the embedding, the head is an alias.
@@ -232,7 +232,7 @@ def test_reopen_drops_bad_files_with_one_warning_each(tmp_path, caplog):
     assert reopened.steps == [1, 5]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3
-    assert any(snapshot_file_name(2) in w and "sha256" in w for w in warnings)
+    assert any(snapshot_file_name(2) in w and "checksum does not match" in w for w in warnings)
     assert any(snapshot_file_name(3) in w and "truncated" in w for w in warnings)
     assert any(snapshot_file_name(4) in w and "missing" in w for w in warnings)
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -253,7 +253,7 @@ def test_manifest_names_outside_the_buffer_are_refused(tmp_path, bad_name, caplo
     buffer.close()
     manifest = json.loads((buffer_dir / "manifest.json").read_text())
     manifest["snapshots"][0]["file"] = bad_name
-    manifest["snapshots"][0]["sha256"] = hashlib.sha256(b"precious").hexdigest()
+    manifest["snapshots"][0]["blake3"] = blake3.blake3(b"precious").hexdigest()
     (buffer_dir / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level(logging.WARNING):
         reopened = SnapshotBuffer(buffer_dir, window=2)

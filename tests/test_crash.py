@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -12,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -149,7 +149,7 @@ def check_consistent(run_dir):
     assert [e["step"] for e in manifest["snapshots"]] == buffer.steps
     for entry in manifest["snapshots"]:
         data = (run_dir / "buffer" / entry["file"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert blake3.blake3(data).hexdigest() == entry["blake3"]
         with safe_open(str(run_dir / "buffer" / entry["file"]), framework="pt") as handle:
             assert set(handle.keys()) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     leftovers = sorted(p.name for p in (run_dir / "buffer").iterdir() if p.name != "manifest.json")

@@ -7,10 +7,10 @@ with ``history.jsonl`` parsed here, line by line; the steps are listed by hand.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -317,7 +317,7 @@ def test_resume_purges_the_abandoned_points_from_tensorboard(tmp_path):
     assert all(torch.equal(final[k], v) for k, v in kept_weights[8].items())
     for entry in manifest["snapshots"]:
         path = buffer / entry["file"]
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert blake3.blake3(path.read_bytes()).hexdigest() == entry["blake3"]
         assert_same_weights(load_file(path), entry.get("aliases", {}), kept_weights[entry["step"]])
 
     # The best export is one of the kept trajectory: its score is that step's score in the history.
