@@ -115,6 +115,12 @@ def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return memoryview(image.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
+# Stands for the step in a cached header (``SnapshotImage._encoded_header``): JSON escapes the NUL
+# characters, so the encoded placeholder cannot occur anywhere else in a header.
+_STEP_PLACEHOLDER = "\x00step\x00"
+_ENCODED_STEP_PLACEHOLDER = json.dumps(_STEP_PLACEHOLDER)[1:-1].encode()
+
+
 class SnapshotImage:
     """The bytes of a snapshot's safetensors file, in memory, that a CPU snapshot is copied straight into.
 
@@ -133,6 +139,8 @@ class SnapshotImage:
         self._views: dict[str, torch.Tensor] = {}
         self._entries: dict[str, list] = {}
         self._capacity = 0
+        # (the metadata but the step, the header with a placeholder for the step)
+        self._template: tuple[tuple, bytes] | None = None
 
     def capture(
         self,
@@ -154,10 +162,10 @@ class SnapshotImage:
         key = tuple(specs)
         if key != self._key:
             self._allocate(key, metadata)
-        encoded = _header(self._entries, metadata)
+        encoded = self._encoded_header(metadata)
         if len(encoded) > self._capacity:
             self._allocate(key, metadata)
-            encoded = _header(self._entries, metadata)
+            encoded = self._encoded_header(metadata)
         image = self._image
         if image is None:  # _allocate always makes one; a failure there has raised
             return None
@@ -170,8 +178,22 @@ class SnapshotImage:
             file_image=memoryview(image.numpy()),  # type: ignore[arg-type]  # the buffer protocol
         )
 
+    def _encoded_header(self, metadata: Mapping[str, str]) -> bytes:
+        """The JSON header for ``metadata``. Snapshots of one model differ only in their step, so the
+        header is encoded once per layout and the step put into a copy of it (encoding a few hundred
+        tensors' entries at every snapshot was a visible part of a small model's pause)."""
+        step = metadata.get("step")
+        if step is None or not step.isdigit():
+            return _header(self._entries, metadata)
+        rest = tuple(sorted((k, v) for k, v in metadata.items() if k != "step"))
+        if self._template is None or self._template[0] != rest:
+            template = _header(self._entries, {**metadata, "step": _STEP_PLACEHOLDER})
+            self._template = (rest, template)
+        return self._template[1].replace(_ENCODED_STEP_PLACEHOLDER, step.encode(), 1)
+
     def release(self) -> None:
         """Drop the image (the next capture allocates a new one)."""
+        self._template = None
         self._key = None
         self._image = None
         self._views = {}
