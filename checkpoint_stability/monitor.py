@@ -28,9 +28,11 @@ from checkpoint_stability.evaluator_state import needed_from
 from checkpoint_stability.evidence import SelectionEvidence
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.followed_buffer import FollowedBuffer
+from checkpoint_stability.fsdp1_shards import UnsupportedShardingError, unwrapped
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
+from checkpoint_stability.partitioned_models import PartitionedModelError, refuse_partitioned
 from checkpoint_stability.publishing import RecordPublisher
 from checkpoint_stability.run_directory import ExistingRunError, RunDirectory, read_run_record
 from checkpoint_stability.run_summary import run_summary_lines
@@ -151,6 +153,7 @@ class StabilityMonitor:
         self.evaluation = SnapshotEvaluation(config, self.window, self.faults, default_tasks=default_tasks)
         self.export = BestExport(config, self.window, self.faults)
         self._last_step: int | None = None
+        self._storage_noted = False
         self._sharded = False
         self._drift_due: list[int] = []
         """Snapshot steps whose weight drift has not been published yet."""
@@ -198,8 +201,11 @@ class StabilityMonitor:
 
         ``resume_step``: the step training resumed from. Snapshots, history and example lines newer
         than it belong to an abandoned trajectory and are dropped; the TensorBoard run purges them.
-        ``model``: the trained module, to tell whether its weights are sharded (FSDP2 / DTensor), in
-        which case every rank keeps the window of its own shards under ``buffer/rank-R/``.
+        ``model``: the trained module, to tell whether its weights are sharded (FSDP2 / DTensor, or FSDP1
+        units with a sharding strategy), in which case every rank keeps the window of its own shards
+        under ``buffer/rank-R/``. A DeepSpeed ZeRO-3 model is refused here
+        (:class:`~checkpoint_stability.partitioned_models.PartitionedModelError`), and so is an FSDP1
+        module handed over without its root unit.
         Without ``resume_step``, a directory holding another run's results raises
         :class:`~checkpoint_stability.run_directory.ExistingRunError` unless ``overwrite=True``.
         Collective: every rank calls it; rank 0 does the shared disk work and every rank raises if
@@ -212,6 +218,7 @@ class StabilityMonitor:
             raise ValueError("dirpath is not set: pass dirpath= to StabilityMonitor or to open()")
         self.dirpath = Path(chosen)
         if model is not None:
+            refuse_partitioned(model)
             self._sharded = is_sharded(model)
         steps = [
             (self._open_shared, self.runtime.is_main),
@@ -276,8 +283,10 @@ class StabilityMonitor:
         """
         try:
             self.open(resume_step=resume_step, model=model)
-        except ExistingRunError:
-            raise  # the user's choice to make (overwrite= or another dirpath), not a fault to ride out
+        except (ExistingRunError, PartitionedModelError, UnsupportedShardingError):
+            # The user's choice to make (overwrite=, another dirpath, another parallelism), not a fault
+            # to ride out.
+            raise
         except Exception as error:
             where = self.config.dirpath
             message = f"checkpoint-stability cannot use the run directory {where}: {describe_error(error)}"
@@ -411,13 +420,17 @@ class StabilityMonitor:
         Collective under torch.distributed: every rank calls it at the same steps.
         """
         step = require_int("step", step, 0)
-        # A model already snapshotted keeps its sharding: the check (a state-dict walk on the training
-        # thread) is made for a model seen for the first time only.
-        if self._opened and self._trained_model() is not model and is_sharded(model) != self._sharded:
-            raise ValueError(
-                "the model's weights are sharded but the monitor was opened for full weights (or the "
-                "other way round): pass the model to open(model=...)"
-            )
+        # A model already snapshotted keeps its sharding: the checks (a state-dict walk on the training
+        # thread) are made for a model seen for the first time only. They raise whatever on_error says:
+        # a ZeRO-3 model or an FSDP1 module without its root cannot be snapshotted at all.
+        if self._trained_model() is not model:
+            refuse_partitioned(model)
+            sharded = is_sharded(model)
+            if self._opened and sharded != self._sharded:
+                raise ValueError(
+                    "the model's weights are sharded but the monitor was opened for full weights (or the "
+                    "other way round): pass the model to open(model=...)"
+                )
         live = live_tensors(model)
         if not self._ready(step, model):
             return []
@@ -431,6 +444,11 @@ class StabilityMonitor:
                 # Once: how this rank's shards make up the full tensors, for an evaluator to put together.
                 buffer.layout = shard_layout(model)
         captured = self.window.push(step, live) if self._owns_buffer else None
+        if not self._storage_noted and self.window.storage_note is not None:
+            # Once: what a snapshot costs in memory and on disk, and whether the disk holds the buffer.
+            self._storage_noted = True
+            if self.runtime.is_main and self.config.console:
+                self._print(self.window.storage_note)
         self._last_step = step
         self.series.snapshots_taken += 1
         if self.role == "trainer":
@@ -510,7 +528,7 @@ class StabilityMonitor:
                     step - 1,
                 )
                 self.resume(step - 1)
-        except ExistingRunError:
+        except (ExistingRunError, PartitionedModelError, UnsupportedShardingError):
             raise
         except Exception as error:
             self._fault("open", error, step=step, agreed=True)
@@ -520,6 +538,12 @@ class StabilityMonitor:
     def _trained_model(self) -> torch.nn.Module | None:
         """The model the monitor last snapshotted, if it still exists (exports look it up when due)."""
         return None if self._model is None else self._model()
+
+    def _exported_model(self) -> torch.nn.Module | None:
+        """The module exports are of: the trained one, or the model an FSDP1 root wraps (a Hugging Face
+        model inside it is exported as a ``save_pretrained`` directory, as without FSDP1)."""
+        model = self._trained_model()
+        return None if model is None else unwrapped(model)
 
     def _average_due(self) -> bool:
         """Every ``average_every``-th snapshot of the run (the first one included)."""
@@ -537,7 +561,7 @@ class StabilityMonitor:
     def _open_shared(self, resume_step: int | None) -> None:
         """Rank 0: the run directory, its history and selection, the world-size record."""
         exporter = ModelExporter(
-            _weakly(weakref.WeakMethod(self._trained_model)),
+            _weakly(weakref.WeakMethod(self._exported_model)),
             prefix=self.export_prefix,
             processing_class=self.processing_class,
             tasks=tuple(self.tasks),

@@ -47,8 +47,8 @@ def _bytes_of(tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size < 100e9 else f"{size / 1e9:.0f} GB"
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
 
 
 class SnapshotWindow:
@@ -350,22 +350,24 @@ class SnapshotWindow:
             logger.info("could not read the free space of %s: %s", buffer.directory, error)
             free = None
         parts = f"window {self.config.window}" + (f" + {pending} pending" if pending else "")
-        available = "" if free is None else f", {_gb(free + held)} available"
+        accumulator = self.config.accumulator_torch_dtype.itemsize
+        window_sum = sum(t.numel() * accumulator for t in captured.tensors.values() if t.is_floating_point())
+        available = "" if free is None else f", {_size(free + held)} available"
         self.storage_note = (
-            f"checkpoint-stability: each snapshot is {_gb(snapshot)} (the same again stays allocated in "
-            f"memory for the next copy, and the window sum takes about as much); the buffer needs up to "
-            f"{_gb(needed)} on disk ({parts} + 1 being written + 1 export){available}"
+            f"[stability] each snapshot: {_size(snapshot)} (a copy of that size stays allocated for the next "
+            f"one; the window sum adds {_size(window_sum)}); disk needed at most {_size(needed)} ({parts} + "
+            f"1 being written + 1 export){available}"
         )
         logger.info("%s", self.storage_note)
         if free is not None and needed > free + held:
             self.faults.report(
                 "config",
                 InsufficientDiskError(
-                    f"the disk of {buffer.directory} has {_gb(free)} free (plus {_gb(held)} already "
-                    f"buffered), and the snapshot buffer needs up to {_gb(needed)}: {parts} snapshots of "
-                    f"{_gb(snapshot)}, 1 more being written and 1 export of {_gb(export)}. Snapshots will "
-                    "fail once the disk "
-                    "is full: free space, lower `window`, or store snapshots in half the space with "
+                    f"the disk of {buffer.directory} has {_size(free)} free (plus {_size(held)} already "
+                    f"buffered), and the snapshot buffer needs up to {_size(needed)}: {parts} snapshots of "
+                    f"{_size(snapshot)}, 1 more being written and 1 export of {_size(export)}. Snapshots "
+                    "will fail once the disk is full: free space, lower `window`, or store snapshots in "
+                    "half the space with "
                     "storage_dtype='bfloat16'"
                 ),
                 step=step,

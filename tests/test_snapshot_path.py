@@ -45,9 +45,10 @@ def test_a_disk_too_small_for_the_buffer_is_reported_with_its_figures(tmp_path, 
     snapshot = (tmp_path / "step-00000001.safetensors").stat().st_size
     needed = 5 * snapshot + 40_400  # window 4 + 1 being written, + an export in float32
     (warning,) = [r.getMessage() for r in caplog.records if "snapshot buffer needs" in r.getMessage()]
-    assert f"needs up to {needed / 1e9:.2f} GB" in warning
-    assert "0.00 GB free" in warning and "storage_dtype='bfloat16'" in warning
-    assert f"each snapshot is {snapshot / 1e9:.2f} GB" in window.storage_note
+    assert f"needs up to {needed / 1e6:.1f} MB" in warning
+    assert "0.1 MB free" in warning and "storage_dtype='bfloat16'" in warning
+    assert f"each snapshot: {snapshot / 1e6:.1f} MB" in window.storage_note
+    assert "the window sum adds 0.0 MB" in window.storage_note  # 10,100 float32 elements: 40,400 bytes
 
     # Enough space: nothing reported, the note says what is available.
     caplog.clear()
