@@ -126,6 +126,7 @@ class WindowAverage:
         evicted: Sequence[Callable[[], Mapping[str, torch.Tensor]]] = (),
         window: Callable[[], Sequence[Mapping[str, torch.Tensor]]] | None = None,
         judge: Callable[[dict[str, int]], None] | None = None,
+        drift: DriftRequest | None = None,
     ) -> None:
         """Add ``added`` and subtract the snapshots produced by the ``evicted`` loaders.
 
@@ -140,7 +141,7 @@ class WindowAverage:
         An evicted loader may return a :class:`~checkpoint_stability.buffer.StreamedSnapshot`: it is then
         subtracted from the same single read that verifies the file; if the file turns out not to be
         what the manifest says, the window is re-summed from ``window`` instead (the subtraction is
-        undone).
+        undone). ``drift``: measure the added snapshot's drift in that same pass (:class:`DriftRequest`).
         """
         added.synchronize()
         if window is not None and self._stale:
@@ -157,9 +158,13 @@ class WindowAverage:
             judge(counts)
         self._aliases = dict(added.aliases)
         self._count += 1
+        # Fused only when the re-sum after it leaves most of the sum as it is: with exact_sum_every=1
+        # every element is rebuilt after the subtraction, and the drift must see the rebuilt sum.
+        fusable = len(evicted) == 1 and self.exact_sum_every != 1
+        fused = drift if fusable else None
         for load in evicted:
             try:
-                self._subtract(load())
+                self._subtract(load(), added, fused)
             except Exception as error:
                 # An evicted file that cannot be read back (corrupt on disk) cannot be subtracted;
                 # without this the window would stay stuck on it. The exact path needs only the window.
@@ -216,26 +221,43 @@ class WindowAverage:
                 self._dtypes[name] = tensor.dtype
         return counts
 
-    def _subtract(self, old: Mapping[str, torch.Tensor]) -> None:
-        """Subtract an evicted snapshot: streamed (read once, verified by that read) when it can be."""
+    def _subtract(
+        self, old: Mapping[str, torch.Tensor], added: CapturedState, drift: DriftRequest | None
+    ) -> None:
+        """Subtract an evicted snapshot: streamed (read once, verified by that read) when it can be, and
+        then, if asked, with the added snapshot's drift measured piece by piece in the same pass."""
         pieces = getattr(old, "pieces", None)
         if pieces is None:
             tensors = old.tensors if isinstance(old, CapturedState) else old
             for name, total in self._sum.items():
                 _in_slices(total, tensors[name], torch.Tensor.sub_)
             return
+        previous = _PieceReader.of(drift.previous, old) if drift is not None else None
+        sums = None
+        if drift is not None and previous is not None:
+            sums = DriftSums(self._count - 1, with_previous=drift.previous is not None)
         covered = dict.fromkeys(self._sum, 0)
         for name, first, values in pieces():
             if name not in self._sum:
                 continue
             if not values.dtype.is_floating_point:
                 raise ValueError(f"the evicted snapshot's {name!r} is {values.dtype}, not floating")
-            target = self._sum[name].view(-1)[first : first + values.numel()]
+            count = values.numel()
+            target = self._sum[name].view(-1)[first : first + count]
             _in_slices(target, values, torch.Tensor.sub_)
-            covered[name] += values.numel()
+            covered[name] += count
+            if sums is not None and previous is not None:
+                try:
+                    current = added.tensors[name].reshape(-1)[first : first + count]
+                    sums.add(current, previous.read(name, first, count, values), target)
+                except Exception as error:  # the drift is measured apart (and its failure reported) instead
+                    logger.debug("fused drift measurement given up: %s", error)
+                    sums = None
         short = [name for name, total in self._sum.items() if covered[name] != total.numel()]
         if short:
             raise ValueError(f"the evicted snapshot does not hold the window's {short[:5]} in full")
+        if drift is not None and sums is not None:
+            drift.sums = sums.result()
 
     def _rebuild_next_slices(
         self, window: Callable[[], Sequence[Mapping[str, torch.Tensor]]], aliases: Mapping[str, str]
@@ -297,7 +319,7 @@ class WindowAverage:
         """
         if self._count == 0:
             raise RuntimeError("the window average holds no snapshot yet")
-        current_sq = previous_sq = average_sq = 0.0
+        sums = DriftSums(self._count, with_previous=previous is not None)
         for name, total in self._sum.items():
             tensor = current[name]
             if tensor.numel() != total.numel():
@@ -305,12 +327,6 @@ class WindowAverage:
                     f"{name!r} has {tensor.numel()} elements in the current state, the sum {total.numel()}"
                 )
             flat, flat_total = tensor.reshape(-1), total.view(-1)
-            wide = torch.promote_types(torch.promote_types(tensor.dtype, total.dtype), torch.float32)
-            # Scratch blocks: a bfloat16 block widened before any arithmetic (bfloat16 minus bfloat16 is
-            # rounded to bfloat16), and the difference. The snapshot itself is never written to.
-            widened = torch.empty(_DRIFT_BLOCK, dtype=wide) if tensor.dtype != wide else None
-            difference = torch.empty(_DRIFT_BLOCK, dtype=wide)
-            squares = torch.empty(_DRIFT_BLOCK, dtype=wide)
             for _, first_row, last_row, start, stop in _row_slices({name: total.shape}):
                 rows = None if previous is None else _read_rows(previous, name, first_row, last_row)
                 if rows is not None and rows.numel() != stop - start:
@@ -318,20 +334,8 @@ class WindowAverage:
                         f"{name!r} rows {first_row}:{last_row} hold {rows.numel()} elements in the previous "
                         f"state, {stop - start} in the current one"
                     )
-                for begin in range(start, stop, _DRIFT_BLOCK):
-                    end = min(begin + _DRIFT_BLOCK, stop)
-                    block = flat[begin:end]
-                    if widened is not None:
-                        block = widened[: end - begin].copy_(block)
-                    scratch = squares[: end - begin]
-                    current_sq += _sum_of_squares(block, scratch)
-                    out = difference[: end - begin]
-                    if rows is not None:
-                        torch.sub(block, rows[begin - start : end - start], out=out)
-                        previous_sq += _sum_of_squares(out, scratch)
-                    torch.sub(flat_total[begin:end], block, alpha=self._count, out=out)
-                    average_sq += _sum_of_squares(out, scratch)
-        return current_sq, None if previous is None else previous_sq, average_sq / self._count**2
+                sums.add(flat[start:stop], rows, flat_total[start:stop])
+        return sums.result()
 
     def reset(
         self, sources: Sequence[Mapping[str, torch.Tensor]], aliases: Mapping[str, str] | None = None
@@ -441,6 +445,107 @@ class WindowAverage:
                     f"the new snapshot's {name!r} has shape {tuple(tensors[name].shape)}, "
                     f"the window's has {tuple(total.shape)}"
                 )
+
+
+class DriftSums:
+    """The sums of squares behind a weight drift, ``(‖current‖², ‖current − previous‖², ‖current − mean‖²)``,
+    accumulated over pieces of the tensors in any order (``WindowAverage.drift_sums`` goes tensor by
+    tensor; the update that subtracts an evicted file goes through it in file order).
+
+    Each piece is cut in blocks of ``_DRIFT_BLOCK`` elements: the differences are taken elementwise in
+    float32 (float64 when a tensor or the sum is), exact for bfloat16 and float16 snapshots and one
+    rounding for float32 ones; each block's sum of squares is added into a float64 total. ``mean −
+    current`` is taken as ``(sum − count·current) / count`` so that no block is divided.
+    """
+
+    def __init__(self, count: int, *, with_previous: bool):
+        self.count = count
+        self.current = 0.0
+        self.previous: float | None = 0.0 if with_previous else None
+        self.average = 0.0
+        self._scratch: dict[
+            tuple[torch.dtype, bool], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
+        ] = {}
+
+    @torch.no_grad()
+    def add(self, current: torch.Tensor, previous: torch.Tensor | None, total: torch.Tensor) -> None:
+        """Add one piece: flat, equally long pieces of the current tensor, the previous one (None when
+        there is no previous snapshot) and the running sum. None of them is written to."""
+        wide = torch.promote_types(torch.promote_types(current.dtype, total.dtype), torch.float32)
+        widened, difference, squares = self._blocks(wide, current.dtype != wide)
+        for begin in range(0, current.numel(), _DRIFT_BLOCK):
+            end = min(begin + _DRIFT_BLOCK, current.numel())
+            block = current[begin:end]
+            if widened is not None:
+                # A bfloat16 block widened before any arithmetic (bfloat16 minus bfloat16 is rounded).
+                block = widened[: end - begin].copy_(block)
+            scratch = squares[: end - begin]
+            self.current += _sum_of_squares(block, scratch)
+            out = difference[: end - begin]
+            if previous is not None and self.previous is not None:
+                torch.sub(block, previous[begin:end], out=out)
+                self.previous += _sum_of_squares(out, scratch)
+            torch.sub(total[begin:end], block, alpha=self.count, out=out)
+            self.average += _sum_of_squares(out, scratch)
+
+    def result(self) -> tuple[float, float | None, float]:
+        return self.current, self.previous, self.average / self.count**2
+
+    def _blocks(
+        self, wide: torch.dtype, widen: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        key = (wide, widen)
+        if key not in self._scratch:
+            widened = torch.empty(_DRIFT_BLOCK, dtype=wide) if widen else None
+            self._scratch[key] = (
+                widened,
+                torch.empty(_DRIFT_BLOCK, dtype=wide),
+                torch.empty(_DRIFT_BLOCK, dtype=wide),
+            )
+        return self._scratch[key]
+
+
+class DriftRequest:
+    """Asks :meth:`WindowAverage.update` to measure the drift of the snapshot it adds in the same pass that
+    subtracts the evicted one, reading each piece of ``previous`` there: the current tensors and the sum
+    are then in the cache already, and are not read again by a pass of their own.
+
+    ``sums`` holds the result when the update could do it (one evicted snapshot, streamed, and no re-sum
+    on the way); None otherwise, and the caller measures with :meth:`WindowAverage.drift_sums`.
+    """
+
+    def __init__(self, previous: Mapping[str, torch.Tensor] | None):
+        self.previous = previous
+        self.sums: tuple[float, float | None, float] | None = None
+
+
+class _PieceReader:
+    """Pieces of the previous snapshot matching the pieces of the evicted one, for a fused drift."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor] | None, evicted: object):
+        self.source = source
+        self.evicted = evicted
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    @classmethod
+    def of(cls, source: Mapping[str, torch.Tensor] | None, evicted: object) -> _PieceReader | None:
+        """A reader, or None when ``source`` cannot be read by element ranges (then no fused drift)."""
+        if source is None or source is evicted or isinstance(source, CapturedState):
+            return cls(source, evicted)
+        if hasattr(source, "read_elements"):
+            return cls(source, evicted)
+        return None
+
+    def read(self, name: str, first: int, count: int, evicted_piece: torch.Tensor) -> torch.Tensor | None:
+        source = self.source
+        if source is None:
+            return None
+        if source is self.evicted:  # a window of one: the previous snapshot is the one leaving
+            return evicted_piece
+        if isinstance(source, CapturedState):
+            return source[name].reshape(-1)[first : first + count]
+        piece, self._scratch = source.read_elements(name, first, count, self._scratch)  # type: ignore[attr-defined]
+        return piece
 
 
 def _non_finite_count(tensor: torch.Tensor) -> int:

@@ -816,6 +816,7 @@ class LazySnapshot(Mapping):
         self.aliases = dict(aliases)
         with safe_open(str(path), framework="pt") as handle:
             self._keys = list(handle.keys())
+        self._spans: dict[str, tuple[int, int, torch.dtype | None]] | None = None  # for read_elements
 
     def __getitem__(self, name: str) -> torch.Tensor:
         name = self.aliases.get(name, name)
@@ -833,6 +834,42 @@ class LazySnapshot(Mapping):
             rows = handle.get_slice(name)
             tensor = handle.get_tensor(name) if len(rows.get_shape()) == 0 else rows[first:last]
         return tensor.reshape(-1)
+
+    def read_elements(
+        self, name: str, first: int, count: int, scratch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elements ``first:first + count`` of one tensor, flattened, read with one ``pread`` into
+        ``scratch`` (a uint8 buffer, grown when too small); returns them and the buffer to reuse. The
+        values are valid until the buffer is used again."""
+        name = self.aliases.get(name, name)
+        if self._spans is None:
+            with open(self.path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = handle.read(length)
+            start = 8 + length
+            self._spans = {
+                span_name: (start + begin, end - begin, dtype)
+                for begin, end, span_name, dtype in _tensor_spans(0, self.path, header)
+            }
+        if name not in self._spans:
+            raise KeyError(name)
+        offset, size, dtype = self._spans[name]
+        if dtype is None:
+            raise ValueError(f"{self.path}: {name!r} has a dtype this reader does not hand out")
+        begin, wanted = first * dtype.itemsize, count * dtype.itemsize
+        if first < 0 or begin + wanted > size:
+            raise ValueError(f"{self.path}: {name!r} has no elements {first}:{first + count}")
+        if scratch.numel() < wanted:
+            scratch = torch.empty(wanted, dtype=torch.uint8)
+        view = memoryview(scratch.numpy())[:wanted]  # type: ignore[arg-type]  # the buffer protocol
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.preadv(descriptor, [view], offset + begin)
+        finally:
+            os.close(descriptor)
+        if got != wanted:
+            raise ValueError(f"{self.path}: {name!r} is cut short ({got} of {wanted} bytes)")
+        return scratch[:wanted].view(dtype), scratch
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability.averaging import DriftRequest, WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer, SnapshotError
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.diagnostics import WeightDrift
@@ -395,18 +395,28 @@ class SnapshotWindow:
             self._admitted_non_finite = non_finite
 
         previous = _PreviousSnapshot(self, evicted, window) if self.config.drift else None
-        self.average.update(added, evicted if previous is None else previous.evicted, window, judge=judge)
+        request = previous.request() if previous is not None else None
+        self.average.update(
+            added, evicted if previous is None else previous.evicted, window, judge=judge, drift=request
+        )
         if previous is not None:
-            self._measure_drift(step, added, previous)
+            self._measure_drift(step, added, previous, request)
 
     # ------------------------------------------------------------------ drift
 
-    def _measure_drift(self, step: int, added: CapturedState, previous: _PreviousSnapshot) -> None:
-        """Measure and keep ``added``'s drift. A failure costs the drift of this step, never the snapshot."""
+    def _measure_drift(
+        self, step: int, added: CapturedState, previous: _PreviousSnapshot, request: DriftRequest | None
+    ) -> None:
+        """Keep ``added``'s drift: measured by the average's update in the pass that subtracted the evicted
+        snapshot (``request``), else measured here. A failure costs the drift of this step, never the
+        snapshot."""
         drift: WeightDrift | None
         try:
             source = previous.source()
-            current_sq, previous_sq, average_sq = self.average.drift_sums(added, source)
+            if request is not None and request.sums is not None:
+                current_sq, previous_sq, average_sq = request.sums
+            else:
+                current_sq, previous_sq, average_sq = self.average.drift_sums(added, source)
             drift = WeightDrift(
                 step=step,
                 previous_step=None if source is None else previous.step,
@@ -469,6 +479,14 @@ class _PreviousSnapshot:
                 return self._leaving
 
             self.evicted[-1] = load_and_keep
+
+    def request(self) -> DriftRequest | None:
+        """The average's fused measurement of the drift from this snapshot; None when the previous
+        snapshot cannot be found now (it is then looked for again, and reported, after the update)."""
+        try:
+            return DriftRequest(self.source())
+        except Exception:
+            return None
 
     def source(self) -> Mapping[str, torch.Tensor] | None:
         """A reader of the previous snapshot's tensors; None when there is none (or it was found corrupt

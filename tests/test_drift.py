@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import checkpoint_stability.buffer as buffer_module
 from checkpoint_stability import StabilityMonitor
-from checkpoint_stability.averaging import WindowAverage
+from checkpoint_stability.averaging import DriftSums, WindowAverage
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.diagnostics import WeightDrift
 from checkpoint_stability.faults import FaultPolicy
@@ -241,11 +241,29 @@ def test_rejected_and_failed_snapshots_have_no_drift(tmp_path, monkeypatch):
         window.release()
 
 
+def test_once_the_window_is_full_the_drift_is_measured_in_the_pass_that_subtracts(tmp_path, monkeypatch):
+    """Steps 4-6 evict a snapshot each: their drift comes from the update's own pass over the evicted
+    file (and matches float64 in the test above); only the first three are measured by a pass of their own."""
+    apart = []
+    original = WindowAverage.drift_sums
+
+    def counting(self, current, previous=None):
+        apart.append(self.count)
+        return original(self, current, previous)
+
+    monkeypatch.setattr(WindowAverage, "drift_sums", counting)
+    measured, _ = run(tmp_path, window=3)
+    assert apart == [1, 2, 3]
+    assert all(isinstance(drift, WeightDrift) for _, drift, _ in measured)
+
+
 def test_a_failure_measuring_drift_keeps_the_snapshot_and_warns_once(tmp_path, monkeypatch, caplog):
     def broken(self, *args, **kwargs):
         raise RuntimeError("drift exploded")
 
-    monkeypatch.setattr(WindowAverage, "drift_sums", broken)
+    # Both ways of measuring (apart, and fused into the update that subtracts the evicted file) add
+    # their pieces through DriftSums.
+    monkeypatch.setattr(DriftSums, "add", broken)
     with caplog.at_level(logging.WARNING, logger="checkpoint_stability.window"):
         measured, window = run(tmp_path, steps=range(1, 5), window=3)
     assert [drift for _, drift, _ in measured] == [None] * 4
