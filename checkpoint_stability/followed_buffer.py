@@ -33,6 +33,7 @@ from checkpoint_stability.buffer import (
     CorruptSnapshotError,
     LazySnapshot,
     SnapshotEntry,
+    StreamedSnapshot,
     WindowListener,
     read_layout,
     read_manifest,
@@ -99,7 +100,7 @@ class FollowedBuffer:
         """One snapshot file's tensors, verified against the trainer's checksum first (every rank's
         file, put together, for a sharded run)."""
         if self.shards:
-            return CapturedState(self._assembled(entry, verify=True), dict(entry.aliases))
+            return _captured(self._assembled(entry, verify=True), entry.aliases)
         verify_snapshot(self.directory, entry)
         return CapturedState(load_file(str(self.directory / entry.file)), dict(entry.aliases))
 
@@ -174,7 +175,7 @@ class FollowedBuffer:
         if entry is None:
             raise KeyError(f"no snapshot at step {step} in the evaluator's window {self.steps}")
         if self.shards:
-            return CapturedState(self._assembled(entry, verify=True), dict(entry.aliases))
+            return _captured(self._assembled(entry, verify=True), entry.aliases)
         verify_snapshot(self.directory, entry)
         return LazySnapshot(self.directory / entry.file, entry.aliases)
 
@@ -194,11 +195,8 @@ class FollowedBuffer:
         if self.shards:
             return lambda: self._assembled(entry, verify=True)
 
-        def load() -> Mapping[str, torch.Tensor]:
-            verify_snapshot(self.directory, entry)
-            return LazySnapshot(self.directory / entry.file, entry.aliases)
-
-        return load
+        # As inline: read once, verified by the read that subtracts it, so both sides average alike.
+        return lambda: StreamedSnapshot(self.directory, entry)
 
     def _sources(self, keep: list[SnapshotEntry], captured: CapturedState) -> list[Mapping]:
         newest = keep[-1].step
@@ -212,6 +210,22 @@ class FollowedBuffer:
                 # Verified when it was admitted; the rolling re-sum reads slices of it (as inline).
                 sources.append(LazySnapshot(self.directory / entry.file, entry.aliases))
         return sources
+
+
+def _captured(full: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> CapturedState:
+    """Put-together tensors as a ``CapturedState``: a name that is the very same tensor object as an
+    earlier one (a tied parameter of an FSDP1 flat shard, which the layout lists once) becomes an alias
+    of it, so it is averaged once, as a tied tensor is inline."""
+    first: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    tied = dict(aliases)
+    for name, tensor in full.items():
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+            tensors[name] = tensor
+    return CapturedState(tensors, tied)
 
 
 __all__ = ["FollowedBuffer"]

@@ -28,7 +28,7 @@ from checkpoint_stability.evaluator_state import needed_from
 from checkpoint_stability.evidence import SelectionEvidence
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.followed_buffer import FollowedBuffer
-from checkpoint_stability.fsdp1_shards import UnsupportedShardingError, unwrapped
+from checkpoint_stability.fsdp1_shards import UnsupportedShardingError, reshard_fsdp1, unwrapped
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
@@ -460,7 +460,12 @@ class StabilityMonitor:
         results: dict[tuple[str, str], TaskResult] = {}
         if self.tasks:
             with isolated_evaluation(model):
+                # FSDP1 keeps some units gathered after a forward pass without backward; the next one would
+                # not see new shards (a background evaluator's file, the average's, then the restored
+                # live ones) without this. Local: frees memory, no collective.
+                reshard_fsdp1(model)
                 results = self.evaluation.raw(self.tasks, model, self.runtime, step)
+                reshard_fsdp1(model)
                 if self._average_due():
                     averaged, self.series.avg_models = self.evaluation.average(
                         self.tasks,
@@ -473,6 +478,7 @@ class StabilityMonitor:
                         step=step,
                     )
                     results.update(averaged)
+                    reshard_fsdp1(model)
 
         records: list[dict] = []
         if self.runtime.is_main:

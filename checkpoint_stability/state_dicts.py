@@ -7,10 +7,23 @@ shared storage, and averaging a tied tensor twice would be wasted work.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from checkpoint_stability.fsdp1_shards import (
+    check_fsdp1_root,
+    fsdp1_full_state,
+    fsdp1_layout,
+    fsdp1_live_tensors,
+    fsdp1_parameter_names,
+    is_fsdp1,
+    is_fsdp1_sharded,
+    reshard_fsdp1,
+)
+from checkpoint_stability.partitioned_models import refuse_empty_partitions
 
 
 @dataclass
@@ -65,19 +78,34 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     A sharded tensor (a DTensor, as FSDP2 and tensor parallelism make) contributes this rank's local
     shard: averaging is elementwise, so each rank can keep the average of its own shards and nothing is
-    ever gathered on the per-snapshot path.
+    ever gathered on the per-snapshot path. An FSDP1 model contributes its units' local flat-parameter
+    shards (:mod:`checkpoint_stability.fsdp1_shards`): its ``state_dict()`` would gather the full model.
+
+    Raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError` for the empty tensors
+    of a DeepSpeed ZeRO-3 model rather than let them be snapshotted.
     """
+    if is_fsdp1(model) and is_fsdp1_sharded(model):
+        return fsdp1_live_tensors(model)
     state = model.state_dict(keep_vars=True)
     out = {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
             tensor = value.detach()
             out[name] = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    if any(t.numel() == 0 and t.is_floating_point() for t in out.values()):
+        refuse_empty_partitions(model, out)  # cheap: only a state with an empty tensor is looked at
     return out
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether any state-dict tensor of ``model`` is a DTensor (sharded across ranks)."""
+    """Whether ``model``'s weights are split across ranks: a DTensor among its state-dict tensors (FSDP2,
+    tensor parallelism), or FSDP1 units with a sharding strategy. Refuses (``ValueError``) an FSDP1
+    module handed over without its root (see :func:`~checkpoint_stability.fsdp1_shards.check_fsdp1_root`).
+    """
+    if is_fsdp1(model):
+        # Never state_dict() here: FSDP1's gathers the whole model on every rank.
+        check_fsdp1_root(model)
+        return is_fsdp1_sharded(model)
     return any(hasattr(value, "to_local") for value in model.state_dict(keep_vars=True).values())
 
 
@@ -88,8 +116,11 @@ def shard_layout(model: torch.nn.Module) -> dict:
     Written into each rank's buffer manifest so that a process without the process group (a background
     evaluator) can put full tensors back together. Only what FSDP2 makes is described: a 1-D device mesh
     whose tensors are split along one dimension (``Shard(d)``, chunks in rank order as ``torch.chunk``
-    cuts them) or replicated; anything else raises ``ValueError`` naming the tensor.
+    cuts them) or replicated; anything else raises ``ValueError`` naming the tensor. An FSDP1 model's flat
+    shards are described by :func:`~checkpoint_stability.fsdp1_shards.fsdp1_layout` (a ``"flat"`` spec).
     """
+    if is_fsdp1(model) and is_fsdp1_sharded(model):
+        return fsdp1_layout(model)
     ranks, rank = 1, 0
     tensors: dict[str, dict] = {}
     for name, value in model.state_dict(keep_vars=True).items():
@@ -118,6 +149,9 @@ def shard_layout(model: torch.nn.Module) -> dict:
 def assemble_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mapping) -> dict[str, torch.Tensor]:
     """Full tensors from the ranks' local tensors (``shards`` in rank order), as ``shard_layout`` says.
 
+    A spec with ``"flat"`` (an FSDP1 flat parameter) is cut into the original tensors it holds, under
+    their own names; its ``"tied"`` names are the very same tensor objects as the names they alias.
+
     >>> layout = {"tensors": {"w": {"shape": [3, 2], "dim": 0}, "b": {"shape": [2], "dim": None}}}
     >>> full = assemble_shards([{"w": torch.zeros(2, 2), "b": torch.ones(2)},
     ...                         {"w": torch.ones(1, 2), "b": torch.ones(2)}], layout)
@@ -135,11 +169,32 @@ def assemble_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mappin
                 f"{name!r}: the ranks' pieces make shape {list(full[name].shape)}, "
                 f"the layout says {spec['shape']}"
             )
+        if "flat" in spec:
+            flat = full.pop(name)
+            for original, shape, offset in spec["flat"]:
+                numel = math.prod(shape)
+                if offset + numel > flat.numel():
+                    raise ValueError(
+                        f"{name!r}: the layout puts {original!r} at {offset}..{offset + numel}, past the "
+                        f"{flat.numel()} elements the ranks' pieces make"
+                    )
+                full[original] = flat[offset : offset + numel].view(shape).clone()
+            for alias, original in spec.get("tied", {}).items():
+                full[alias] = full[original]
     return full
 
 
 def gather_full_state(model: torch.nn.Module, is_main: bool) -> CapturedState | None:
-    """The full (unsharded) state dict on CPU, on rank 0 only. Collective: every rank must call it."""
+    """The full (unsharded) state dict on CPU, on rank 0 only. Collective: every rank must call it.
+
+    FSDP1: :func:`~checkpoint_stability.fsdp1_shards.fsdp1_full_state` (``FULL_STATE_DICT``, ``rank0_only``,
+    one all-gather per unit; torch's ``get_model_state_dict`` would ask for ``offload_to_cpu``, which fails
+    on a CPU model), by the names of the unwrapped model.
+    """
+    if is_fsdp1(model):
+        reshard_fsdp1(model)  # a unit still holding gathered values would be exported with those
+        fsdp1 = fsdp1_full_state(model)
+        return capture_state(fsdp1) if is_main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -327,7 +382,10 @@ def is_plain_layout(tensor: torch.Tensor) -> bool:
 
 
 def parameter_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names that are parameters (what training updates), as opposed to buffers."""
+    """State-dict names that are parameters (what training updates), as opposed to buffers (for FSDP1,
+    the names of :func:`live_tensors`, flat shards included)."""
+    if is_fsdp1(model) and is_fsdp1_sharded(model):
+        return fsdp1_parameter_names(model)
     return {
         name
         for name, value in model.state_dict(keep_vars=True).items()

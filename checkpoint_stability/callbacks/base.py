@@ -17,6 +17,7 @@ import torch
 
 from checkpoint_stability.config import StabilityConfig
 from checkpoint_stability.monitor import StabilityMonitor
+from checkpoint_stability.partitioned_models import refuse_partitioned
 from checkpoint_stability.selection import best_model_path, load_best, read_best
 from checkpoint_stability.sinks import Sink
 from checkpoint_stability.tasks.base import Task
@@ -136,8 +137,13 @@ class StabilityCallbackBase:
         """Training starts at ``step``: restore the state saved in the training checkpoint (its run
         directory wins), open under the ``on_error`` policy, and give sinks with a ``preload(records)``
         method (W&B charts) the history the run continues. True if the run directory is open; with
-        ``on_error="warn"`` an unusable one is warned about and each snapshot tries again. Collective."""
+        ``on_error="warn"`` an unusable one is warned about and each snapshot tries again. A DeepSpeed
+        ZeRO-3 model raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError`.
+        Collective."""
         monitor = self._monitor
+        if model is not None:
+            # A configuration that cannot be snapshotted stops training now, whatever on_error says.
+            refuse_partitioned(model)
         self._last_snapshot_step = step
         self._running = True
         try:

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from checkpoint_stability.callbacks.base import StabilityCallbackBase
+from checkpoint_stability.fsdp1_shards import fsdp1_root_of
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.sinks import Sink, TensorBoardSink
 from checkpoint_stability.sinks.framework_loggers import FrameworkLoggersSink
@@ -185,7 +186,7 @@ class StabilityCallback(StabilityCallbackBase, Callback):
     ) -> None:
         # Under gradient accumulation several batches end on one global_step; only the first of them
         # follows the optimizer step.
-        self._snapshot(pl_module, trainer.global_step)
+        self._snapshot(_snapshotted(trainer, pl_module), trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close()
@@ -302,7 +303,20 @@ class StabilityCallback(StabilityCallbackBase, Callback):
     def _open(self, trainer: Trainer, pl_module: LightningModule, resume_step: int | None) -> None:
         self._require_monitor()
         restored, self._restored_state = self._restored_state, None
-        self._start(trainer.global_step, resume_step=resume_step, model=pl_module, restored_state=restored)
+        self._start(
+            trainer.global_step,
+            resume_step=resume_step,
+            model=_snapshotted(trainer, pl_module),
+            restored_state=restored,
+        )
+
+
+def _snapshotted(trainer: Trainer, pl_module: LightningModule) -> torch.nn.Module:
+    """The module the monitor snapshots and evaluates: the LightningModule, or the FSDP1 root that
+    Lightning's ``FSDPStrategy`` wraps around it (``trainer.strategy.model``). The root's own flat
+    parameter holds the weights no inner unit wraps, and only a forward pass through the root unshards
+    them."""
+    return fsdp1_root_of(pl_module, [getattr(trainer.strategy, "model", None)])
 
 
 def _validation_dataloader(trainer: Trainer):

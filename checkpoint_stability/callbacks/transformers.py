@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from checkpoint_stability.callbacks.base import StabilityCallbackBase
+from checkpoint_stability.fsdp1_shards import fsdp1_root_of
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.records import MEAN_TASK, METRICS, scalar_name
 from checkpoint_stability.sinks import Sink, TensorBoardSink
@@ -95,6 +96,8 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
     def __init__(self, tasks: Sequence[Task] | None = None, **settings):
         super().__init__(tasks, **settings)
         self._task_names: list[str] = []
+        self._fsdp1_root: tuple[Any, Any] | None = None
+        """(the model the Trainer hands callbacks, the FSDP1 root wrapping it), under FSDP1 only."""
         self.tensorboard_dir: Path | None = None
         """The TensorBoard run the stability scalars go to (None without ``"tensorboard"`` in report_to)."""
 
@@ -130,6 +133,14 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         trainer = _running_trainer(self)
         if trainer is not None:
             _log_before_the_progress_bar(self, trainer)
+        # Under FSDP1 the Trainer hands callbacks the model inside the root unit it wrapped; the monitor
+        # needs the root (its flat parameter, and its forward pass that unshards it).
+        self._fsdp1_root = None
+        if model is not None and trainer is not None:
+            root = fsdp1_root_of(
+                model, [getattr(trainer, "model_wrapped", None), getattr(trainer, "model", None)]
+            )
+            self._fsdp1_root = (model, root) if root is not model else None
         tasks = self._tasks_here(lambda: self._default_tasks(args, trainer))
         self._task_names = [t.name for t in tasks]
         self._check_best_metric(args)
@@ -148,13 +159,16 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         )
         self._latest_records = []
         opened = self._start(
-            state.global_step, resume_step=resume_step, model=model, restored_state=_restored_state(state)
+            state.global_step,
+            resume_step=resume_step,
+            model=self._snapshotted(model),
+            restored_state=_restored_state(state),
         )
         if opened and resume_step is not None and self.monitor.history is not None:
             self._latest_records = _records_at_last_step(self.monitor.history.records(), resume_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._snapshot(model, state.global_step)
+        self._snapshot(self._snapshotted(model), state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The Trainer logs an evaluation's metrics (appending them to state.log_history and printing
@@ -176,6 +190,12 @@ class StabilityCallback(StabilityCallbackBase, TrainerCallback, ExportableState)
         self._close()
 
     # ------------------------------------------------------------------ internals
+
+    def _snapshotted(self, model: Any) -> Any:
+        """The module the monitor snapshots: the FSDP1 root found at ``on_train_begin`` when ``model`` is
+        the module inside it, else ``model``."""
+        pair = self._fsdp1_root
+        return pair[1] if pair is not None and pair[0] is model else model
 
     def _evaluation_items(self, args) -> dict[str, float]:
         """The latest snapshot's values as evaluation metrics (``eval_stability/...``); the key
