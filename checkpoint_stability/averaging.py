@@ -153,11 +153,16 @@ class WindowAverage:
             raise RuntimeError("the window average is stale and no window loader was given to re-sum it")
         self._check_keys(added.tensors)
         self._stale = True  # until the snapshot is in and the evicted ones are out
-        counts = self._add(added)
+        # Every snapshot in the sum leaves (a window of one): the sum becomes the new snapshot, exactly,
+        # and there is nothing to subtract.
+        replacing = bool(evicted) and len(evicted) >= self._count
+        counts = self._add(added, replace=replacing)
         if judge is not None:
             judge(counts)
         self._aliases = dict(added.aliases)
         self._count += 1
+        if replacing:
+            self._count, evicted = 1, ()
         # Fused only when the re-sum after it leaves most of the sum as it is: with exact_sum_every=1
         # every element is rebuilt after the subtraction, and the drift must see the rebuilt sum.
         fusable = len(evicted) == 1 and self.exact_sum_every != 1
@@ -178,10 +183,11 @@ class WindowAverage:
         if window is not None and self.exact_sum_every is not None:
             self._rebuild_next_slices(window, added.aliases)
 
-    def _add(self, added: CapturedState) -> dict[str, int]:
+    def _add(self, added: CapturedState, *, replace: bool = False) -> dict[str, int]:
         """Add ``added``'s floating tensors into the sum, checking each slice for NaN and infinity just
         before it is added; returns the non-finite counts (tensors holding some). A tensor holding some
-        is taken from the newest snapshot from then on (``_held``)."""
+        is taken from the newest snapshot from then on (``_held``). ``replace``: the sum becomes ``added``
+        (every snapshot it held is leaving)."""
         counts: dict[str, int] = {}
         for name, tensor in added.tensors.items():
             if not tensor.is_floating_point() or name in self._held:
@@ -191,7 +197,7 @@ class WindowAverage:
                     counts[name] = count
                 continue
             total = self._sum.get(name)
-            fresh = total is None
+            fresh = total is None or replace
             if total is None:
                 total = torch.empty(tensor.shape, dtype=self.accumulator_dtype)
             flat_total, flat = total.view(-1), tensor.reshape(-1)

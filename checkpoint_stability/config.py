@@ -76,7 +76,12 @@ class StabilityConfig:
 
     exact_sum_every: int | None = None
     """Every element of the running sum is rebuilt exactly from the buffered files at least once per this
-    many updates, a slice at each update; ``None`` means ``window``, which keeps each update at O(P)."""
+    many updates, a slice at each update, which reads ``window / exact_sum_every`` of a snapshot's bytes
+    from the files. ``None`` means ``8 * window``: an eighth of a snapshot read per update, and after
+    1,000 snapshots of a random walk the average is as close to float64 (3.9e-7 of the largest weight)
+    as with a rebuild every ``window`` updates (3.7e-7; 1.6e-6 with none). ``window`` rebuilds faster and
+    reads a whole snapshot's worth at every update, which on large models costs as much as the snapshot's
+    own write."""
 
     resum_every: dataclasses.InitVar[int | None] = None
     """Deprecated name of ``exact_sum_every`` (it read like "resume"); goes in the next release."""
@@ -197,7 +202,7 @@ class StabilityConfig:
     @property
     def exact_sum_interval(self) -> int:
         """How many updates may pass before every element of the running sum is rebuilt exactly."""
-        return self.exact_sum_every if self.exact_sum_every is not None else self.window
+        return self.exact_sum_every if self.exact_sum_every is not None else 8 * self.window
 
     @property
     def storage_torch_dtype(self) -> torch.dtype | None:
