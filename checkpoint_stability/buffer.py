@@ -288,8 +288,10 @@ class SnapshotBuffer:
     ``push`` copies the weights to CPU on the caller's thread (the only blocking part), straight into
     the bytes of the file to be written, and leaves the writing to one background thread. At most one
     write is in flight: the next ``push`` waits for it, so memory stays bounded: one snapshot's file
-    image, kept allocated and reused from push to push. Files read back (eviction, re-sums) are hashed
-    in chunks and read one tensor at a time.
+    image, kept allocated and reused from push to push. The background thread writes the file on an I/O
+    thread (checksummed chunk by chunk as it goes) while the listener, the window average, takes the
+    snapshot in; the file leaving the window is read once, front to back, and verified by that read
+    (``StreamedSnapshot``).
 
     Example::
 
@@ -340,7 +342,7 @@ class SnapshotBuffer:
         # File name -> reader of a window file already known good: written by this buffer (its checksum
         # taken from the very bytes written) or verified once since. The window average's rolling re-sum
         # reads a slice of every window file at each update; hashing the whole window each time would
-        # cost O(window x P). An evicted file is still verified in full before it is subtracted.
+        # cost O(window x P). An evicted file is verified in full by the read that subtracts it.
         self._readers: dict[str, LazySnapshot] = {}
         # Pinned host buffers for snapshots of CUDA weights, reused from one push to the next.
         self._staging = PinnedStaging() if torch.cuda.is_available() else None
