@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: selection-evidence test test-min demo bench install lint clean soak panels
+.PHONY: selection-evidence test test-min demo bench bench-scale gpu-check install lint clean soak panels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,19 @@ panels: install
 # The callback's cost, measured side by side; rewrites benchmarks/RESULTS.md (10-15 minutes on 2 cores, depending on load).
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# Issue 19: the per-snapshot path at GPT-2 124M, 355M and 774M side by side (1.5B when memory allows, not
+# at 24 GiB), each size in a process of its own; replaces the "Scale" section at the end of
+# benchmarks/RESULTS.md. About 12 minutes on 2 cores (11.9 measured, load 2-5). A smoke run:
+# $(BIN)/python benchmarks/scale.py --sizes 124M --rounds 2 --no-write
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py
+
+# Issue 19's GPU check: the snapshot path on CUDA (pinned staging, side-stream copy) on a ~1B GPT-2 and the
+# Hugging Face Trainer with FSDP2 on one GPU. Not yet run on a GPU; without CUDA it says so and exits 0.
+# Needs a CUDA build of torch in .venv (the TORCH installed above is the CPU build these machines keep).
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 # The README's "Does it pick better checkpoints?" table: both tiny-GPT examples, 3 seeds (~25 minutes).
 selection-evidence: install

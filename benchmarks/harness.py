@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 # small models, or the embedding alone would be most of their parameters.
 MODEL_SIZES = {
     "124M": dict(),  # GPT2Config() itself: 12 layers, width 768, vocabulary 50257, context 1024
+    # GPT-2 medium, large and XL (full vocabulary and context), for the scale benchmark (benchmarks/scale.py).
+    "355M": dict(n_embd=1024, n_layer=24, n_head=16),
+    "774M": dict(n_embd=1280, n_layer=36, n_head=20),
+    "1.5B": dict(n_embd=1600, n_layer=48, n_head=25),
+    "1B": dict(n_embd=1536, n_layer=32, n_head=16),  # 985M, GPT-2-shaped: benchmarks/gpu_check.py's model
     "50M": dict(n_embd=512, n_layer=8, n_head=8),
     "10M": dict(
         vocab_size=8192, n_positions=256, n_embd=320, n_layer=6, n_head=5, bos_token_id=0, eos_token_id=0
