@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -317,10 +318,16 @@ class SnapshotBuffer:
         listener: WindowListener | None = None,
         retain: Callable[[], int | None] | None = None,
         max_pending: int = 0,
+        images: int = 1,
     ):
         """``retain`` (background evaluation): returns the oldest step an evaluator still needs (None:
         every step); a snapshot leaving the window from that step on is kept on disk as *pending*, at
-        most ``max_pending`` of them (the oldest beyond that are dropped: the evaluator records the gap)."""
+        most ``max_pending`` of them (the oldest beyond that are dropped: the evaluator records the gap).
+
+        ``images``: how many snapshot images to keep. With 2, a push copies into the image the write in
+        flight is not using, so it waits only for the write before that: snapshots closer together than
+        a snapshot's background work no longer hold training up, for one more snapshot's worth of
+        memory. At most ``images`` writes are then in flight, committed in order."""
         self.directory = Path(directory)
         self.window = require_int("window", window, 1)
         self.storage_dtype = storage_dtype
@@ -337,7 +344,7 @@ class SnapshotBuffer:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._io_executor: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._pending: deque[Future] = deque()
         self._entries: list[SnapshotEntry] = []
         # File name -> reader of a window file already known good: written by this buffer (its checksum
         # taken from the very bytes written) or verified once since. The window average's rolling re-sum
@@ -346,7 +353,13 @@ class SnapshotBuffer:
         self._readers: dict[str, LazySnapshot] = {}
         # Pinned host buffers for snapshots of CUDA weights, reused from one push to the next.
         self._staging = PinnedStaging() if torch.cuda.is_available() else None
-        self._image = SnapshotImage()
+        if images not in (1, 2):
+            raise ValueError(f"images must be 1 or 2, got {images!r}")
+        self._images = [SnapshotImage() for _ in range(images)]
+        self._next_image = 0
+        self._pushed: int | None = None  # the newest step pushed, committed or not
+        self.committing_step: int | None = None
+        """The step whose snapshot the listener is being given (set on the writer thread before the call)."""
         self._open()
 
     # ------------------------------------------------------------------ reading
@@ -393,36 +406,60 @@ class SnapshotBuffer:
     def push(self, step: int, state_dict: Mapping[str, torch.Tensor]) -> CapturedState:
         """Snapshot ``state_dict`` at ``step``: copy it to CPU now, write it in the background.
 
-        Waits first for the previous write (and raises its error, if it failed). Returns the CPU copy,
-        valid and unchanged until the next push, which reuses its memory (``SnapshotImage``, or for CUDA
-        weights pinned buffers: call ``synchronize()`` on it before reading it on the CPU). The snapshot
-        that falls out of the window is deleted once the listener has seen it.
+        Waits first for the previous write (with two images, for the write before it), and raises its
+        error if it failed. Returns the CPU copy, valid and unchanged until the push that reuses its
+        memory (``SnapshotImage``, or for CUDA weights pinned buffers: call ``synchronize()`` on it
+        before reading it on the CPU). The snapshot that falls out of the window is deleted once the
+        listener has seen it.
         """
         step = require_int("step", step, 0)
-        self.wait()
-        newest = self.steps[-1] if self._entries else None
+        self.wait_for_image()
+        newest = max((s for s in (*self.steps[-1:], self._pushed) if s is not None), default=None)
         if newest is not None and step <= newest:
             raise ValueError(
                 f"step {step} is not newer than the newest buffered snapshot ({newest}); "
                 "call truncate_after(step - 1) first when resuming from an earlier step"
             )
-        captured = self._image.capture(state_dict, self.storage_dtype, {"step": str(step)})
+        image = self._images[self._next_image]
+        captured = image.capture(state_dict, self.storage_dtype, {"step": str(step)})
         if captured is None:
+            self.wait()  # the pinned staging buffers are shared: no write may still be reading them
             captured = capture_state(state_dict, self.storage_dtype, self._staging)
+        else:
+            self._next_image = (self._next_image + 1) % len(self._images)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
-        self._pending = self._executor.submit(self._commit, step, captured)
+        self._pending.append(self._executor.submit(self._commit, step, captured))
+        self._pushed = step
         return captured
 
+    @property
+    def overlapping(self) -> bool:
+        """Whether a push may return with an earlier write still in flight (two images)."""
+        return len(self._images) > 1
+
+    def wait_for_image(self) -> None:
+        """Block until an image is free for the next push: every write in flight with one image, all but
+        the newest with two. Raises the ``SnapshotError`` of a write that failed."""
+        while len(self._pending) >= len(self._images):
+            self._pending.popleft().result()
+
     def wait(self) -> None:
-        """Block until the write in flight is committed; raise its ``SnapshotError`` if it failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until every write in flight is committed; raise the first one's ``SnapshotError`` if any
+        failed (the others are still waited for)."""
+        failure: BaseException | None = None
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except SnapshotError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def truncate_after(self, step: int) -> list[int]:
         """Drop snapshots newer than ``step`` (resuming from ``step``); returns the dropped steps."""
         self.wait()
+        self._pushed = None  # what is pushed next is judged against what is left
         with self._lock:
             keep = [e for e in self._entries if e.step <= step]
             dropped = [e for e in self._entries if e.step > step]
@@ -459,7 +496,8 @@ class SnapshotBuffer:
                 if executor is not None:
                     executor.shutdown(wait=True)
             self._executor = self._io_executor = None
-            self._image.release()
+            for image in self._images:
+                image.release()
 
     def window_sources(self) -> list[LazySnapshot]:
         """Lazy, verified readers for the buffered snapshots; corrupt ones are dropped with a warning."""
@@ -506,6 +544,7 @@ class SnapshotBuffer:
                 size = len(data)
                 del data
                 if self.listener is not None:
+                    self.committing_step = step
                     self.listener(
                         captured,
                         [self._loader(e) for e in evicted],

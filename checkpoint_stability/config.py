@@ -141,6 +141,12 @@ class StabilityConfig:
     evaluator that lags behind (``None``: ``window``). Training never waits; past the bound the oldest
     unevaluated snapshots are dropped and the evaluator records the gap."""
 
+    snapshot_images: int = 1
+    """How many snapshot copies the training process keeps in memory: ``1`` (a push waits for the previous
+    snapshot's background write) or ``2`` (the push copies into the other one and waits only for the write
+    before: snapshots taken closer together than their background work then do not hold training up;
+    costs one more snapshot's worth of memory, which the first snapshot's console line states)."""
+
     overwrite: bool = False
     """A run that is not resuming from a training checkpoint refuses a run directory holding another run's
     results (history lines, ``best.json``, buffered snapshots), so nothing is deleted on a guess;
@@ -176,6 +182,8 @@ class StabilityConfig:
         _require_choice("evaluation", self.evaluation, EVALUATION_CHOICES)
         if self.max_pending is not None:
             self.max_pending = require_int("max_pending", self.max_pending, 0)
+        if self.snapshot_images not in (1, 2) or isinstance(self.snapshot_images, bool):
+            raise ValueError(f"snapshot_images must be 1 or 2, got {self.snapshot_images!r}")
         _require_choice("select", self.select, (*SELECT_CHOICES, None))
         _require_choice("select_mode", self.select_mode, SELECT_MODE_CHOICES)
         _require_choice("accumulator_dtype", self.accumulator_dtype, ACCUMULATOR_CHOICES)

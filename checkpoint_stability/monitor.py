@@ -28,7 +28,7 @@ from checkpoint_stability.evaluator_state import needed_from
 from checkpoint_stability.evidence import SelectionEvidence
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.followed_buffer import FollowedBuffer
-from checkpoint_stability.fsdp1_shards import UnsupportedShardingError, reshard_fsdp1, unwrapped
+from checkpoint_stability.fsdp1_shards import UnsupportedShardingError, unwrapped
 from checkpoint_stability.history import History
 from checkpoint_stability.isolation import isolated_evaluation
 from checkpoint_stability.live_series import LiveSeries
@@ -40,6 +40,7 @@ from checkpoint_stability.runtime import Runtime, default_runtime
 from checkpoint_stability.selection import BestModelSelector, load_best
 from checkpoint_stability.sinks import Sink
 from checkpoint_stability.state_dicts import (
+    free_gathered_weights,
     is_sharded,
     live_tensors,
     parameter_names,
@@ -49,6 +50,7 @@ from checkpoint_stability.storage.export import ModelExporter
 from checkpoint_stability.tasks.base import Task, TaskResult
 from checkpoint_stability.validation import require_int
 from checkpoint_stability.window import SnapshotWindow
+from checkpoint_stability.zero3_partitions import zero3_module
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +203,10 @@ class StabilityMonitor:
 
         ``resume_step``: the step training resumed from. Snapshots, history and example lines newer
         than it belong to an abandoned trajectory and are dropped; the TensorBoard run purges them.
-        ``model``: the trained module, to tell whether its weights are sharded (FSDP2 / DTensor, or FSDP1
-        units with a sharding strategy), in which case every rank keeps the window of its own shards
-        under ``buffer/rank-R/``. A DeepSpeed ZeRO-3 model is refused here
+        ``model``: the trained module, to tell whether its weights are sharded (FSDP2 / DTensor, FSDP1
+        units with a sharding strategy, or DeepSpeed ZeRO-3 partitions), in which case every rank keeps the
+        window of its own shards under ``buffer/rank-R/``. A ZeRO-3 set-up that cannot be snapshotted (NVMe
+        offload, ZeRO++ hpZ, MiCS) is refused here
         (:class:`~checkpoint_stability.partitioned_models.PartitionedModelError`), and so is an FSDP1
         module handed over without its root unit.
         Without ``resume_step``, a directory holding another run's results raises
@@ -422,7 +425,7 @@ class StabilityMonitor:
         step = require_int("step", step, 0)
         # A model already snapshotted keeps its sharding: the checks (a state-dict walk on the training
         # thread) are made for a model seen for the first time only. They raise whatever on_error says:
-        # a ZeRO-3 model or an FSDP1 module without its root cannot be snapshotted at all.
+        # an unsupported ZeRO-3 set-up or an FSDP1 module without its root cannot be snapshotted at all.
         if self._trained_model() is not model:
             refuse_partitioned(model)
             sharded = is_sharded(model)
@@ -454,18 +457,19 @@ class StabilityMonitor:
         if self.role == "trainer":
             self.faults.raise_held()
             return []  # the evaluator does the rest, from the buffered files
-        # The push waited for the previous write, so the drifts measured before it are final.
-        self._publish_drifts(settled=True, pending=step)
+        # The push waited for the previous write (with two snapshot images, for the one before it), so
+        # the drifts measured before it are final.
+        self._publish_drifts(settled=not self.window.overlapping, pending=step)
 
         results: dict[tuple[str, str], TaskResult] = {}
         if self.tasks:
             with isolated_evaluation(model):
-                # FSDP1 keeps some units gathered after a forward pass without backward; the next one would
-                # not see new shards (a background evaluator's file, the average's, then the restored
-                # live ones) without this. Local: frees memory, no collective.
-                reshard_fsdp1(model)
+                # FSDP1 keeps some units gathered after a forward pass without backward, ZeRO-3 every
+                # parameter; the next one would not see new shards (a background evaluator's file, the
+                # average's, then the restored live ones) without this. Local: frees memory, no collective.
+                free_gathered_weights(model)
                 results = self.evaluation.raw(self.tasks, model, self.runtime, step)
-                reshard_fsdp1(model)
+                free_gathered_weights(model)
                 if self._average_due():
                     averaged, self.series.avg_models = self.evaluation.average(
                         self.tasks,
@@ -478,7 +482,7 @@ class StabilityMonitor:
                         step=step,
                     )
                     results.update(averaged)
-                    reshard_fsdp1(model)
+                    free_gathered_weights(model)
 
         records: list[dict] = []
         if self.runtime.is_main:
@@ -546,10 +550,10 @@ class StabilityMonitor:
         return None if self._model is None else self._model()
 
     def _exported_model(self) -> torch.nn.Module | None:
-        """The module exports are of: the trained one, or the model an FSDP1 root wraps (a Hugging Face
-        model inside it is exported as a ``save_pretrained`` directory, as without FSDP1)."""
+        """The module exports are of: the trained one, or the model an FSDP1 root or a DeepSpeed engine wraps
+        (a Hugging Face model inside it is exported as a ``save_pretrained`` directory, as without them)."""
         model = self._trained_model()
-        return None if model is None else unwrapped(model)
+        return None if model is None else unwrapped(zero3_module(model))
 
     def _average_due(self) -> bool:
         """Every ``average_every``-th snapshot of the run (the first one included)."""

@@ -104,6 +104,7 @@ class SnapshotWindow:
         self.non_finite_steps: set[int] = set()
         """Steps whose snapshot was kept out for NaN or infinite weights."""
         self._writing_step: int | None = None
+        self._pushed_shapes: dict[str, tuple] | None = None
         # Non-finite element counts per tensor in the last admitted snapshot (None: none admitted yet).
         self._admitted_non_finite: dict[str, int] | None = None
         self._storage_range_checked = False
@@ -161,6 +162,7 @@ class SnapshotWindow:
                 listener=_weak_listener(self) if self.averaging else None,
                 retain=retain,
                 max_pending=self.config.pending_bound if retain is not None else 0,
+                images=self.config.snapshot_images,
             )
         self._admitted_non_finite = None  # judged afresh: the first snapshot admits how buffers are built
         if resume_step is not None:
@@ -172,7 +174,11 @@ class SnapshotWindow:
     def push(self, step: int, live: dict[str, torch.Tensor]) -> CapturedState | None:
         """Copy ``live`` into the window (written in the background); None if that failed (reported)."""
         self.live_dtypes = {name: tensor.dtype for name, tensor in live.items()}
-        self.wait()
+        self._make_room()
+        shapes = {name: tuple(tensor.shape) for name, tensor in live.items()}
+        if shapes != self._pushed_shapes and self.overlapping:
+            self.wait()  # the average is read below: no write may still be updating it
+        self._pushed_shapes = shapes
         mismatch = self.average.mismatch(live)
         if mismatch is not None:
             # A changed model (new layers, a torch.compile prefix) cannot share a window with the old
@@ -186,7 +192,7 @@ class SnapshotWindow:
         if not self._storage_range_checked:
             self._storage_range_checked = True
             self._check_storage_range(step, live)
-        self._writing_step = step  # one write in flight at most: the listener's snapshot is this one
+        self._writing_step = step  # a buffer without committing_step admits synchronously: this one
         try:
             captured = self.files.push(step, live)
         except Exception as error:
@@ -206,19 +212,40 @@ class SnapshotWindow:
         """
         return self._drifts.get(step)
 
+    @property
+    def overlapping(self) -> bool:
+        """Whether a push may return with the previous snapshot's write still in flight
+        (``config.snapshot_images == 2``): what was measured then is final only after :meth:`wait`."""
+        return bool(getattr(self.buffer, "overlapping", False))
+
+    def _make_room(self) -> None:
+        """Before a push: wait for the write whose image the push reuses (every write, with one image)."""
+        wait_for_image = getattr(self.files, "wait_for_image", None)
+        if wait_for_image is None or not self.overlapping:
+            self.wait()
+            return
+        try:
+            wait_for_image()
+        except SnapshotError as error:
+            self.wait()  # the other write too, so that the average is rebuilt from a settled buffer
+            self._write_failed(error)
+
     def wait(self) -> None:
-        """Wait for the write in flight; a failed write is reported and the average re-summed."""
+        """Wait for the writes in flight; a failed write is reported and the average re-summed."""
         try:
             self.files.wait()
         except SnapshotError as error:
-            # The drift may have been measured before the commit failed: the snapshot is not in the window.
-            self._forget_drift(error.step)
-            self.faults.report("snapshot", error, step=error.step)
-            try:
-                self.rebuild_average()
-            except Exception as rebuild_error:
-                self.faults.report("snapshot", rebuild_error, step=error.step)
-                self.average.invalidate()
+            self._write_failed(error)
+
+    def _write_failed(self, error: SnapshotError) -> None:
+        # The drift may have been measured before the commit failed: the snapshot is not in the window.
+        self._forget_drift(error.step)
+        self.faults.report("snapshot", error, step=error.step)
+        try:
+            self.rebuild_average()
+        except Exception as rebuild_error:
+            self.faults.report("snapshot", rebuild_error, step=error.step)
+            self.average.invalidate()
 
     def rebuild_average(self) -> None:
         """Rebuild the average exactly from the window's files (nothing when this side keeps none)."""
@@ -342,7 +369,8 @@ class SnapshotWindow:
         distinct = {tensor.data_ptr(): tensor for tensor in live.values() if tensor.numel()}
         export = _bytes_of(distinct.values())
         pending = buffer.max_pending if buffer.retain is not None else 0
-        needed = (self.config.window + pending + 1) * snapshot + export
+        copies = self.config.snapshot_images  # snapshots that can be in flight at once
+        needed = (self.config.window + pending + copies) * snapshot + export
         held = sum(entry.bytes for entry in buffer.entries) + buffer.pending_bytes
         try:
             free = shutil.disk_usage(buffer.directory).free
@@ -353,10 +381,15 @@ class SnapshotWindow:
         accumulator = self.config.accumulator_torch_dtype.itemsize
         window_sum = sum(t.numel() * accumulator for t in captured.tensors.values() if t.is_floating_point())
         available = "" if free is None else f", {_size(free + held)} available"
+        kept = (
+            "a copy of that size stays"
+            if copies == 1
+            else f"snapshot_images=2: two copies, {_size(2 * snapshot)}, stay"
+        )
         self.storage_note = (
-            f"[stability] each snapshot: {_size(snapshot)} (a copy of that size stays allocated for the next "
-            f"one; the window sum adds {_size(window_sum)}); disk needed at most {_size(needed)} ({parts} + "
-            f"1 being written + 1 export){available}"
+            f"[stability] each snapshot: {_size(snapshot)} ({kept} allocated for the next ones; the "
+            f"window sum adds {_size(window_sum)}); disk needed at most {_size(needed)} ({parts} + "
+            f"{copies} being written + 1 export){available}"
         )
         logger.info("%s", self.storage_note)
         if free is not None and needed > free + held:
@@ -365,10 +398,9 @@ class SnapshotWindow:
                 InsufficientDiskError(
                     f"the disk of {buffer.directory} has {_size(free)} free (plus {_size(held)} already "
                     f"buffered), and the snapshot buffer needs up to {_size(needed)}: {parts} snapshots of "
-                    f"{_size(snapshot)}, 1 more being written and 1 export of {_size(export)}. Snapshots "
-                    "will fail once the disk is full: free space, lower `window`, or store snapshots in "
-                    "half the space with "
-                    "storage_dtype='bfloat16'"
+                    f"{_size(snapshot)}, {copies} more being written and 1 export of {_size(export)}. "
+                    "Snapshots will fail once the disk is full: free space, lower `window`, or store "
+                    "snapshots in half the space with storage_dtype='bfloat16'"
                 ),
                 step=step,
             )
@@ -377,7 +409,8 @@ class SnapshotWindow:
         """The buffer's listener (writer thread): a snapshot with NaN or infinite weights that training
         made is kept out of the window, so it cannot poison the average; the others join the average,
         and then their drift is measured (``config.drift``)."""
-        step = self._writing_step or 0
+        committing = getattr(self.buffer, "committing_step", None)
+        step = committing if committing is not None else (self._writing_step or 0)
         before = self._admitted_non_finite
 
         def judge(non_finite: dict[str, int]) -> None:
