@@ -283,6 +283,20 @@ Produced by `{command}` on {started:%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} mi
 {NOTES}"""
 
 
+# The sections this script writes; any other "## " section of RESULTS.md (an item's details, written by
+# hand after a run, or `make bench-scale`'s) is kept, in place after them, when the file is rewritten.
+GENERATED_SECTIONS = ("## Model sizes", "## Figures", "## Targets missed in this run", "## How to read this")
+
+
+def kept_sections(previous: str) -> str:
+    """The part of an earlier RESULTS.md from its first section this script does not write, or ""."""
+    lines = previous.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.startswith("## ") and not line.startswith(GENERATED_SECTIONS):
+            return "\n" + "".join(lines[index:])
+    return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models and few repeats: a smoke run")
@@ -320,7 +334,8 @@ def main() -> None:
         command = "make bench  (= .venv/bin/python benchmarks/run.py)"
     text = results_markdown(figures, sizes, command, started, elapsed, load_start, load_average(), args.quick)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
+    previous = args.output.read_text() if args.output.exists() else ""
+    args.output.write_text(text.rstrip("\n") + "\n" + kept_sections(previous))
     print()
     print(table(figures))
     print(f"\nwritten {args.output} in {elapsed / 60:.1f} minutes")
