@@ -23,7 +23,14 @@ from checkpoint_stability.fsdp1_shards import (
     is_fsdp1_sharded,
     reshard_fsdp1,
 )
-from checkpoint_stability.partitioned_models import refuse_empty_partitions
+from checkpoint_stability.partitioned_models import is_zero3, refuse_empty_partitions
+from checkpoint_stability.zero3_partitions import (
+    release_gathered,
+    zero3_full_state,
+    zero3_layout,
+    zero3_live_tensors,
+    zero3_parameter_names,
+)
 
 
 @dataclass
@@ -80,10 +87,14 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     shard: averaging is elementwise, so each rank can keep the average of its own shards and nothing is
     ever gathered on the per-snapshot path. An FSDP1 model contributes its units' local flat-parameter
     shards (:mod:`checkpoint_stability.fsdp1_shards`): its ``state_dict()`` would gather the full model.
+    A DeepSpeed ZeRO-3 model contributes this rank's partitions (``ds_tensor``, without padding; see
+    :mod:`checkpoint_stability.zero3_partitions`): its ``state_dict()`` holds empty tensors.
 
-    Raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError` for the empty tensors
-    of a DeepSpeed ZeRO-3 model rather than let them be snapshotted.
+    Raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError` for empty tensors of
+    partitioned parameters found on any other path, rather than let them be snapshotted.
     """
+    if is_zero3(model):
+        return zero3_live_tensors(model)
     if is_fsdp1(model) and is_fsdp1_sharded(model):
         return fsdp1_live_tensors(model)
     state = model.state_dict(keep_vars=True)
@@ -99,9 +110,12 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model``'s weights are split across ranks: a DTensor among its state-dict tensors (FSDP2,
-    tensor parallelism), or FSDP1 units with a sharding strategy. Refuses (``ValueError``) an FSDP1
-    module handed over without its root (see :func:`~checkpoint_stability.fsdp1_shards.check_fsdp1_root`).
+    tensor parallelism), FSDP1 units with a sharding strategy, or DeepSpeed ZeRO-3 partitions. Refuses
+    (``ValueError``) an FSDP1 module handed over without its root (see
+    :func:`~checkpoint_stability.fsdp1_shards.check_fsdp1_root`).
     """
+    if is_zero3(model):
+        return True  # never state_dict() here either: its tensors are empty
     if is_fsdp1(model):
         # Never state_dict() here: FSDP1's gathers the whole model on every rank.
         check_fsdp1_root(model)
@@ -117,8 +131,11 @@ def shard_layout(model: torch.nn.Module) -> dict:
     evaluator) can put full tensors back together. Only what FSDP2 makes is described: a 1-D device mesh
     whose tensors are split along one dimension (``Shard(d)``, chunks in rank order as ``torch.chunk``
     cuts them) or replicated; anything else raises ``ValueError`` naming the tensor. An FSDP1 model's flat
-    shards are described by :func:`~checkpoint_stability.fsdp1_shards.fsdp1_layout` (a ``"flat"`` spec).
+    shards are described by :func:`~checkpoint_stability.fsdp1_shards.fsdp1_layout` (a ``"flat"`` spec), a
+    ZeRO-3 model's partitions by :func:`~checkpoint_stability.zero3_partitions.zero3_layout` (the same form).
     """
+    if is_zero3(model):
+        return zero3_layout(model)
     if is_fsdp1(model) and is_fsdp1_sharded(model):
         return fsdp1_layout(model)
     ranks, rank = 1, 0
@@ -189,8 +206,13 @@ def gather_full_state(model: torch.nn.Module, is_main: bool) -> CapturedState | 
 
     FSDP1: :func:`~checkpoint_stability.fsdp1_shards.fsdp1_full_state` (``FULL_STATE_DICT``, ``rank0_only``,
     one all-gather per unit; torch's ``get_model_state_dict`` would ask for ``offload_to_cpu``, which fails
-    on a CPU model), by the names of the unwrapped model.
+    on a CPU model), by the names of the unwrapped model. DeepSpeed ZeRO-3:
+    :func:`~checkpoint_stability.zero3_partitions.zero3_full_state` (one module gathered at a time), by the
+    names of the engine's module.
     """
+    if is_zero3(model):
+        zero3 = zero3_full_state(model, is_main)
+        return capture_state(zero3) if is_main else None
     if is_fsdp1(model):
         reshard_fsdp1(model)  # a unit still holding gathered values would be exported with those
         fsdp1 = fsdp1_full_state(model)
@@ -199,6 +221,16 @@ def gather_full_state(model: torch.nn.Module, is_main: bool) -> CapturedState | 
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return capture_state(full) if is_main else None  # type: ignore[arg-type]  # DTensor-free: full_state_dict
+
+
+def free_gathered_weights(model: torch.nn.Module) -> None:
+    """Free the full weights a sharded model keeps gathered after a forward pass without backward (FSDP1
+    units, DeepSpeed ZeRO-3 parameters), so that the next forward pass gathers the shards as they are now:
+    after an evaluation, before other shards (the average, the restored live ones) are written in and
+    before training or an export reads the model. Local: no collective; nothing to do for other models."""
+    reshard_fsdp1(model)
+    if is_zero3(model):
+        release_gathered(model)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -383,7 +415,9 @@ def is_plain_layout(tensor: torch.Tensor) -> bool:
 
 def parameter_names(model: torch.nn.Module) -> set[str]:
     """State-dict names that are parameters (what training updates), as opposed to buffers (for FSDP1,
-    the names of :func:`live_tensors`, flat shards included)."""
+    the names of :func:`live_tensors`, flat shards included; for ZeRO-3, the partitioned parameters)."""
+    if is_zero3(model):
+        return zero3_parameter_names(model)
     if is_fsdp1(model) and is_fsdp1_sharded(model):
         return fsdp1_parameter_names(model)
     return {

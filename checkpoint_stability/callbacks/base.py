@@ -138,7 +138,8 @@ class StabilityCallbackBase:
         directory wins), open under the ``on_error`` policy, and give sinks with a ``preload(records)``
         method (W&B charts) the history the run continues. True if the run directory is open; with
         ``on_error="warn"`` an unusable one is warned about and each snapshot tries again. A DeepSpeed
-        ZeRO-3 model raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError`.
+        ZeRO-3 set-up that cannot be snapshotted (NVMe offload, ZeRO++ hpZ, MiCS) raises
+        :class:`~checkpoint_stability.partitioned_models.PartitionedModelError`.
         Collective."""
         monitor = self._monitor
         if model is not None:
