@@ -17,7 +17,7 @@ quantized non-trainable weights (the partition is not in the parameter's dtype).
 
 ZeRO stages 1 and 2 partition optimizer state and gradients only: the module keeps full parameters on
 every rank, ``state_dict()`` is whole, and the run is handled like DDP (rank 0 snapshots). Checked with
-deepspeed 0.19.0 and 0.19.8 on CPU (``DS_ACCELERATOR=cpu``, gloo, two ranks): no ``ds_*`` attributes at
+deepspeed 0.19.8 on CPU (``DS_ACCELERATOR=cpu``, gloo, two ranks): no ``ds_*`` attributes at
 stages 1 and 2; at stage 3, ``ds_status=NOT_AVAILABLE`` and zero-element ``data`` after a step.
 """
 
