@@ -544,6 +544,9 @@ class SnapshotBuffer:
                 size = len(data)
                 del data
                 if self.listener is not None:
+                    # The listener reads the evicted file and the newest one (the weight drift's previous
+                    # snapshot) front to back; asked for now, the disk reads them ahead while it adds.
+                    _read_ahead([self.directory / e.file for e in (*evicted, *kept[-1:])])
                     self.committing_step = step
                     self.listener(
                         captured,
@@ -989,6 +992,25 @@ class StreamedSnapshot(LazySnapshot):
         except OSError as error:
             raise CorruptSnapshotError(entry.step, f"{path}: cannot be read ({error})") from error
         _check_read(entry, path, size, checksum)
+
+
+def _read_ahead(paths: Sequence[Path]) -> None:
+    """Ask the kernel to start reading these files into the page cache (``POSIX_FADV_WILLNEED``), so their
+    reads overlap other work; a hint only: nothing happens where it is not supported."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
 
 
 def _fill(handle, view: memoryview) -> int:
