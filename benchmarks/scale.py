@@ -2,6 +2,11 @@
 
     python benchmarks/scale.py              # every size, 5 steady rounds each: 12 minutes on 2 cores
     python benchmarks/scale.py --sizes 124M --rounds 2 --no-write   # a smoke run, under a minute
+    python benchmarks/scale.py --no-drift   # the same without the weight drift, a section of its own
+
+The weight drift (on by default) compares each snapshot with the previous one, whose file it reads back:
+one read more per snapshot than the floor below counts. ``--no-drift`` measures the path without it, so
+that the two sections show what that read costs.
 
 Measured: 11.9 minutes on 2026-12-05 on 2 shared cores (load average 2.4 at the start, up to 5.4; 124M
 1.1, 355M 3.5, 774M 7.1 minutes, most of it the window's own background work at 8-23 s per snapshot).
@@ -44,7 +49,8 @@ are resident at once, about 5 x the state; on a 24 GiB machine that is 31 GB, so
 Disk: the window's 3 files, one in flight, the floor's 3 files and one in flight, and a ``save_file``
 file, up to 3.1 GB each at 774M (about 28 GB).
 
-Writes (replaces) the section "## Scale (issue 19)" at the end of ``benchmarks/RESULTS.md``.
+Writes (replaces) the section "## Scale (issue 19)" (``--no-drift``: "## Scale (issue 19), weight drift
+off") of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -97,6 +103,10 @@ CHUNK = 32 * 2**20
 """The floor's write and read size: large enough that the system-call count does not matter."""
 SIZES = ("124M", "355M", "774M", "1.5B")
 HEADING = "## Scale (issue 19): `make bench-scale`"
+HEADING_NO_DRIFT = "## Scale (issue 19), weight drift off: `python benchmarks/scale.py --no-drift`"
+# Whether the window measures the weight drift (the default; --no-drift turns it off): the drift's distance
+# from the previous snapshot reads that snapshot's file back, one read more than the floor counts.
+DRIFT = True
 RESIDENT_STATES = 5
 """State-sized allocations resident at once in a size's process: the model, the reused image, the float32
 accumulator, the floor's write buffer, and one transient copy (a clone, or ``save_file``'s bytes)."""
@@ -156,7 +166,7 @@ def _high_water_mark_usable() -> bool:
 def open_window(directory: Path) -> SnapshotWindow:
     """The window under test, with the library's defaults, open in ``directory``. Faults raise: a snapshot
     that failed must not pass for a fast one."""
-    window = SnapshotWindow(StabilityConfig(window=WINDOW), FaultPolicy("raise", Runtime))
+    window = SnapshotWindow(StabilityConfig(window=WINDOW, drift=DRIFT), FaultPolicy("raise", Runtime))
     window.open(directory)
     return window
 
@@ -580,11 +590,11 @@ def results_section(results, skipped, command, started, elapsed, load_start, loa
         f"torch threads 2. Load average (1, 5, 15 min): {load_start} at the start, {load_end} at the end; "
         f"per size (its process's time, and the load at its start and end): {per_size}. GPT-2-shaped "
         "`GPT2LMHeadModel`s, float32, randomly initialised; `SnapshotWindow(StabilityConfig(window=3))`, "
-        "no tasks, drift on (the default).",
+        f"no tasks, {'drift on (the default)' if DRIFT else 'drift off (drift=False)'}.",
         width=105,
         break_on_hyphens=False,
     )
-    return f"""{HEADING}
+    return f"""{HEADING if DRIFT else HEADING_NO_DRIFT}
 
 {about}{not_run}
 
@@ -600,11 +610,12 @@ def write_section(path: Path, section: str) -> None:
     """Replace this benchmark's section of RESULTS.md (from its heading to the next ``## `` heading), or
     append it at the end."""
     text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING)
+    heading = HEADING if DRIFT else HEADING_NO_DRIFT
+    start = text.find(heading)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(HEADING))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if end < 0 else text[end:])
     path.write_text(text)
 
@@ -619,9 +630,14 @@ def main() -> None:
         "--output", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="where to write the section"
     )
     parser.add_argument("--no-write", action="store_true", help="print the figures only")
+    parser.add_argument(
+        "--no-drift", action="store_true", help="the window without the weight drift (its own section)"
+    )
     parser.add_argument("--child", metavar="SIZE", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DRIFT
+    DRIFT = not args.no_drift
     if args.child:
         child(args.child, args.rounds, args.workdir or Path(tempfile.gettempdir()))
         return
@@ -653,7 +669,15 @@ def main() -> None:
                 continue
             begin = time.perf_counter()
             line = run_child(
-                "scale", "--child", size, "--rounds", str(args.rounds), "--workdir", workdir, timeout=3600
+                "scale",
+                "--child",
+                size,
+                "--rounds",
+                str(args.rounds),
+                "--workdir",
+                workdir,
+                *(["--no-drift"] if args.no_drift else []),
+                timeout=3600,
             )
             result = json.loads(line)
             results.append(result)
