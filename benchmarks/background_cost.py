@@ -205,11 +205,15 @@ class Evaluator:
         self.where = json.loads(self._line())["ready"]
 
     def _line(self) -> str:
-        line = self.child.stdout.readline()
-        if not line:
-            self.child.wait()
-            raise RuntimeError(f"the evaluator process exited ({self.child.returncode})")
-        return line
+        """The evaluator's next JSON line; other lines are skipped (a library's log lines on stdout, such as
+        DeepSpeed's when transformers imports it)."""
+        while True:
+            line = self.child.stdout.readline()
+            if not line:
+                self.child.wait()
+                raise RuntimeError(f"the evaluator process exited ({self.child.returncode})")
+            if line.startswith("{"):
+                return line
 
     def follow(self, run_dir: Path) -> None:
         self.child.stdin.write(f"{run_dir}\n")

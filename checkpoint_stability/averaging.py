@@ -26,10 +26,13 @@ logger = logging.getLogger(__name__)
 _SLICE_ELEMENTS = 1 << 21
 
 
-# Elements per partial sum of the drift's sums of squares (``WindowAverage.drift_sums``): small enough that
-# the block and its scratch copies stay in the L2 cache; each block's float32 sum of squares is added
-# into a float64 total. Cheaper than widening every block to float64 first (benchmarks/RESULTS.md, item 9).
-_DRIFT_BLOCK = 1 << 16
+# Elements per partial sum of the drift's sums of squares (``DriftSums``): small enough that the block and
+# its scratch copies stay in the L2 cache; each block's float32 sum of squares is added into a float64
+# total. Cheaper than widening every block to float64 first (benchmarks/RESULTS.md, item 9). And no larger
+# than torch's grain size (32768 elements), below which an operation runs on the calling thread alone: at
+# 65536, every one of the block's operations woke OpenMP's other thread, and on 2 busy cores the drift of
+# a 355M model took 2.3 s per snapshot instead of 1.0 s.
+_DRIFT_BLOCK = 1 << 15
 
 
 def _in_slices(total: torch.Tensor, tensor: torch.Tensor, operation) -> None:
