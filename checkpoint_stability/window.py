@@ -391,7 +391,7 @@ class SnapshotWindow:
             f"window sum adds {_size(window_sum)}); disk needed at most {_size(needed)} ({parts} + "
             f"{copies} being written + 1 export){available}"
         )
-        logger.info("%s", self.storage_note)
+        logger.debug("%s", self.storage_note)
         if free is not None and needed > free + held:
             self.faults.report(
                 "config",

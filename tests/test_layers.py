@@ -25,6 +25,11 @@ LEAVES = {
     "bootstrap",
     "diagnostics",
     "_version",
+    # What a sharded or partitioned model's tensors are (FSDP1 flat shards, DeepSpeed ZeRO-3 partitions):
+    # read by state_dicts, the monitor and the callbacks alike; nothing below them but torch.
+    "fsdp1_shards",
+    "partitioned_models",
+    "zero3_partitions",
 }
 CORE = {
     "config",
