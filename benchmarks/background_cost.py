@@ -144,7 +144,7 @@ def pause_figures(name: str, model: torch.nn.Module, rounds: int, workdir: Path)
             queued / clone,
             note=(
                 f"{queued * 1e3:.1f} ms: the push waits for the previous snapshot's write (file, fsync, "
-                f"sha256, manifest); {ratio_spread(samples['back to back'], samples['clone'])}"
+                f"checksum, average, manifest); {ratio_spread(samples['back to back'], samples['clone'])}"
             ),
         ),
     ]

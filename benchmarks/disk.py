@@ -1,7 +1,7 @@
 """Item 6: the snapshot file write against a plain ``safetensors.torch.save_file``, and bf16 on disk.
 
 The buffer's write is durable: serialise, write to a temporary name, fsync, rename, fsync the directory,
-checksum (sha256), rewrite the manifest the same way. ``save_file`` only hands the bytes to the page
+checksum (BLAKE3), rewrite the manifest the same way. ``save_file`` only hands the bytes to the page
 cache, so it is also shown with an fsync added, the like-for-like comparison.
 """
 

@@ -59,8 +59,9 @@ the model of `examples/pretrain_tiny_gpt.py`.
    thread; on 2 cores they still compete with training for CPU, which the "step time while a snapshot
    write runs" figure shows. The loop-overhead figure is the honest total.
 2. **Window average.** Each update adds the new snapshot and subtracts the evicted one, read back
-   from disk and checked against its sha256, then rebuilds the next `1/window` of the sum's elements
-   exactly (float64) from the window's files, reading only those rows of each (`get_slice`). Every
+   from disk and verified by that same read (BLAKE3), then rebuilds the next `1/window` of the sum's
+   elements exactly (float64) from the window's files (here `exact_sum_every=window`; the library's
+   default is 8 windows), reading only those rows of each (`get_slice`). Every
    update so reads about P elements besides the evicted file whatever the window: the cost is O(P)
    and flat, with no update paying for a whole-window re-sum (the "slowest / mean" figure). An
    earlier version rebuilt the whole sum every `window` updates and re-hashed every window file to
@@ -80,7 +81,7 @@ the model of `examples/pretrain_tiny_gpt.py`.
    tasks, not on the callback; choose `every_n_steps` so that this pause is a small share of the
    training time between snapshots.
 6. **Disk.** The buffer's write is durable: temporary file, fsync, rename, directory fsync,
-   sha256 (hashed on another thread while the file is written), manifest rewritten the same way.
+   BLAKE3 checksum (each chunk hashed as it is written), manifest rewritten the same way.
    A plain `save_file` only hands the bytes to the page cache, so that comparison measures this
    disk's fsync speed more than the writer; with an fsync added to `save_file`, the comparison is
    like for like. The third figure is the buffer's write with its fsyncs made no-ops (in the
@@ -138,7 +139,7 @@ MISSES = {
         "plain `save_file` returns once the bytes are in the page cache. The same write with fsync made a "
         "no-op, and `save_file` with an fsync added, are the like-for-like pairs shown beside it. Dropping "
         "the fsync would make a crash of the machine (not just of the process) able to leave a torn "
-        "snapshot behind a committed manifest; the sha256 check would catch it, but the buffer keeps "
+        "snapshot behind a committed manifest; the checksum would catch it, but the buffer keeps "
         "durability and this figure stays a miss on a slow disk."
     ),
     "buffer write throughput / save_file+fsync": (

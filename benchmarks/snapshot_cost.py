@@ -134,12 +134,12 @@ def concurrent_write_slowdown(size: str, steps: int, batch: tuple[int, int], wor
 
     def write_forever():
         # What the writer thread does per snapshot: serialise, write + fsync + rename, checksum.
-        import hashlib
+        from checkpoint_stability.storage.checksums import Checksum
 
         while not stop.is_set():
             data = serialize_safetensors(captured.tensors, {"step": "0"})
             atomic_write_bytes(path, data)
-            hashlib.sha256(data).hexdigest()
+            Checksum.of(data).hexdigest()
 
     for _ in range(3):
         _train_step(model, optimizer, ids)
