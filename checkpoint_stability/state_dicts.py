@@ -8,6 +8,7 @@ shared storage, and averaging a tied tensor twice would be wasted work.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +78,11 @@ class CapturedState(Mapping):
         return out
 
 
+# What kind of weights each model seen by live_tensors holds: "zero3", "fsdp1" (sharded) or "" (plain,
+# DDP, FSDP2 / DTensor). Weakly keyed: a model that goes away leaves nothing behind.
+_KINDS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
 def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's state-dict tensors, sharing storage with its parameters and buffers.
 
@@ -93,9 +99,15 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError` for empty tensors of
     partitioned parameters found on any other path, rather than let them be snapshotted.
     """
-    if is_zero3(model):
+    kind = _KINDS.get(model)
+    if kind is None:
+        # Once per model: both checks walk every module or parameter, a visible part of a small model's
+        # pause at every snapshot; a model keeps its wrapping for as long as it is trained.
+        kind = "zero3" if is_zero3(model) else "fsdp1" if is_fsdp1(model) and is_fsdp1_sharded(model) else ""
+        _KINDS[model] = kind
+    if kind == "zero3":
         return zero3_live_tensors(model)
-    if is_fsdp1(model) and is_fsdp1_sharded(model):
+    if kind == "fsdp1":
         return fsdp1_live_tensors(model)
     state = model.state_dict(keep_vars=True)
     out = {}
