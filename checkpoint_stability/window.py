@@ -176,10 +176,14 @@ class SnapshotWindow:
         self.live_dtypes = {name: tensor.dtype for name, tensor in live.items()}
         self._make_room()
         shapes = {name: tuple(tensor.shape) for name, tensor in live.items()}
-        if shapes != self._pushed_shapes and self.overlapping:
-            self.wait()  # the average is read below: no write may still be updating it
+        mismatch = None
+        if not self.overlapping or shapes != self._pushed_shapes:
+            # With two images a write may still be updating the average: it is read only once they have
+            # settled, which a model that changes nothing (names, shapes) since the last push never needs.
+            if self.overlapping:
+                self.wait()
+            mismatch = self.average.mismatch(live)
         self._pushed_shapes = shapes
-        mismatch = self.average.mismatch(live)
         if mismatch is not None:
             # A changed model (new layers, a torch.compile prefix) cannot share a window with the old
             # one; keeping the old snapshots would jam every later push.
@@ -198,6 +202,7 @@ class SnapshotWindow:
         except Exception as error:
             self.faults.report("snapshot", error, step=step)
             if self.average.stale:  # the snapshot was refused half-way into the sum
+                self.wait()
                 self.rebuild_average()
             return None
         if self.storage_note is None:
