@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability import buffer as buffer_module
+from checkpoint_stability.averaging import WindowAverage
 from checkpoint_stability.buffer import SnapshotBuffer
 from checkpoint_stability.state_dicts import CapturedState
 
