@@ -22,11 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from sharded_runs import (
+    as64,
+    assert_a_background_evaluator_puts_the_run_together,
+    mean64,
+    ranks_of,
+    read_file,
+)
 from test_distributed import torchrun
 
-from checkpoint_stability import BackgroundEvaluator, FunctionTask, StabilityMonitor
-from checkpoint_stability.followed_buffer import FollowedBuffer
+from checkpoint_stability import StabilityMonitor
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (the deepspeed extra)"
@@ -50,36 +55,12 @@ def zero3_run(tmp_path_factory) -> Path:
     return out
 
 
-def ranks_of(out: Path) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-
-def as64(state: dict) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(v, dtype=torch.float64) for k, v in state.items()}
-
-
-def mean64(states: list[dict]) -> dict[str, torch.Tensor]:
-    """The float64 uniform average of gathered states (integer buffers: the newest, as averaged states
-    take them)."""
-    out = {}
-    for key in states[0]:
-        values = [torch.tensor(s[key], dtype=torch.float64) for s in states]
-        floating = isinstance(states[0][key], (list, float))
-        out[key] = sum(values) / len(values) if floating else values[-1]
-    return out
-
-
 def partition(full: torch.Tensor, rank: int) -> torch.Tensor:
     """Rank ``rank``'s valid elements of a parameter, made by hand as deepspeed partitions it: flattened,
     padded to a multiple of the world size (2), the ``rank``-th of two equal pieces, padding cut off."""
     flat = full.reshape(-1)
     size = math.ceil(flat.numel() / 2)
     return flat[rank * size : (rank + 1) * size]
-
-
-def read_file(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def test_each_rank_buffers_its_partitions_as_deepspeed_holds_them(zero3_run):
@@ -208,32 +189,7 @@ def test_another_world_size_is_refused(zero3_run):
 def test_a_background_evaluator_puts_zero3_partitions_together(zero3_run):
     """Each rank's manifest records how its partitions make up the parameters; one process puts them
     together and evaluates, exporting what an inline run would."""
-    data = ranks_of(zero3_run)[0]
-    states = [as64(state) for state in data["background"]["states"]]
-    x, y = torch.tensor(data["x"]), torch.tensor(data["y"])
-    run = zero3_run / "bg"
-    shards = [run / "buffer" / f"rank-{r}" for r in (0, 1)]
-    followed = FollowedBuffer(shards[0], 2, shards=shards)
-    entries, _ = followed.unconsumed(None)
-    assert [e.step for e in entries] == [1, 2, 3]
-    for entry, state in zip(entries, states, strict=True):
-        full = followed.load(entry)
-        assert sorted(full) == sorted(state)
-        assert all(torch.equal(full[k].double(), state[k]) for k in state)
-
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3)
-    )
-    task = FunctionTask("cls", lambda m: m(x).argmax(-1).tolist(), targets=y.tolist())
-    result = BackgroundEvaluator(run, [task], model, console=False).run(timeout=0)
-    assert result.evaluated == [1, 2, 3] and result.closed
-    best = json.loads((run / "best.json").read_text())
-    exported = read_file(run / best["path"] / "model.safetensors")
-    want = mean64([data["background"]["states"][s - 1] for s in best["steps"]])
-    if best["variant"] == "raw":
-        want = states[best["step"] - 1]
-    for key, value in exported.items():
-        torch.testing.assert_close(value.double(), want[key].double(), rtol=0, atol=1e-6)
+    assert_a_background_evaluator_puts_the_run_together(zero3_run, hidden=7)
 
 
 def accuracy(weights: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, y: torch.Tensor) -> float:
