@@ -16,6 +16,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -62,6 +63,16 @@ _SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+# Tensors of up to this many bytes are copied into a snapshot image by one single-threaded memcpy
+# (numpy's), larger ones by torch's ``copy_``, which splits a tensor above 32K elements across the
+# intra-op threads. Waking those threads costs more than copying a small tensor: at a few hundred KiB
+# numpy's copy takes half of torch's when the threads sleep between steps, and as long when they
+# spin; past about 2 MiB torch's parallel copy is ahead (benchmarks/RESULTS.md, item 10).
+_MEMCPY_MAX_BYTES = 1 << 20
+# numpy has no bfloat16: such a tensor is copied as the 16-bit integers of the same bytes.
+_NUMPY_STAND_INS = {torch.bfloat16: torch.int16}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _layout(specs: Sequence[tuple[str, torch.dtype, tuple]]) -> tuple[list[str], dict[str, list]]:
@@ -138,6 +149,8 @@ class SnapshotImage:
         self._key: tuple | None = None
         self._image: torch.Tensor | None = None
         self._views: dict[str, torch.Tensor] = {}
+        # numpy arrays over the views of small tensors (see _MEMCPY_MAX_BYTES)
+        self._arrays: dict[str, np.ndarray] = {}
         self._entries: dict[str, list] = {}
         self._capacity = 0
         # (the metadata but the step, the header with a placeholder for the step)
@@ -172,7 +185,15 @@ class SnapshotImage:
             return None
         _write_header(image, encoded, self._capacity)
         for name, tensor in distinct.items():
-            self._views[name].copy_(tensor.detach())
+            view = self._views[name]
+            array = self._arrays.get(name)
+            # Plain tensors only: a subclass's numpy() need not be its data.
+            if array is not None and tensor.dtype == view.dtype and type(tensor) in _PLAIN_TENSORS:
+                source = tensor.detach() if tensor.requires_grad else tensor
+                stand_in = _NUMPY_STAND_INS.get(source.dtype)
+                np.copyto(array, (source if stand_in is None else source.view(stand_in)).numpy())
+            else:
+                view.copy_(tensor.detach())
         return CapturedState(
             {name: self._views[name] for name in distinct},
             aliases,
@@ -198,6 +219,7 @@ class SnapshotImage:
         self._key = None
         self._image = None
         self._views = {}
+        self._arrays = {}
         self._entries = {}
         self._capacity = 0
 
@@ -212,7 +234,9 @@ class SnapshotImage:
         self._image = torch.empty(start + data_bytes, dtype=torch.uint8)
         for name, dtype, shape in specs:
             begin, end = self._entries[name][2]
-            self._views[name] = self._image[start + begin : start + end].view(dtype).view(shape)
+            view = self._views[name] = self._image[start + begin : start + end].view(dtype).view(shape)
+            if end - begin <= _MEMCPY_MAX_BYTES:
+                self._arrays[name] = view.view(_NUMPY_STAND_INS.get(dtype, dtype)).numpy()
         self._key = specs
 
 

@@ -379,3 +379,34 @@ def test_snapshots_copied_into_the_reused_file_image_read_back_exactly(tmp_path)
             assert handle.metadata()["step"] == str(step)
     buffer.close()
     assert buffer.steps == [10, 123456789, 10**12]
+
+
+def test_every_dtype_and_layout_is_copied_into_the_image_exactly(tmp_path):
+    """Small tensors go into the image by numpy's memcpy (bfloat16 as int16), large ones by torch's
+    copy_; both, strided sources and parameters that require grad read back bit for bit."""
+    from safetensors.torch import load_file
+
+    generator = torch.Generator().manual_seed(3)
+    large = buffer_module._MEMCPY_MAX_BYTES // 4 + 1  # float32 elements: just past the memcpy bound
+    buffer = SnapshotBuffer(tmp_path, window=2)
+    for step in (1, 2):
+        tensors = {
+            "large_f32": torch.randn(large, generator=generator),
+            "f32_param": torch.nn.Parameter(torch.randn(5, 3, generator=generator)),
+            "transposed": torch.randn(4, 6, generator=generator).t(),
+            "bf16": torch.randn(9, generator=generator).bfloat16(),
+            "large_bf16": torch.randn(large, generator=generator).bfloat16(),
+            "half": torch.randn(2, 2, generator=generator).half(),
+            "double": torch.randn(3, generator=generator, dtype=torch.float64),
+            "count": torch.tensor(40 + step),
+            "mask": torch.rand(5, generator=generator) > 0.5,
+            "bytes": torch.randint(0, 255, (6,), generator=generator, dtype=torch.uint8),
+            "int8": torch.randint(-100, 100, (6,), generator=generator, dtype=torch.int8),
+        }
+        buffer.push(step, tensors)
+        buffer.wait()
+        back = load_file(str(tmp_path / snapshot_file_name(step)))
+        assert set(back) == set(tensors)
+        for name, tensor in tensors.items():
+            assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor.detach()), (step, name)
+    buffer.close()
