@@ -7,6 +7,10 @@
   GPT-2 124M. "Spaced": the previous snapshot's write had finished (``window.wait()``, untimed), as
   when snapshots are further apart than a write takes. "Back to back": pushed right after the previous
   snapshot, so the call includes waiting for that write (one write is in flight at most).
+* **Copying a small tensor.** Why the snapshot image copies tensors of up to 1 MiB with numpy's memcpy:
+  numpy's ``copyto`` ÷ torch's ``copy_`` of one float32 tensor into a reused buffer, 128 KiB to 16 MiB,
+  alternating, each after a 2 ms pause; in a child process with idle OpenMP threads that sleep
+  (``OMP_WAIT_POLICY=PASSIVE``) and in one with threads that spin (``ACTIVE``).
 * **The demo's training wall time.** The demo's model, batch, optimizer and tasks (window 5, every 20
   steps, horizon 10, best-average export), trained in a plain loop three ways: no callback, inline
   evaluation, background evaluation with a ``BackgroundEvaluator`` in its own process. The training
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,6 +153,73 @@ def pause_figures(name: str, model: torch.nn.Module, rounds: int, workdir: Path)
             ),
         ),
     ]
+
+
+# ------------------------------------------------------- 1b. how a small tensor is copied into the image
+
+# Bytes of one float32 tensor, around the snapshot image's memcpy bound (buffer._MEMCPY_MAX_BYTES).
+COPY_SIZES = (128 << 10, 1 << 20, 4 << 20, 16 << 20)
+COPY_POLICIES = {"PASSIVE": "sleep", "ACTIVE": "spin"}
+
+
+def copy_ways(source: torch.Tensor, target: torch.Tensor) -> dict[str, Callable[[], object]]:
+    import numpy as np
+
+    source_array, target_array = source.numpy(), target.numpy()
+    return {"numpy": lambda: np.copyto(target_array, source_array), "torch": lambda: target.copy_(source)}
+
+
+def copy_samples(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per size: numpy's memcpy and torch's ``copy_`` of one float32 tensor into a reused buffer,
+    alternating, each after a 2 ms pause (the intra-op threads idle, as between training steps)."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    for size in COPY_SIZES:
+        ways = copy_ways(torch.randn(size // 4), torch.empty(size // 4))
+        samples[str(size)] = {way: [] for way in ways}
+        for round_ in range(1 + rounds):
+            for way, copy in ways.items() if round_ % 2 else reversed(ways.items()):
+                time.sleep(0.002)
+                elapsed = timed(copy)
+                if round_ >= 1:
+                    samples[str(size)][way].append(elapsed)
+    return samples
+
+
+def copy_figures(rounds: int) -> list[Figure]:
+    """numpy's memcpy ÷ torch's copy_ per size, in a child process per OpenMP wait policy (the policy is
+    read when OpenMP starts): threads that sleep while idle, and threads that spin."""
+    figures = []
+    for policy, idle in COPY_POLICIES.items():
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.background_cost", "--copy", f"--rounds={rounds}"],
+            cwd=REPO,
+            env={**os.environ, "OMP_WAIT_POLICY": policy},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        samples = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("{")))
+
+        def ratio(size: int, samples: dict = samples) -> float:
+            pair = samples[str(size)]
+            return statistics.median(pair["numpy"]) / statistics.median(pair["torch"])
+
+        bound = 1 << 20
+        numpy_us, torch_us = (statistics.median(samples[str(bound)][way]) * 1e6 for way in ("numpy", "torch"))
+        figures.append(
+            Figure(
+                ITEM,
+                f"copy of one 1 MiB float32 tensor into the image, numpy memcpy / torch copy_, idle OpenMP "
+                f"threads {idle} (OMP_WAIT_POLICY={policy})",
+                ratio(bound),
+                note=(
+                    f"{numpy_us:.0f} vs {torch_us:.0f} us, medians of {rounds}; other sizes: "
+                    + ", ".join(f"{size >> 10} KiB {ratio(size):.2f}" for size in COPY_SIZES if size != bound)
+                    + f"; torch threads {torch.get_num_threads()}"
+                ),
+            )
+        )
+    return figures
 
 
 # -------------------------------------------------------------------- 2 and 3. wall time and evaluator lag
@@ -446,9 +518,11 @@ def run(quick: bool, workdir: Path) -> tuple[list[Figure], dict[str, int]]:
         directory = Path(directory)
         if quick:
             figures += pause_figures("demo", demo_model, 3, directory)
+            figures += copy_figures(3)
             figures += wall_time_figures(steps=6, every=3, rounds=1, workdir=directory)
         else:
             figures += pause_figures("demo", demo_model, 60, directory)
+            figures += copy_figures(40)
             model = gpt2("124M")
             figures += pause_figures("124M", model, 5, directory)
             sizes["124M"] = parameter_count(model)
@@ -462,6 +536,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repeats and steps: a smoke run")
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--evaluator", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--copy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=60, help=argparse.SUPPRESS)
     parser.add_argument("--every", type=int, default=20, help=argparse.SUPPRESS)
@@ -470,6 +545,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.evaluator:
         evaluator_main(args.core)
+        return
+    if args.copy:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        print(json.dumps(copy_samples(args.rounds)))
         return
     if args.trainer:
         trainer_main(args.steps, args.every, args.rounds, args.workdir)
