@@ -96,12 +96,13 @@ def _header(entries: dict[str, list], metadata: Mapping[str, str]) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode()
 
 
-def _write_header(image: torch.Tensor, encoded: bytes, capacity: int) -> None:
+def _write_header(image: memoryview, encoded: bytes, capacity: int) -> None:
     """The 8-byte little-endian header length and the JSON header, padded with spaces (valid JSON
-    whitespace, as safetensors pads) to ``capacity`` bytes."""
-    padded = encoded + b" " * (capacity - len(encoded))
-    image[:8].copy_(torch.frombuffer(bytearray(capacity.to_bytes(8, "little")), dtype=torch.uint8))
-    image[8 : 8 + capacity].copy_(torch.frombuffer(bytearray(padded), dtype=torch.uint8))
+    whitespace, as safetensors pads) to ``capacity`` bytes. Plain byte copies: through torch, the two
+    small copies of every snapshot cost more than the header's encoding."""
+    image[:8] = capacity.to_bytes(8, "little")
+    image[8 : 8 + len(encoded)] = encoded
+    image[8 + len(encoded) : 8 + capacity] = b" " * (capacity - len(encoded))
 
 
 def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> memoryview:
@@ -119,12 +120,13 @@ def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     capacity = len(encoded) + (-len(encoded) % 8)
     start = 8 + capacity
     image = torch.empty(start + sum(e[2][1] - e[2][0] for e in entries.values()), dtype=torch.uint8)
-    _write_header(image, encoded, capacity)
+    data = memoryview(image.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+    _write_header(data, encoded, capacity)
     for name in order:
         begin, end = entries[name][2]
         if end > begin:
             image[start + begin : start + end].copy_(tensors[name].contiguous().reshape(-1).view(torch.uint8))
-    return memoryview(image.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+    return data
 
 
 # Stands for the step in a cached header (``SnapshotImage._encoded_header``): JSON escapes the NUL
@@ -148,6 +150,7 @@ class SnapshotImage:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._image: torch.Tensor | None = None
+        self._bytes: memoryview | None = None  # the image's bytes, as the writer thread writes them
         self._views: dict[str, torch.Tensor] = {}
         # numpy arrays over the views of small tensors (see _MEMCPY_MAX_BYTES)
         self._arrays: dict[str, np.ndarray] = {}
@@ -180,10 +183,10 @@ class SnapshotImage:
         if len(encoded) > self._capacity:
             self._allocate(key, metadata)
             encoded = self._encoded_header(metadata)
-        image = self._image
-        if image is None:  # _allocate always makes one; a failure there has raised
+        data = self._bytes
+        if data is None:  # _allocate always makes one; a failure there has raised
             return None
-        _write_header(image, encoded, self._capacity)
+        _write_header(data, encoded, self._capacity)
         for name, tensor in distinct.items():
             view = self._views[name]
             array = self._arrays.get(name)
@@ -197,7 +200,7 @@ class SnapshotImage:
         return CapturedState(
             {name: self._views[name] for name in distinct},
             aliases,
-            file_image=memoryview(image.numpy()),  # type: ignore[arg-type]  # the buffer protocol
+            file_image=data,
         )
 
     def _encoded_header(self, metadata: Mapping[str, str]) -> bytes:
@@ -218,6 +221,7 @@ class SnapshotImage:
         self._template = None
         self._key = None
         self._image = None
+        self._bytes = None
         self._views = {}
         self._arrays = {}
         self._entries = {}
@@ -232,6 +236,7 @@ class SnapshotImage:
         start = 8 + self._capacity
         data_bytes = sum(entry[2][1] - entry[2][0] for entry in self._entries.values())
         self._image = torch.empty(start + data_bytes, dtype=torch.uint8)
+        self._bytes = memoryview(self._image.numpy())  # type: ignore[arg-type]  # the buffer protocol
         for name, dtype, shape in specs:
             begin, end = self._entries[name][2]
             view = self._views[name] = self._image[start + begin : start + end].view(dtype).view(shape)
