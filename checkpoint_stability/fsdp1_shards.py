@@ -30,6 +30,7 @@ _is_padding_mask/_shared_param_infos/_unpadded_unsharded_size/_local_shard``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -258,6 +259,69 @@ def fsdp1_parameter_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def _originals(unit_prefix: str, flat: Any) -> Iterator[tuple[str, tuple[int, ...], int]]:
+    """The original parameters in a unit's (unsharded, padded) flat parameter: name, shape, offset."""
+    offset, originals = 0, iter(zip(flat._fqns, flat._shapes, strict=True))
+    for numel, padding in zip(flat._numels_with_padding, flat._is_padding_mask, strict=True):
+        if not padding:
+            fqn, shape = next(originals)
+            yield unit_prefix + clean_name(fqn), tuple(shape), offset
+        offset += int(numel)
+
+
+def _tied(unit_prefix: str, flat: Any) -> dict[str, str]:
+    """A unit's tied parameters: each alias's name, mapped to the name of the parameter it shares."""
+    tied = {}
+    for info in getattr(flat, "_shared_param_infos", None) or ():
+        alias = f"{info.module_name}.{info.param_name}" if info.module_name else info.param_name
+        primary = (
+            f"{info.prim_module_name}.{info.prim_param_name}"
+            if info.prim_module_name
+            else info.prim_param_name
+        )
+        tied[unit_prefix + clean_name(alias)] = unit_prefix + clean_name(primary)
+    return tied
+
+
+def fsdp1_whole_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """For an FSDP1 model that shards nothing (``NO_SHARD``): every original parameter, by the unwrapped
+    model's name, as a view of its unit's flat parameter; then the unmanaged parameters and the buffers.
+
+    The names and values of ``FULL_STATE_DICT``, but sharing storage with the model. That state dict
+    clones under ``NO_SHARD`` (torch 2.13), so an average written into its tensors would never reach
+    the model: the avg evaluation would evaluate the raw weights. No collective.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, unit in _units(model):
+        unit_prefix = clean_name(f"{name}.") if name else ""
+        flat = _handle_of(unit).flat_param
+        data = flat.detach()
+        originals = list(_originals(unit_prefix, flat))
+        # A parameter that was not contiguous keeps its strides inside the flat parameter.
+        strides = getattr(flat, "_strides", None) or [None] * len(originals)
+        contiguous = getattr(flat, "_contiguities", None) or [True] * len(originals)
+        for (original, shape, offset), stride, plain in zip(originals, strides, contiguous, strict=True):
+            piece = data[offset : offset + math.prod(shape)]
+            out[original] = piece.view(shape) if plain else piece.as_strided(shape, stride)
+        for alias, primary in _tied(unit_prefix, flat).items():
+            out[alias] = out[primary]
+    for name, tensor in _entries(model, parameters=True, buffers=True):
+        out[name] = tensor.detach()
+    return out
+
+
+def fsdp1_whole_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Which names of :func:`fsdp1_whole_tensors` are parameters (what training updates)."""
+    names = set()
+    for name, unit in _units(model):
+        unit_prefix = clean_name(f"{name}.") if name else ""
+        flat = _handle_of(unit).flat_param
+        names.update(original for original, _, _ in _originals(unit_prefix, flat))
+        names.update(_tied(unit_prefix, flat))
+    names.update(name for name, _ in _entries(model, parameters=True, buffers=False))
+    return names
+
+
 def fsdp1_layout(model: torch.nn.Module) -> dict:
     """How this rank's tensors make up the full, originally named ones, in ``shard_layout``'s form.
 
@@ -272,26 +336,11 @@ def fsdp1_layout(model: torch.nn.Module) -> dict:
     for name, unit in _units(model):
         unit_prefix = clean_name(f"{name}.") if name else ""
         flat = _handle_of(unit).flat_param
-        pieces, offset, originals = [], 0, iter(zip(flat._fqns, flat._shapes, strict=True))
-        for numel, padding in zip(flat._numels_with_padding, flat._is_padding_mask, strict=True):
-            if not padding:
-                fqn, shape = next(originals)
-                pieces.append([unit_prefix + clean_name(fqn), list(shape), offset])
-            offset += int(numel)
-        tied = {}
-        for info in getattr(flat, "_shared_param_infos", None) or ():
-            alias = f"{info.module_name}.{info.param_name}" if info.module_name else info.param_name
-            primary = (
-                f"{info.prim_module_name}.{info.prim_param_name}"
-                if info.prim_module_name
-                else (info.prim_param_name)
-            )
-            tied[unit_prefix + clean_name(alias)] = unit_prefix + clean_name(primary)
         tensors[f"{unit_prefix}{FLAT_PARAMETER}"] = {
             "shape": [int(flat.numel()) * world],
             "dim": 0,
-            "flat": pieces,
-            "tied": tied,
+            "flat": [[name, list(shape), offset] for name, shape, offset in _originals(unit_prefix, flat)],
+            "tied": _tied(unit_prefix, flat),
         }
     for name, tensor in _entries(model, parameters=True, buffers=True):
         tensors[name] = {"shape": list(tensor.shape), "dim": None}

@@ -20,6 +20,8 @@ from checkpoint_stability.fsdp1_shards import (
     fsdp1_layout,
     fsdp1_live_tensors,
     fsdp1_parameter_names,
+    fsdp1_whole_parameter_names,
+    fsdp1_whole_tensors,
     is_fsdp1,
     is_fsdp1_sharded,
     reshard_fsdp1,
@@ -78,9 +80,18 @@ class CapturedState(Mapping):
         return out
 
 
-# What kind of weights each model seen by live_tensors holds: "zero3", "fsdp1" (sharded) or "" (plain,
-# DDP, FSDP2 / DTensor). Weakly keyed: a model that goes away leaves nothing behind.
+# What kind of weights each model seen by live_tensors holds: "zero3", "fsdp1" (sharded), "fsdp1-whole"
+# (FSDP1 with NO_SHARD) or "" (plain, DDP, FSDP2 / DTensor). Weakly keyed: a model that goes away
+# leaves nothing behind.
 _KINDS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _kind(model: torch.nn.Module) -> str:
+    if is_zero3(model):
+        return "zero3"
+    if is_fsdp1(model):
+        return "fsdp1" if is_fsdp1_sharded(model) else "fsdp1-whole"
+    return ""
 
 
 def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,7 +105,9 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     ever gathered on the per-snapshot path. An FSDP1 model contributes its units' local flat-parameter
     shards (:mod:`checkpoint_stability.fsdp1_shards`): its ``state_dict()`` would gather the full model.
     A DeepSpeed ZeRO-3 model contributes this rank's partitions (``ds_tensor``, without padding; see
-    :mod:`checkpoint_stability.zero3_partitions`): its ``state_dict()`` holds empty tensors.
+    :mod:`checkpoint_stability.zero3_partitions`): its ``state_dict()`` holds empty tensors. An FSDP1
+    model that shards nothing (``NO_SHARD``) contributes views of its flat parameters by the original
+    names: its ``state_dict()`` clones them, and an average written into a clone never reaches the model.
 
     Raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError` for empty tensors of
     partitioned parameters found on any other path, rather than let them be snapshotted.
@@ -103,12 +116,14 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if kind is None:
         # Once per model: both checks walk every module or parameter, a visible part of a small model's
         # pause at every snapshot; a model keeps its wrapping for as long as it is trained.
-        kind = "zero3" if is_zero3(model) else "fsdp1" if is_fsdp1(model) and is_fsdp1_sharded(model) else ""
+        kind = _kind(model)
         _KINDS[model] = kind
     if kind == "zero3":
         return zero3_live_tensors(model)
     if kind == "fsdp1":
         return fsdp1_live_tensors(model)
+    if kind == "fsdp1-whole":
+        return fsdp1_whole_tensors(model)
     state = model.state_dict(keep_vars=True)
     out = {}
     for name, value in state.items():
@@ -430,8 +445,8 @@ def parameter_names(model: torch.nn.Module) -> set[str]:
     the names of :func:`live_tensors`, flat shards included; for ZeRO-3, the partitioned parameters)."""
     if is_zero3(model):
         return zero3_parameter_names(model)
-    if is_fsdp1(model) and is_fsdp1_sharded(model):
-        return fsdp1_parameter_names(model)
+    if is_fsdp1(model):
+        return fsdp1_parameter_names(model) if is_fsdp1_sharded(model) else fsdp1_whole_parameter_names(model)
     return {
         name
         for name, value in model.state_dict(keep_vars=True).items()

@@ -107,6 +107,38 @@ def test_averaged_shards_are_the_float64_average_of_the_gathered_snapshots(fsdp1
         assert all(step["restored"] for step in data["inline"]["steps"])
 
 
+def test_no_shard_snapshots_full_weights_and_evaluates_the_average_it_swapped_in(fsdp1_run):
+    """NO_SHARD's state_dict() clones: an average written into those clones never reached the model, and
+    every avg evaluation evaluated the raw weights. The snapshot now takes views of the flat parameters."""
+    ranks = ranks_of(fsdp1_run)
+    states = [step["state"] for step in ranks[0]["no_shard"]["steps"]]
+    assert states == [step["state"] for step in ranks[1]["no_shard"]["steps"]]  # replicated
+    assert states[-1] != states[-2]
+    # The full-weights path: rank 0 buffers whole, originally named tensors (no flat parameters).
+    buffer = fsdp1_run / "no-shard" / "buffer"
+    assert not list(buffer.glob("rank-*"))
+    files = sorted(buffer.glob("*.safetensors"))
+    assert [f.name for f in files] == ["step-00000003.safetensors", "step-00000004.safetensors"]
+    for step, path in zip((3, 4), files, strict=True):
+        stored = read_file(path)
+        assert set(stored) == set(states[step - 1])
+        for name, value in as64(states[step - 1]).items():
+            assert torch.equal(stored[name].double(), value), (step, name)
+    for data in ranks:
+        seen = data["no_shard"]["seen"]
+        assert len(seen) == 2 * len(states)  # raw and avg at every snapshot
+        for index, state in enumerate(states):
+            raw, avg = seen[2 * index], seen[2 * index + 1]
+            assert raw == state
+            window = mean64(states[max(0, index - 1) : index + 1])
+            assert set(avg) == set(window)
+            for key, value in as64(avg).items():
+                torch.testing.assert_close(value, window[key].double(), rtol=0, atol=1e-6)
+            if index:  # from the second snapshot on, the average is not the raw model
+                assert avg != raw
+        assert all(step["restored"] for step in data["no_shard"]["steps"])
+
+
 def test_no_full_gather_per_snapshot_only_one_per_export(fsdp1_run):
     ranks = ranks_of(fsdp1_run)
     units = ranks[0]["inline"]["units"]

@@ -9,6 +9,8 @@ Every rank writes rank<R>.json with what tests/test_fsdp1.py checks against orac
   ``LOCAL_STATE_DICT`` gives them, and the gathers counted outside the task (FSDP1's
   ``FlatParamHandle.unshard`` and ``dist.all_gather_into_tensor``/``all_gather``). ``probe``: the same
   counters around one default ``state_dict()`` (which gathers), so a count of 0 means something.
+- ``no_shard``: ``ShardingStrategy.NO_SHARD``, whose state dict clones the weights: the avg
+  evaluation must still see the average (the full weights seen inside the task, per evaluation).
 - ``resumed``: a second monitor on the same run directory resumed from step 3, two more snapshots.
 - ``background``: a run with ``evaluation="background"`` and ``use_orig_params=True`` (alignment
   padding inside the flat parameter), left for a one-process evaluator in the test.
@@ -27,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import StateDictType
+from torch.distributed.fsdp import ShardingStrategy, StateDictType
 from torch.distributed.fsdp._flat_param import FlatParamHandle
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -54,7 +56,7 @@ counted(dist, "all_gather_into_tensor")
 counted(dist, "all_gather")
 
 
-def build(use_orig_params: bool) -> FSDP:
+def build(use_orig_params: bool, strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD) -> FSDP:
     torch.manual_seed(0)  # the same initial weights on every rank
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.BatchNorm1d(10), torch.nn.Linear(10, 3)
@@ -64,6 +66,7 @@ def build(use_orig_params: bool) -> FSDP:
         device_id=torch.device("cpu"),
         use_orig_params=use_orig_params,
         auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+        sharding_strategy=strategy,
     )
 
 
@@ -147,6 +150,31 @@ def inline(out: str, x, y) -> dict:
         "seen": seen,
         "resumed": {"steps": after, "average": resumed_average},
     }
+
+
+def no_shard(out: str, x, y) -> dict:
+    """``NO_SHARD``: plain data parallelism through FSDP1, whose ``state_dict()`` clones. Window 2, four
+    snapshots; the task records the full weights each evaluation saw (raw, then avg, per step)."""
+    model = build(use_orig_params=False, strategy=ShardingStrategy.NO_SHARD)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    seen: list[dict] = []
+
+    def predict(m):
+        outputs = m(x).argmax(-1).tolist()
+        seen.append(full_state(m))
+        return outputs
+
+    task = FunctionTask("cls", predict, targets=y.tolist())
+    monitor = StabilityMonitor([task], dirpath=f"{out}/no-shard", window=2, every_n_steps=1, console=False)
+    monitor.open(model=model)
+    steps = []
+    for step in range(1, 5):
+        train_step(model, optimizer, x, y)
+        state = full_state(model)
+        monitor.on_snapshot(model, step)
+        steps.append({"state": state, "restored": full_state(model) == state})
+    monitor.close()
+    return {"steps": steps, "seen": seen}
 
 
 def background(out: str, x, y) -> dict:
@@ -318,6 +346,7 @@ def main(out: str) -> None:
         "x": x.tolist(),
         "y": y.tolist(),
         "inline": inline(out, x, y),
+        "no_shard": no_shard(out, x, y),
         "background": background(out, x, y),
         "adapters": adapters(out, x, y),
     }
