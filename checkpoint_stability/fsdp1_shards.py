@@ -312,7 +312,7 @@ def fsdp1_whole_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def fsdp1_whole_parameter_names(model: torch.nn.Module) -> set[str]:
     """Which names of :func:`fsdp1_whole_tensors` are parameters (what training updates)."""
-    names = set()
+    names: set[str] = set()
     for name, unit in _units(model):
         unit_prefix = clean_name(f"{name}.") if name else ""
         flat = _handle_of(unit).flat_param
