@@ -13,7 +13,7 @@ from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.faults import FaultPolicy, describe_error
 from checkpoint_stability.holdout import HoldoutScorer, HoldoutTooSmallError
 from checkpoint_stability.runtime import Runtime
-from checkpoint_stability.state_dicts import CapturedState, capture_state
+from checkpoint_stability.state_dicts import CapturedState, capture_state, check_writable
 from checkpoint_stability.tasks.base import Task, TaskResult
 from checkpoint_stability.tasks.from_dataloader import default_task_fix
 from checkpoint_stability.window import SnapshotWindow
@@ -158,11 +158,12 @@ class SnapshotEvaluation:
         results: Results = {}
         try:
             error = None
-            if owns_window:
-                try:
+            try:
+                check_writable(model, live)  # every rank: the others take the average by broadcast
+                if owns_window:
                     self.window.average.copy_into(live)
-                except Exception as caught:
-                    error = caught
+            except Exception as caught:
+                error = caught
             if runtime.any_rank(error is not None):
                 self.faults.report(
                     "average",

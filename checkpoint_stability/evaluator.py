@@ -42,7 +42,13 @@ from checkpoint_stability.followed_buffer import FollowedBuffer
 from checkpoint_stability.monitor import StabilityMonitor
 from checkpoint_stability.run_directory import read_run_record
 from checkpoint_stability.sinks import Sink
-from checkpoint_stability.state_dicts import CapturedState, live_tensors, write_into
+from checkpoint_stability.state_dicts import (
+    CapturedState,
+    CopiedStateDictError,
+    check_writable,
+    live_tensors,
+    write_into,
+)
 from checkpoint_stability.storage.json_files import read_json_object
 from checkpoint_stability.storage.run_lock import LOCK_FILE
 from checkpoint_stability.tasks.base import Task
@@ -295,6 +301,10 @@ class BackgroundEvaluator:
             return
         assert captured is not None and entry is not None
         live = live_tensors(self.model)
+        try:
+            check_writable(self.model, live)
+        except CopiedStateDictError as error:
+            raise ModelMismatchError(f"the evaluator's model cannot take the snapshots in: {error}") from None
         try:
             with torch.no_grad():
                 write_into(live, captured)

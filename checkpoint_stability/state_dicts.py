@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from checkpoint_stability.errors import CheckpointStabilityError
 from checkpoint_stability.fsdp1_shards import (
     check_fsdp1_root,
     fsdp1_full_state,
@@ -389,6 +390,62 @@ def check_dense(name: str, tensor: torch.Tensor) -> None:
 
 def stored_dtype(tensor: torch.Tensor, storage_dtype: torch.dtype | None) -> torch.dtype | None:
     return storage_dtype if (storage_dtype is not None and tensor.is_floating_point()) else None
+
+
+class CopiedStateDictError(CheckpointStabilityError, ValueError):
+    """The model's ``state_dict()`` hands out copies of some of its parameters, so weights written into
+    them (the window average for the avg evaluation, a snapshot in the background evaluator) would never
+    reach the model, and its evaluation would silently be the raw model's."""
+
+
+# Per model seen by check_writable: the parameters its live tensors miss (checked once; a model keeps
+# its wrapping, and so what its state dict hands out, for as long as it is trained).
+_UNREACHABLE: weakref.WeakKeyDictionary[torch.nn.Module, list[str]] = weakref.WeakKeyDictionary()
+
+
+def unreachable_parameters(model: torch.nn.Module, live: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of ``model``'s parameters whose storage no tensor of ``live`` shares (empty parameters,
+    such as ZeRO-3's outside a forward pass, aside)."""
+    storages = {_storage_pointer(tensor) for tensor in live.values() if tensor.numel()}
+    missing = []
+    for name, parameter in model.named_parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        pointer = _storage_pointer(local) if local.numel() else None
+        if pointer is not None and pointer not in storages:
+            missing.append(name)
+    return missing
+
+
+def _storage_pointer(tensor: torch.Tensor) -> int | None:
+    """Where ``tensor``'s storage starts; None for a wrapper subclass without one (nothing to compare)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def check_writable(model: torch.nn.Module, live: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`CopiedStateDictError` unless weights written into ``live`` (what
+    :func:`live_tensors` gave for ``model``) reach every parameter of ``model``.
+    Checked once per model."""
+    kind = _KINDS.get(model)
+    if kind is None:
+        kind = _KINDS[model] = _kind(model)
+    if kind not in ("", "fsdp1-whole"):
+        # Sharded FSDP1 and ZeRO-3 hand out flat shards and partitions on purpose: their parameters are
+        # gathered from them by the next forward pass (see reshard_fsdp1, release_gathered).
+        return
+    missing = _UNREACHABLE.get(model)
+    if missing is None:
+        missing = _UNREACHABLE[model] = unreachable_parameters(model, live)
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CopiedStateDictError(
+            f"the model's state_dict() returns copies of {len(missing)} of its parameters ({shown}), not "
+            "the parameters themselves, so averaged or buffered weights written into them would never "
+            "reach the model. Hand over the module whose state_dict() shares its parameters' storage "
+            "(the unwrapped model, or for FSDP1 its root unit), or remove the state-dict hook that copies"
+        )
 
 
 @torch.no_grad()
