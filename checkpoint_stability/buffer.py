@@ -67,8 +67,8 @@ _SAFETENSORS_DTYPES = {
 # Tensors of up to this many bytes are copied into a snapshot image by one single-threaded memcpy
 # (numpy's), larger ones by torch's ``copy_``, which splits a tensor above 32K elements across the
 # intra-op threads. Waking those threads costs more than copying a small tensor. Measured on 2 cores
-# (benchmarks/RESULTS.md, item 10), numpy's copy ÷ torch's: at 128 KiB 0.5 whether idle threads sleep
-# or spin; at 1 MiB 0.55 when they sleep, 1.05 when they spin; at 4 MiB 0.77 and 1.6.
+# (benchmarks/RESULTS.md, item 10), numpy's copy ÷ torch's when idle threads sleep / spin: 128 KiB
+# 0.59 / 0.51, 1 MiB 0.58 / 1.00, 4 MiB 0.76 / 1.51. At the bound neither loses.
 _MEMCPY_MAX_BYTES = 1 << 20
 # numpy has no bfloat16: such a tensor is copied as the 16-bit integers of the same bytes.
 _NUMPY_STAND_INS = {torch.bfloat16: torch.int16}
