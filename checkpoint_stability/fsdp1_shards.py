@@ -339,7 +339,7 @@ def fsdp1_layout(model: torch.nn.Module) -> dict:
         tensors[f"{unit_prefix}{FLAT_PARAMETER}"] = {
             "shape": [int(flat.numel()) * world],
             "dim": 0,
-            "flat": [[name, list(shape), offset] for name, shape, offset in _originals(unit_prefix, flat)],
+            "flat": [[piece, list(shape), offset] for piece, shape, offset in _originals(unit_prefix, flat)],
             "tied": _tied(unit_prefix, flat),
         }
     for name, tensor in _entries(model, parameters=True, buffers=True):
