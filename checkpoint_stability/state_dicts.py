@@ -88,11 +88,19 @@ _KINDS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDiction
 
 
 def _kind(model: torch.nn.Module) -> str:
-    if is_zero3(model):
-        return "zero3"
-    if is_fsdp1(model):
-        return "fsdp1" if is_fsdp1_sharded(model) else "fsdp1-whole"
-    return ""
+    """``model``'s entry in ``_KINDS``, found on first sight: the checks walk every module or parameter, a
+    visible part of a small model's pause at every snapshot; a model keeps its wrapping for as long as
+    it is trained."""
+    kind = _KINDS.get(model)
+    if kind is None:
+        if is_zero3(model):
+            kind = "zero3"
+        elif is_fsdp1(model):
+            kind = "fsdp1" if is_fsdp1_sharded(model) else "fsdp1-whole"
+        else:
+            kind = ""
+        _KINDS[model] = kind
+    return kind
 
 
 def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,12 +121,7 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Raises :class:`~checkpoint_stability.partitioned_models.PartitionedModelError` for empty tensors of
     partitioned parameters found on any other path, rather than let them be snapshotted.
     """
-    kind = _KINDS.get(model)
-    if kind is None:
-        # Once per model: both checks walk every module or parameter, a visible part of a small model's
-        # pause at every snapshot; a model keeps its wrapping for as long as it is trained.
-        kind = _kind(model)
-        _KINDS[model] = kind
+    kind = _kind(model)
     if kind == "zero3":
         return zero3_live_tensors(model)
     if kind == "fsdp1":
@@ -428,10 +431,7 @@ def check_writable(model: torch.nn.Module, live: Mapping[str, torch.Tensor]) -> 
     """Raise :class:`CopiedStateDictError` unless weights written into ``live`` (what
     :func:`live_tensors` gave for ``model``) reach every parameter of ``model``.
     Checked once per model."""
-    kind = _KINDS.get(model)
-    if kind is None:
-        kind = _KINDS[model] = _kind(model)
-    if kind not in ("", "fsdp1-whole"):
+    if _kind(model) not in ("", "fsdp1-whole"):
         # Sharded FSDP1 and ZeRO-3 hand out flat shards and partitions on purpose: their parameters are
         # gathered from them by the next forward pass (see reshard_fsdp1, release_gathered).
         return
@@ -500,10 +500,13 @@ def is_plain_layout(tensor: torch.Tensor) -> bool:
 def parameter_names(model: torch.nn.Module) -> set[str]:
     """State-dict names that are parameters (what training updates), as opposed to buffers (for FSDP1,
     the names of :func:`live_tensors`, flat shards included; for ZeRO-3, the partitioned parameters)."""
-    if is_zero3(model):
+    kind = _kind(model)
+    if kind == "zero3":
         return zero3_parameter_names(model)
-    if is_fsdp1(model):
-        return fsdp1_parameter_names(model) if is_fsdp1_sharded(model) else fsdp1_whole_parameter_names(model)
+    if kind == "fsdp1":
+        return fsdp1_parameter_names(model)
+    if kind == "fsdp1-whole":
+        return fsdp1_whole_parameter_names(model)
     return {
         name
         for name, value in model.state_dict(keep_vars=True).items()

@@ -95,10 +95,9 @@ def train_step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def inline(out: str, x, y) -> dict:
-    model = build(use_orig_params=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    seen: list[dict] = []
+def recording_task(x, y, seen: list[dict]) -> FunctionTask:
+    """A task that appends the full weights each evaluation saw to ``seen``; the gathers it makes are
+    counted apart (``INSIDE_TASKS``)."""
 
     def predict(m):
         _in_task[0] = True
@@ -109,7 +108,14 @@ def inline(out: str, x, y) -> dict:
             _in_task[0] = False
         return outputs
 
-    task = FunctionTask("cls", predict, targets=y.tolist())
+    return FunctionTask("cls", predict, targets=y.tolist())
+
+
+def inline(out: str, x, y) -> dict:
+    model = build(use_orig_params=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    seen: list[dict] = []
+    task = recording_task(x, y, seen)
     monitor = StabilityMonitor([task], dirpath=f"{out}/run", window=3, every_n_steps=1, console=False)
     monitor.open(model=model)
     steps = []
@@ -158,13 +164,7 @@ def no_shard(out: str, x, y) -> dict:
     model = build(use_orig_params=False, strategy=ShardingStrategy.NO_SHARD)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     seen: list[dict] = []
-
-    def predict(m):
-        outputs = m(x).argmax(-1).tolist()
-        seen.append(full_state(m))
-        return outputs
-
-    task = FunctionTask("cls", predict, targets=y.tolist())
+    task = recording_task(x, y, seen)
     monitor = StabilityMonitor([task], dirpath=f"{out}/no-shard", window=2, every_n_steps=1, console=False)
     monitor.open(model=model)
     steps = []
